@@ -1,0 +1,46 @@
+"""Exception types a user can cause; each message says what to do about it.
+
+Error rows in the output carry ``"<Kind>: message"`` where Kind is the exception's class name,
+so the names here are part of the output contract.
+"""
+
+
+class CxrAgeError(Exception):
+    """Base class for errors caused by input, configuration or weights (not by bugs)."""
+
+
+class InputError(CxrAgeError):
+    """The INPUT path/manifest is missing, empty or malformed."""
+
+
+class ReadError(CxrAgeError):
+    """An image's bytes could not be fetched (missing file or object, permission, network)."""
+
+
+class EmptyFileError(ReadError):
+    """The file exists but has zero bytes."""
+
+
+class DecodeError(CxrAgeError):
+    """The bytes are not a decodable image (corrupt, truncated, unsupported format)."""
+
+
+class UnsupportedModalityError(DecodeError):
+    """A DICOM whose modality is not a radiograph (CT, MR, ...)."""
+
+
+class DecompressionBombError(DecodeError):
+    """The declared image size is absurd (likely malicious or corrupt)."""
+
+
+class WeightsError(CxrAgeError):
+    """Weights are missing, fail sha256 verification, or are not a CXR-Age checkpoint."""
+
+
+class UnsafeCheckpointError(WeightsError):
+    """A checkpoint pickle references a global outside the allowlist; nothing in it was executed."""
+
+
+def error_text(exc: BaseException) -> str:
+    """Render an exception as the output's ``error`` column: ``"<Kind>: message"``."""
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,42 @@
+"""Shared fixtures. Real data lives in ../shared (CXRAGE_SHARED overrides); tests that need it skip
+with a clear reason when it is absent and run when it is present (CI has it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_root() -> Path:
+    return Path(os.environ.get("CXRAGE_SHARED", REPO_ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    root = shared_root()
+    if not (root / "data").is_dir():
+        pytest.skip(f"../shared not found at {root} (set CXRAGE_SHARED)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cxr_sample(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "cxr-sample"
+
+
+@pytest.fixture(scope="session")
+def dicom_sample(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "dicom-sample"
+
+
+def require_tool(name: str) -> str:
+    """Path of a reference command-line tool (mogrify, dcmj2pnm, chromium); skip when it is missing."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (CI installs it: see .ci/run)")
+    return path
