@@ -1,0 +1,125 @@
+"""fastai v1's inference transform and the CXR-Age TTA views, in plain torch (spec §3-§5).
+
+In:  an 8-bit image (H, W, C) with C in {1, 3} (what fastai's `open_image` read from the seed-chain PNG).
+Out: normalised float32 views (V, 3, 224, 224): the centre view, then (with TTA) the four zoom-1.35 corner
+     views in the original's order TL, BL, TR, BR.
+
+This reproduces fastai 1.0.61 bit-exactly for the deterministic transforms: short side -> 224 through an
+`affine_grid` + bilinear `grid_sample` (align_corners=True, reflection padding), preceded by an area
+pre-filter when downscaling by more than 2x ("hack to get smoother downwards resampling"), then
+`crop_pad`, then ImageNet normalisation. The original's random rotate/lighting draws are not reproduced
+(spec §5: they made its outputs single random draws).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SIZE = 224
+TTA_ZOOM = 1.35
+TTA_BETA = 0.4  # weight of the centre pass in the final prediction (run_model.py `beta`)
+TTA_AVG_WEIGHT = 0.6  # written as the literal the original used, not 1 - beta
+#: (row_pct, col_pct) of the original's passes i = 0..3: row = i & 1, col = i & 2 -> TL, BL, TR, BR.
+TTA_CORNERS: tuple[tuple[float, float], ...] = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0))
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])
+
+TTAMode = Literal["seed", "none"]
+
+
+def to_unit_tensor(image_u8: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (H, W) or (H, W, C) -> float32 (C, H, W) in [0, 1], as `pil2tensor(...)/255` computes it.
+
+    Grey images keep one channel here (every later step is per-channel, so the result equals
+    PIL's `convert('RGB')` replication bit for bit); `normalize` expands them to three.
+    """
+    if image_u8.ndim == 2:
+        image_u8 = image_u8[:, :, None]
+    if image_u8.dtype != np.uint8 or image_u8.shape[2] not in (1, 3):
+        raise ValueError(f"expected uint8 (H, W, 1|3), got {image_u8.dtype} {image_u8.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(image_u8)).to(device)
+    return x.permute(2, 0, 1).float().div_(255)
+
+
+def fastai_view(
+    x: torch.Tensor, size: int = SIZE, zoom: float | None = None, row_pct: float = 0.5, col_pct: float = 0.5
+) -> torch.Tensor:
+    """One un-normalised view (C, size, size) of x (C, H, W): fastai's resize + optional zoom + crop_pad."""
+    _, h, w = x.shape
+    ratio = min(h / size, w / size)
+    ht, wt = int(round(h / ratio)), int(round(w / ratio))  # Python round: half to even, as fastai
+    if (ht, wt) != (h, w) or zoom is not None:
+        grid = _resize_grid(ht, wt, x.device)
+        if zoom is not None:
+            s = 1 - 1 / zoom
+            m = torch.tensor(
+                [[1 / zoom, 0.0, s * (2 * col_pct - 1)], [0.0, 1 / zoom, s * (2 * row_pct - 1)]], device=x.device
+            ).float()
+            grid = torch.addmm(m[:, 2], grid.view(-1, 2), m[:, :2].t()).view(1, ht, wt, 2)
+        z = 1 / (grid.max() - grid.min()).item() * 2  # the affine's zoom-in factor
+        d = min(h / ht, w / wt) / 2  # half the downscale factor
+        src = x
+        if d > 1 and d > z:  # fastai's area pre-filter before bilinear downsampling
+            src = F.adaptive_avg_pool2d(x[None], (math.floor(h * (1 / d)), math.floor(w * (1 / d))))[0]
+        x = F.grid_sample(src[None], grid, mode="bilinear", padding_mode="reflection", align_corners=True)[0]
+    if tuple(x.shape[1:]) != (size, size):
+        x = _crop_pad(x, size, row_pct, col_pct)
+    return x
+
+
+def _resize_grid(ht: int, wt: int, device: torch.device) -> torch.Tensor:
+    """fastai's `_affine_grid`: x along width, y along height, in [-1, 1] (float32)."""
+    gy = torch.linspace(-1, 1, ht, device=device) if ht > 1 else torch.tensor([-1.0], device=device)
+    gx = torch.linspace(-1, 1, wt, device=device) if wt > 1 else torch.tensor([-1.0], device=device)
+    grid = torch.empty(1, ht, wt, 2, device=device)
+    grid[..., 0] = gx[None, :].expand(ht, wt)
+    grid[..., 1] = gy[:, None].expand(ht, wt)
+    return grid
+
+
+def _crop_pad(x: torch.Tensor, size: int, row_pct: float, col_pct: float) -> torch.Tensor:
+    """fastai's `_crop_pad_default` for images at least `size` on both sides."""
+    if min(x.shape[1:]) < size:  # cannot happen after the resize; refuse rather than silently differ
+        raise ValueError(f"image {tuple(x.shape[1:])} smaller than the {size} crop")
+    rp = row_pct - 1e-7 if row_pct == 1 else row_pct
+    cp = col_pct - 1e-7 if col_pct == 1 else col_pct
+    r = int((x.shape[1] - size + 1) * rp)
+    c = int((x.shape[2] - size + 1) * cp)
+    return x[:, r : r + size, c : c + size].contiguous()
+
+
+def normalize(views: torch.Tensor) -> torch.Tensor:
+    """(V, C, H, W) in [0, 1] -> ImageNet-normalised (V, 3, H, W); grey (C=1) is replicated first."""
+    if views.shape[1] == 1:
+        views = views.expand(-1, 3, -1, -1)
+    mean = IMAGENET_MEAN.to(views.device)[:, None, None]
+    std = IMAGENET_STD.to(views.device)[:, None, None]
+    return (views - mean) / std
+
+
+def tta_views(image_u8: np.ndarray, tta: TTAMode = "seed", device: torch.device | str = "cpu") -> torch.Tensor:
+    """The model inputs for one image: (1 or 5, 3, 224, 224) normalised float32 (centre first)."""
+    x = to_unit_tensor(image_u8, device)
+    views = [fastai_view(x)]
+    if tta == "seed":
+        views += [fastai_view(x, zoom=TTA_ZOOM, row_pct=r, col_pct=c) for r, c in TTA_CORNERS]
+    return normalize(torch.stack(views))
+
+
+def combine_tta(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 5) raw outputs [centre, TL, BL, TR, BR] -> (final, sd) as the original's `_TTA` (float32).
+
+    The original ran each corner twice (8 passes, the flip commented out); with deterministic passes the
+    duplicates are identical, so we stack each corner twice to reproduce its mean and its unbiased (n-1 = 7)
+    standard deviation exactly.
+    """
+    centre, corners = outputs[:, 0], outputs[:, 1:5]
+    passes = torch.cat([corners, corners], dim=1)
+    avg = passes.mean(dim=1)
+    sd = passes.std(dim=1)
+    return centre * TTA_BETA + avg * TTA_AVG_WEIGHT, sd
