@@ -40,3 +40,20 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed (CI installs it: see .ci/run)")
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded local Ray for the whole test run (start-up costs seconds; environment.md)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if not ray.is_initialized():
+        # more logical than physical CPUs: on 2-core CI machines an actor holding every CPU starves tasks
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_no_progress_timeout_s = 120  # fail a wedged test instead of hanging for 30 min
+    yield ray
+    ray.shutdown()

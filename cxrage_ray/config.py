@@ -1,0 +1,59 @@
+"""Job configuration: frozen dataclasses built once from the CLI (or a job entrypoint) and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cxrage_ray.decode import DecodeOptions
+from cxrage_ray.predict import PredictorConfig
+from cxrage_ray.stages import PreprocessMode
+from cxrage_ray.storage import StorageConfig
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where and how wide to run.
+
+    Args:
+        address: an existing cluster ("auto", "ray://...") or None for an embedded local Ray.
+        num_cpus: logical CPUs for the embedded local Ray; None = this machine's count, but at least 4 so
+            the predictor actor can never starve the CPU tasks on a 2-core laptop (environment.md).
+        predict_actors: predictor actors on CPU (GPU runs use one actor per GPU).
+        rows_per_task: manifest rows per CPU task (one Ray block).
+        no_progress_timeout_s: fail with an explanation when no row finishes for this long.
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+    predict_actors: int = 1
+    rows_per_task: int = 16
+    no_progress_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """A `cxrage score` job.
+
+    Args:
+        input: folder/prefix or manifest (CSV/Parquet), local or fsspec URL.
+        output: OUTPUT folder (local or fsspec URL) that receives Parquet parts + summary.json.
+        weights: explicit weights file, or None for the cached published model.
+        allow_fetch: download the published weights when they are not cached.
+        csv: also write the original tool's CSV layout here.
+        overwrite: discard an OUTPUT that holds another job's results instead of refusing.
+    """
+
+    input: str
+    output: str
+    weights: str | None = None
+    allow_fetch: bool = True
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    decode: DecodeOptions = DecodeOptions()
+    preprocess: PreprocessMode = "seed"
+    predictor: PredictorConfig = PredictorConfig()
+    orient: object = None
+    ray: RayConfig = RayConfig()
+    csv: str | None = None
+    part_rows: int = 10_000
+    overwrite: bool = False
+    progress: bool = True

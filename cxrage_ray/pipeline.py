@@ -1,0 +1,208 @@
+"""The data's itinerary for `cxrage score`, on Ray Data:
+
+    manifest rows (driver: folder listing or CSV/Parquet, minus rows already scored)
+      -> prepare      CPU tasks: fetch bytes, decode, seed chain, orientation  (cxrage_ray.stages.prepare_batch)
+      -> predict      actor pool, one actor per GPU or CPU actors: fastai views + TTA + calibration
+      -> write        driver: whole Parquet parts under OUTPUT/parts, then summary.json
+
+Every stage named here lives in its own module and runs without Ray; this file only wires them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import pyarrow as pa
+
+import cxrage_ray
+from cxrage_ray.checkpoint import load_state_dict
+from cxrage_ray.config import RayConfig, ScoreConfig
+from cxrage_ray.errors import InputError
+from cxrage_ray.manifest import build_manifest
+from cxrage_ray.registry import resolve_weights
+from cxrage_ray.sink import (
+    PARTS_DIR,
+    PartWriter,
+    completed_row_ids,
+    output_schema,
+    read_json,
+    read_output,
+    write_json,
+    write_original_csv,
+)
+from cxrage_ray.stages import PrepareSettings, PredictStage, prepare_batch
+from cxrage_ray.storage import filesystem_for
+
+log = logging.getLogger(__name__)
+
+#: Ray reserves this much for itself; on a 2-core node a predictor actor holding every CPU starved
+#: the read tasks (environment.md), so the embedded Ray declares at least this many logical CPUs.
+MIN_LOCAL_LOGICAL_CPUS = 4
+
+
+def score(cfg: ScoreConfig, weights_home: Path) -> dict[str, Any]:
+    """Run a scoring job to completion (or resume one); returns the summary written to summary.json."""
+    started = time.perf_counter()
+    manifest = build_manifest(cfg.input, cfg.storage)
+    weights = resolve_weights(cfg.weights, weights_home, cfg.allow_fetch)
+    state_dict = load_state_dict(weights.path)
+    job = _job_record(manifest, cfg, weights.sha256)
+    todo = _rows_to_score(manifest, job, cfg)
+    schema = output_schema(pa.Schema.from_pandas(manifest, preserve_index=False))
+    writer = PartWriter(cfg.output, schema, cfg.storage, part_rows=cfg.part_rows)
+    labels = {"weights_sha256": weights.sha256, "preprocess": cfg.preprocess, "tta": cfg.predictor.tta,
+              "decode": cfg.decode.mode}
+
+    scored = 0
+    if len(todo):
+        with ray_session(cfg.ray), _progress(len(todo), len(manifest), cfg.progress) as bar:
+            for table in _dataset(todo, cfg, state_dict, labels).iter_batches(batch_format="pyarrow", batch_size=None):
+                writer.add(table)
+                scored += len(table)
+                bar.update(len(table))
+            writer.flush()
+    summary = _summary(cfg, manifest, weights.sha256, scored, time.perf_counter() - started)
+    write_json(cfg.output, "summary.json", summary, cfg.storage)
+    if cfg.csv:
+        write_original_csv(read_output(cfg.output, cfg.storage), cfg.csv, cfg.storage)
+    return summary
+
+
+def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dict[str, str]):
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own bar counts finished rows across resumes
+    if hasattr(ctx, "execution_no_progress_timeout_s"):
+        ctx.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
+    settings = PrepareSettings(storage=cfg.storage, decode=cfg.decode, preprocess=cfg.preprocess, orient=cfg.orient)
+    blocks = [todo.iloc[i : i + cfg.ray.rows_per_task] for i in range(0, len(todo), cfg.ray.rows_per_task)]
+    gpus = _gpus_for_inference(cfg)
+    actors = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus) if gpus else ray.data.ActorPoolStrategy(
+        size=cfg.ray.predict_actors
+    )
+    return (
+        ray.data.from_pandas(blocks)
+        .map_batches(prepare_batch, fn_kwargs={"settings": settings}, batch_format="pandas", batch_size=None,
+                     num_cpus=1)
+        .map_batches(
+            PredictStage,
+            fn_constructor_kwargs={"state_dict_ref": [ray.put(state_dict)], "predictor_config": cfg.predictor,
+                                   "labels": labels},
+            batch_format="pandas",
+            batch_size=max(1, cfg.predictor.batch_size // (5 if cfg.predictor.tta == "seed" else 1)),
+            compute=actors,
+            num_gpus=1 if gpus else 0,
+            num_cpus=1,
+        )
+    )
+
+
+def _gpus_for_inference(cfg: ScoreConfig) -> int:
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if cfg.predictor.device == "cuda" and not gpus:
+        raise InputError("--device cuda, but the Ray cluster has no GPU resources")
+    return 0 if cfg.predictor.device == "cpu" else gpus
+
+
+@contextlib.contextmanager
+def ray_session(rc: RayConfig) -> Iterator[None]:
+    """Join `rc.address`, or start an embedded local Ray (reused, not stopped, if one is already up)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if rc.address:
+        ray.init(address=rc.address, **kwargs)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=rc.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS), **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _progress(todo: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    with tqdm(total=total, initial=total - todo, unit="img", disable=not enabled, dynamic_ncols=True) as bar:
+        yield bar
+
+
+def _job_record(manifest: pd.DataFrame, cfg: ScoreConfig, weights_sha256: str) -> dict[str, Any]:
+    """What makes two runs the same job: the manifest rows and every setting that changes a score."""
+    rows = pd.util.hash_pandas_object(manifest[["row_id", "image_id", "uri"]].astype(str), index=False)
+    return {
+        "manifest_rows": len(manifest),
+        "manifest_fingerprint": f"{int(rows.sum()) & (2**64 - 1):016x}",
+        "weights_sha256": weights_sha256,
+        "preprocess": cfg.preprocess,
+        "tta": cfg.predictor.tta,
+        "decode": cfg.decode.mode,
+        "orient": repr(cfg.orient),
+    }
+
+
+def _rows_to_score(manifest: pd.DataFrame, job: dict[str, Any], cfg: ScoreConfig) -> pd.DataFrame:
+    previous = read_json(cfg.output, "job.json", cfg.storage)
+    if previous is not None and previous != job:
+        if not cfg.overwrite:
+            changed = sorted(k for k in job if previous.get(k) != job[k])
+            raise InputError(
+                f"{cfg.output} holds results of a different job (differs in: {', '.join(changed)}); "
+                "choose another OUTPUT or pass --overwrite to discard them"
+            )
+        fs, path = filesystem_for(f"{cfg.output.rstrip('/')}/{PARTS_DIR}", cfg.storage)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    write_json(cfg.output, "job.json", job, cfg.storage)
+    done = completed_row_ids(cfg.output, cfg.storage)
+    if done:
+        log.info("resuming: %d of %d rows already scored", len(done), len(manifest))
+    return manifest[~manifest["row_id"].isin(done)].reset_index(drop=True)
+
+
+def _summary(cfg: ScoreConfig, manifest: pd.DataFrame, sha: str, scored: int, elapsed: float) -> dict[str, Any]:
+    table = read_output(cfg.output, cfg.storage).select(["row_id", "status", "error"]).to_pandas()
+    errors = table.loc[table["status"] == "error", "error"].fillna("Error: ?")
+    kinds = Counter(e.split(":", 1)[0] for e in errors)
+    import numpy
+    import ray
+    import torch
+
+    return {
+        "input": cfg.input,
+        "output": cfg.output,
+        "rows_total": len(manifest),
+        "rows_written": len(table),
+        "rows_unique": int(table["row_id"].nunique()),
+        "rows_ok": int((table["status"] == "ok").sum()),
+        "rows_error": int((table["status"] == "error").sum()),
+        "errors_by_kind": dict(sorted(kinds.items())),
+        "complete": int(table["row_id"].nunique()) == len(manifest),
+        "rows_scored_this_run": scored,
+        "elapsed_s": round(elapsed, 3),
+        "images_per_s": round(scored / elapsed, 3) if elapsed > 0 else None,
+        "weights_sha256": sha,
+        "settings": {"preprocess": cfg.preprocess, "tta": cfg.predictor.tta, "decode": cfg.decode.mode,
+                     "device": cfg.predictor.device, "precision": cfg.predictor.precision},
+        "ray": asdict(cfg.ray),
+        "versions": {"cxrage_ray": cxrage_ray.__version__, "torch": torch.__version__, "ray": ray.__version__,
+                     "numpy": numpy.__version__, "pyarrow": pa.__version__, "python": platform.python_version()},
+    }

@@ -1,0 +1,160 @@
+"""Write stage: scored rows -> Parquet parts under OUTPUT, with an explicit record of what is complete.
+
+In:  pyarrow tables of scored rows (the output contract below), streamed from the pipeline.
+Out: OUTPUT/parts/part-<run>-<seq>.parquet files, each written to a temporary name and renamed (local) or
+     PUT in one request (object stores), so a part either exists whole or not at all; OUTPUT/job.json
+     (what the job is: manifest fingerprint and scoring settings) and OUTPUT/summary.json.
+
+Resume reads the `row_id`s of the committed parts; a row is in exactly one committed part because the
+driver writes each row once and only whole parts become visible.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cxrage_ray.errors import InputError
+from cxrage_ray.storage import StorageConfig, filesystem_for, list_files, read_bytes, write_bytes
+
+#: The output contract (issue 2 + DICOM metadata); other tools read these names.
+CONTRACT_FIELDS: list[pa.Field] = [
+    pa.field("row_id", pa.int64()),
+    pa.field("image_id", pa.string()),
+    pa.field("uri", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("cxr_age", pa.float64()),
+    pa.field("raw", pa.float64()),
+    pa.field("raw_sd", pa.float64()),
+    pa.field("chronological_age", pa.float64()),
+    pa.field("cxr_age_gap", pa.float64()),
+    pa.field("weights_sha256", pa.string()),
+    pa.field("preprocess", pa.string()),
+    pa.field("tta", pa.string()),
+    pa.field("decode", pa.string()),
+    pa.field("orientation", pa.int64()),
+    pa.field("rotation_source", pa.string()),
+    pa.field("qc", pa.list_(pa.string())),
+    pa.field("modality", pa.string()),
+    pa.field("view_position", pa.string()),
+    pa.field("body_part", pa.string()),
+    pa.field("patient_sex", pa.string()),
+    pa.field("study_date", pa.string()),
+    pa.field("frames", pa.int64()),
+    pa.field("patient_id_hash", pa.string()),
+]
+CONTRACT_NAMES = [f.name for f in CONTRACT_FIELDS]
+PARTS_DIR = "parts"
+
+
+def output_schema(carried: pa.Schema) -> pa.Schema:
+    """The contract columns, then the manifest's own columns carried through unchanged."""
+    extra = [f for f in carried if f.name not in CONTRACT_NAMES]
+    return pa.schema(CONTRACT_FIELDS + extra)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Order/cast a batch to the output schema; absent columns become nulls."""
+    columns = []
+    for f in schema:
+        if f.name in table.column_names:
+            columns.append(table.column(f.name).cast(f.type))
+        else:
+            columns.append(pa.nulls(len(table), f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+@dataclass
+class PartWriter:
+    """Buffers scored rows and commits them as whole Parquet parts of about `part_rows` rows.
+
+    Args:
+        output: OUTPUT folder (local path or fsspec URL).
+        schema: the output schema (see `output_schema`).
+        storage: storage settings for remote outputs.
+        part_rows: rows per part file; ~10k rows is ~1-2 MB of Parquet.
+    """
+
+    output: str
+    schema: pa.Schema
+    storage: StorageConfig
+    part_rows: int = 10_000
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    parts_written: int = 0
+    _buffer: list[pa.Table] = field(default_factory=list)
+    _buffered_rows: int = 0
+
+    def add(self, table: pa.Table) -> None:
+        self._buffer.append(conform(table, self.schema))
+        self._buffered_rows += len(table)
+        if self._buffered_rows >= self.part_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffered_rows:
+            return
+        table = pa.concat_tables(self._buffer)
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        name = f"part-{self.run_id}-{self.parts_written:05d}.parquet"
+        write_bytes(_join(self.output, PARTS_DIR, name), sink.getvalue(), self.storage)
+        self.parts_written += 1
+        self._buffer, self._buffered_rows = [], 0
+
+
+def completed_row_ids(output: str, storage: StorageConfig) -> set[int]:
+    """row_ids already in committed parts (for resume). Unreadable parts are reported, not trusted."""
+    done: set[int] = set()
+    fs, path = filesystem_for(_join(output, PARTS_DIR), storage)
+    if not fs.exists(path):
+        return done
+    for uri in list_files(_join(output, PARTS_DIR), storage):
+        if not uri.endswith(".parquet"):
+            continue
+        table = pq.read_table(io.BytesIO(read_bytes(uri, storage)), columns=["row_id"])
+        done.update(table.column("row_id").to_pylist())
+    return done
+
+
+def read_output(output: str, storage: StorageConfig) -> pa.Table:
+    """All committed rows of an OUTPUT folder, sorted by row_id."""
+    tables = [
+        pq.read_table(io.BytesIO(read_bytes(uri, storage)))
+        for uri in list_files(_join(output, PARTS_DIR), storage)
+        if uri.endswith(".parquet")
+    ]
+    if not tables:
+        raise InputError(f"no scored parts under {output}/{PARTS_DIR}")
+    return pa.concat_tables(tables, promote_options="default").sort_by("row_id")
+
+
+def write_json(output: str, name: str, payload: dict[str, Any], storage: StorageConfig) -> None:
+    write_bytes(_join(output, name), json.dumps(payload, indent=2, sort_keys=True).encode(), storage)
+
+
+def read_json(output: str, name: str, storage: StorageConfig) -> dict[str, Any] | None:
+    fs, path = filesystem_for(_join(output, name), storage)
+    if not fs.exists(path):
+        return None
+    return json.loads(read_bytes(_join(output, name), storage))
+
+
+def write_original_csv(table: pa.Table, path: str, storage: StorageConfig) -> None:
+    """The original tool's CSV: unnamed index, File, SD_Prediction, CXR_Age (ok rows only, in row order)."""
+    df = table.select(["image_id", "raw_sd", "cxr_age", "status"]).to_pandas()
+    df = df[df["status"] == "ok"].reset_index(drop=True)
+    csv = df.rename(columns={"image_id": "File", "raw_sd": "SD_Prediction", "cxr_age": "CXR_Age"})[
+        ["File", "SD_Prediction", "CXR_Age"]
+    ]
+    write_bytes(path, csv.to_csv(index=True).encode(), storage)

@@ -1,0 +1,191 @@
+"""Batch-level wrappers that let Ray Data run the pure stages (read, decode, preprocess, orient, predict).
+
+Each wrapper takes and returns a pandas DataFrame of rows and never raises for a bad file: a row that
+fails becomes `status="error"` with `error="<Kind>: message"`, and every input row yields one output row.
+
+- `PrepareSettings` + `prepare_batch`: CPU stage. uri -> bytes -> DecodedImage -> seed chain -> orientation,
+  emitting the 8-bit picture as compact bytes (`pixels`, `height`, `width`, `channels`) plus metadata.
+- `PredictStage`: the inference actor wrapping `AgePredictor`; drops the pixels and adds the scores.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from cxrage_ray.decode import DecodeOptions, decode_image, is_dicom
+from cxrage_ray.errors import CxrAgeError, DecodeError, error_text
+from cxrage_ray.storage import StorageConfig, read_bytes
+
+log = logging.getLogger(__name__)
+
+PreprocessMode = Literal["seed", "none"]
+PIXEL_COLUMNS = ["pixels", "height", "width", "channels"]
+META_COLUMNS = ["modality", "view_position", "body_part", "patient_sex", "study_date", "frames", "patient_id_hash"]
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything the CPU stage needs, built once on the driver and shipped to workers.
+
+    Args:
+        storage: how to read URIs.
+        decode: decoder options (fast/exact, modality policy, bomb limit, patient-id salt).
+        preprocess: "seed" applies the ImageMagick chain; "none" treats inputs as seed-chain PNGs already.
+        orient: an `OrientConfig` (cxrage_ray.orient) or None to skip orientation handling entirely.
+    """
+
+    storage: StorageConfig
+    decode: DecodeOptions = DecodeOptions()
+    preprocess: PreprocessMode = "seed"
+    orient: Any = None
+    age_column: str | None = "age"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def picture_from_bytes(data: bytes, name: str, settings: PrepareSettings) -> tuple[np.ndarray, dict[str, Any]]:
+    """bytes -> (uint8 (H, W, C) picture the model's transform reads, metadata)."""
+    from cxrage_ray.preprocess.seed_chain import seed_chain
+
+    if settings.preprocess == "none" and not is_dicom(data, name):
+        # the original tool's inputs: fastai's open_image = PIL open + convert('RGB')
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return np.asarray(im.convert("RGB")), {}
+        except Exception as exc:  # Pillow raises many types for bad bytes
+            raise DecodeError(f"not a readable image: {exc}") from exc
+    decoded = decode_image(data, name, settings.decode)
+    if settings.preprocess == "none":  # a DICOM fed as-is: its 8-bit dcmj2pnm picture
+        return (decoded.pixels // 257).astype(np.uint8), decoded.meta
+    return seed_chain(decoded), decoded.meta
+
+
+def _chronological_age(meta: dict[str, Any], row: pd.Series, age_column: str | None) -> float | None:
+    age = meta.get("chronological_age")
+    if age is None and age_column and age_column in row and row[age_column] is not None:
+        try:
+            age = float(row[age_column])
+        except (TypeError, ValueError):
+            age = None
+    return None if age is None or (isinstance(age, float) and math.isnan(age)) else float(age)
+
+
+def prepare_row(row: pd.Series, settings: PrepareSettings) -> dict[str, Any]:
+    """One manifest row -> one prepared row (never raises)."""
+    out: dict[str, Any] = {"status": "ok", "error": None, "pixels": b"", "height": 0, "width": 0, "channels": 0}
+    meta: dict[str, Any] = {}
+    try:
+        data = read_bytes(row["uri"], settings.storage)
+        picture, meta = picture_from_bytes(data, str(row["uri"]), settings)
+        out["chronological_age"] = _chronological_age(meta, row, settings.age_column)
+        if settings.orient is not None:
+            picture = _apply_orientation(picture, row, meta, out, settings)
+        if picture.ndim == 2:
+            picture = picture[:, :, None]
+        out.update(
+            pixels=np.ascontiguousarray(picture).tobytes(),
+            height=picture.shape[0],
+            width=picture.shape[1],
+            channels=picture.shape[2],
+        )
+    except CxrAgeError as exc:
+        out.update(status="error", error=error_text(exc))
+    except Exception as exc:  # a bug or an unexpected library failure: keep the row, keep going
+        log.warning("unexpected %s while preparing row %s", type(exc).__name__, row.get("row_id"))
+        out.update(status="error", error=error_text(exc))
+    out.setdefault("chronological_age", _chronological_age(meta, row, settings.age_column))
+    for key in META_COLUMNS:
+        out[key] = meta.get(key)
+    return out
+
+
+def _apply_orientation(picture, row, meta, out, settings) -> np.ndarray:
+    from cxrage_ray.orient import orient
+
+    result = orient(
+        picture,
+        image_id=str(row["image_id"]),
+        uri=str(row["uri"]),
+        meta=meta,
+        chronological_age=out.get("chronological_age"),
+        config=settings.orient,
+    )
+    out.update(orientation=result.orientation, rotation_source=result.rotation_source, qc=list(result.qc))
+    return result.image
+
+
+def prepare_batch(batch: pd.DataFrame, settings: PrepareSettings) -> pd.DataFrame:
+    """Ray Data CPU stage: manifest rows -> prepared rows (same order, same count)."""
+    prepared = pd.DataFrame([prepare_row(row, settings) for _, row in batch.iterrows()], index=batch.index)
+    return pd.concat([batch.drop(columns=[c for c in prepared.columns if c in batch.columns]), prepared], axis=1)
+
+
+def unpack_picture(row: pd.Series) -> np.ndarray:
+    return np.frombuffer(row["pixels"], dtype=np.uint8).reshape(
+        int(row["height"]), int(row["width"]), int(row["channels"])
+    )
+
+
+class PredictStage:
+    """Ray Data actor: prepared rows -> scored rows. Loads the model once per actor.
+
+    Args:
+        state_dict_ref: a one-element list holding the state dict (or an ObjectRef to it); wrapped in a
+            list so Ray does not resolve it eagerly on the driver.
+        predictor_config: `PredictorConfig`.
+        labels: constant columns for every row (weights_sha256, preprocess, tta, decode).
+    """
+
+    def __init__(self, state_dict_ref: list, predictor_config, labels: dict[str, str]):
+        from cxrage_ray.predict import AgePredictor
+
+        state_dict = state_dict_ref[0]
+        if not isinstance(state_dict, dict):  # an ObjectRef on a cluster
+            import ray
+
+            state_dict = ray.get(state_dict)
+        self.predictor = AgePredictor(state_dict, predictor_config)
+        self.labels = labels
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return score_prepared(batch, self.predictor, self.labels)
+
+
+def score_prepared(batch: pd.DataFrame, predictor, labels: dict[str, str]) -> pd.DataFrame:
+    """Score the ok rows of a prepared batch; a failing batch is retried row by row to isolate the bad one."""
+    batch = batch.copy()
+    for name in ("cxr_age", "raw", "raw_sd", "cxr_age_gap"):
+        batch[name] = np.nan
+    ok = np.flatnonzero((batch["status"] == "ok").to_numpy())
+    try:
+        _score_rows(batch, ok, predictor)
+    except Exception:
+        for i in ok:
+            try:
+                _score_rows(batch, np.array([i]), predictor)
+            except Exception as exc:
+                batch.iloc[i, batch.columns.get_loc("status")] = "error"
+                batch.iloc[i, batch.columns.get_loc("error")] = error_text(exc)
+    age = pd.to_numeric(batch.get("chronological_age"), errors="coerce")
+    if age is not None:
+        batch["cxr_age_gap"] = batch["cxr_age"] - age
+    for key, value in labels.items():
+        batch[key] = value
+    return batch.drop(columns=PIXEL_COLUMNS)
+
+
+def _score_rows(batch: pd.DataFrame, positions: np.ndarray, predictor) -> None:
+    if len(positions) == 0:
+        return
+    pictures = [unpack_picture(batch.iloc[i]) for i in positions]
+    pred = predictor.predict(pictures)
+    for name in ("raw", "raw_sd", "cxr_age"):
+        batch.iloc[positions, batch.columns.get_loc(name)] = getattr(pred, name)

@@ -1,0 +1,150 @@
+"""End-to-end `cxrage score` on a real local Ray: contract columns, error rows, CSV, resume, carried columns."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from checkpoints import random_state_dict, save_fastai_checkpoint
+from cxrage_ray.checkpoint import sha256_file
+from cxrage_ray.cli import EXIT_ROW_ERRORS, EXIT_USAGE, main
+from cxrage_ray.decode import decode_image
+from cxrage_ray.model import calibrate
+from cxrage_ray.predict import AgePredictor, PredictorConfig
+from cxrage_ray.preprocess.seed_chain import seed_chain
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+CONTRACT = ["image_id", "uri", "status", "error", "cxr_age", "raw", "raw_sd", "weights_sha256", "preprocess", "tta"]
+
+
+def _film(seed: int, shape=(600, 520)) -> np.ndarray:
+    """A smooth radiograph-like 8-bit picture with a dark border (so the trim has work to do)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : shape[0], 0 : shape[1]]
+    body = 120 + 80 * np.sin(x / (40 + seed)) * np.cos(y / 55) + rng.normal(0, 6, shape)
+    img = np.clip(body, 0, 255).astype(np.uint8)
+    img[:12], img[:, :9] = 0, 0
+    return img
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "PLCO_like.pth"
+    save_fastai_checkpoint(path, random_state_dict(seed=11), legacy=True, with_opt=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, cxr_sample_optional):
+    root = tmp_path_factory.mktemp("archive")
+    (root / "sub").mkdir()
+    Image.fromarray(_film(1)).save(root / "a.png")
+    Image.fromarray(np.dstack([_film(2)] * 3)).save(root / "sub" / "b.jpg", quality=92)
+    Image.fromarray((_film(3).astype(np.uint16) * 257)).save(root / "c.tif")
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
+    (root / "empty.png").write_bytes(b"")
+    if cxr_sample_optional is not None:
+        for name in sorted(p.name for p in (cxr_sample_optional / "images").iterdir())[:2]:
+            shutil.copy(cxr_sample_optional / "images" / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cxr_sample_optional():
+    from conftest import shared_root
+
+    path = shared_root() / "data" / "cxr-sample"
+    return path if path.is_dir() else None
+
+
+def _read(out) -> pd.DataFrame:
+    return pq.read_table(out / "parts").to_pandas().sort_values("image_id").reset_index(drop=True)
+
+
+def test_score_folder_end_to_end(ray_local, archive, weights, tmp_path):
+    out, csv = tmp_path / "out", tmp_path / "orig.csv"
+    code = main(["score", str(archive), str(out), "--weights", str(weights), "--no-progress", "--csv", str(csv)])
+    assert code == EXIT_ROW_ERRORS  # two bad files -> error rows, job finished
+    df = _read(out)
+    n_files = sum(1 for p in archive.rglob("*") if p.is_file())
+    assert len(df) == n_files and df["row_id"].is_unique
+    assert set(CONTRACT) <= set(df.columns)
+    errors = df.set_index("image_id")["error"]
+    assert errors["empty.png"].startswith("EmptyFileError:")
+    assert errors["corrupt.png"].startswith("DecodeError:")
+    ok = df[df["status"] == "ok"]
+    assert len(ok) == n_files - 2 and ok["error"].isna().all()
+    assert ok["weights_sha256"].eq(sha256_file(weights)).all()
+    assert ok["preprocess"].eq("seed").all() and ok["tta"].eq("seed").all()
+    np.testing.assert_array_equal(ok["cxr_age"].to_numpy(), calibrate(ok["raw"].to_numpy()))
+    assert (ok["raw_sd"] > 0).all()
+    assert df.loc[df["status"] == "error", "cxr_age"].isna().all()
+
+    # the same numbers as the stages run by hand, without Ray
+    predictor = AgePredictor(random_state_dict(seed=11), PredictorConfig(device="cpu"))
+    row = ok[ok["image_id"] == "sub/b.jpg"].iloc[0]
+    picture = seed_chain(decode_image((archive / "sub" / "b.jpg").read_bytes(), "b.jpg"))
+    np.testing.assert_allclose(row["raw"], predictor.predict([picture]).raw[0], atol=1e-5)
+
+    original = pd.read_csv(csv)
+    assert list(original.columns) == ["Unnamed: 0", "File", "SD_Prediction", "CXR_Age"]
+    assert len(original) == len(ok)
+    summary = pd.read_json(out / "summary.json", typ="series")
+    assert summary["rows_ok"] == len(ok) and summary["rows_error"] == 2 and summary["complete"]
+
+
+def test_rerun_resumes_without_duplicates(ray_local, archive, weights, tmp_path):
+    out = tmp_path / "out"
+    args = ["score", str(archive), str(out), "--weights", str(weights), "--no-progress", "--tta", "none"]
+    main(args)
+    first = _read(out)
+    # simulate an interruption that lost the last part: drop half the rows from the committed part
+    part = next((out / "parts").glob("*.parquet"))
+    table = pq.read_table(part)
+    keep = table.slice(0, len(table) // 2)
+    part.unlink()
+    pq.write_table(keep, out / "parts" / "part-kept-00000.parquet")
+    main(args)
+    second = _read(out)
+    assert len(second) == len(first) and second["row_id"].is_unique
+    pd.testing.assert_series_equal(second["raw"], first["raw"])
+    assert second["raw_sd"].isna().all()  # --tta none
+    summary = pd.read_json(out / "summary.json", typ="series")
+    assert summary["rows_scored_this_run"] == len(first) - len(keep)
+
+
+def test_manifest_columns_carried_and_age_gap(ray_local, archive, weights, tmp_path):
+    manifest = pd.DataFrame(
+        {"uri": ["a.png", "c.tif"], "image_id": ["A", "C"], "age": [61.0, None], "site": ["north", "south"]}
+    )
+    manifest.to_csv(archive / "manifest.csv", index=False)
+    out = tmp_path / "out"
+    assert main(["score", str(archive / "manifest.csv"), str(out), "--weights", str(weights), "--no-progress"]) == 0
+    df = _read(out).set_index("image_id")
+    assert df.loc["A", "site"] == "north" and df.loc["C", "site"] == "south"
+    assert df.loc["A", "chronological_age"] == 61.0
+    assert df.loc["A", "cxr_age_gap"] == pytest.approx(df.loc["A", "cxr_age"] - 61.0)
+    assert pd.isna(df.loc["C", "cxr_age_gap"])
+
+
+def test_changed_settings_refuse_to_mix_results(ray_local, archive, weights, tmp_path):
+    out = tmp_path / "out"
+    manifest = pd.DataFrame({"uri": ["a.png"]})
+    manifest.to_csv(archive / "one.csv", index=False)
+    base = ["score", str(archive / "one.csv"), str(out), "--weights", str(weights), "--no-progress"]
+    assert main(base) == 0
+    assert main(base + ["--tta", "none"]) == EXIT_USAGE
+    assert main(base + ["--tta", "none", "--overwrite"]) == 0
+    assert _read(out)["tta"].tolist() == ["none"]
+
+
+def test_missing_input_is_a_usage_error(tmp_path, weights, capsys):
+    assert main(["score", str(tmp_path / "nope"), str(tmp_path / "o"), "--weights", str(weights)]) == EXIT_USAGE
+    assert "error" in capsys.readouterr().err
