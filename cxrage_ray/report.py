@@ -1,0 +1,727 @@
+"""Cohort report: a scored OUTPUT folder -> OUTPUT/analysis.json (every number) + OUTPUT/report.html.
+
+In:  the Parquet files `cxrage score` wrote anywhere under OUTPUT (the output contract: `status`, `error`,
+     `cxr_age`, optional `chronological_age`/`age`, `patient_sex`/`sex`, `view_position`/`view`, `qc`, and
+     carried manifest columns such as follow-up time and event), plus OUTPUT/summary.json when present.
+Out: `analysis.json` — counts, error kinds, QC flags, the CXR-Age distribution, agreement with chronological
+     age, the age gap by sex and view, throughput and provenance, and, given time/event columns, the paper's
+     outcome analysis: Cox proportional-hazards models of CXR-Age alone and adjusted for chronological age
+     (and sex), as hazard ratios per 5 years of CXR-Age. `report.html` shows the same in one self-contained
+     page (plots are PNG data URIs; a Content-Security-Policy forbids loading anything else).
+
+The numbers come from `analyze` (pure: a DataFrame in, a dict out); `render_html` only presents them.
+matplotlib and lifelines are imported where used: they are the `report` extra, not needed for scoring.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import cxrage_ray
+from cxrage_ray.errors import InputError
+
+#: The paper reports hazard ratios per 5 years of CXR-Age.
+HR_UNIT_YEARS = 5.0
+#: Cohort variables may come from the pipeline (DICOM header) or the manifest; per row, the first non-null wins.
+AGE_COLUMNS = ("chronological_age", "age")
+SEX_COLUMNS = ("patient_sex", "sex")
+VIEW_COLUMNS = ("view_position", "view")
+#: Columns the report reads besides the cohort variables and time/event (reading only these keeps a
+#: million-row output at a few hundred MB of memory).
+BASE_COLUMNS = ("image_id", "uri", "status", "error", "cxr_age", "qc", "weights_sha256", "preprocess", "tta")
+#: Above this many points a hexbin reads better (and renders faster) than a scatter.
+SCATTER_MAX_POINTS = 20_000
+MAX_BINS = 60
+#: Error messages shown per kind in the HTML (they carry file names; the JSON has counts only).
+ERROR_EXAMPLES = 3
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where `write_report` writes; both default to files inside OUTPUT."""
+
+    html: Path
+    json: Path
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def find_parquet(output: str | Path) -> list[Path]:
+    """Every `*.parquet` file under `output`, skipping hidden and `_`-prefixed folders/files (temp parts).
+
+    Raises:
+        InputError: `output` is not a folder or holds no Parquet.
+    """
+    root = Path(output)
+    if not root.is_dir():
+        raise InputError(f"{output} is not a folder: pass the OUTPUT folder that `cxrage score` wrote")
+    files = sorted(
+        p for p in root.rglob("*.parquet")
+        if p.is_file() and not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise InputError(f"no Parquet files under {output}: run `cxrage score INPUT {output}` first")
+    return files
+
+
+def read_scored(output: str | Path, extra_columns: Iterable[str] = ()) -> pd.DataFrame:
+    """The scored rows of an OUTPUT folder: the columns the report uses plus `extra_columns`.
+
+    Args:
+        output: local OUTPUT folder (an s3:// output is fetched by the caller first).
+        extra_columns: further columns to read (time/event); a name absent from every file is an InputError.
+
+    Returns:
+        One row per scored input; absent optional columns are simply not in the frame.
+    """
+    files = find_parquet(output)
+    extra = [c for c in extra_columns if c]
+    wanted = list(dict.fromkeys([*BASE_COLUMNS, *AGE_COLUMNS, *SEX_COLUMNS, *VIEW_COLUMNS, *extra]))
+    tables, available = [], set()
+    for path in files:
+        names = pq.read_schema(path).names
+        available.update(names)
+        tables.append(pq.read_table(path, columns=[c for c in wanted if c in names]))
+    missing = [c for c in extra if c not in available]
+    if missing:
+        raise InputError(
+            f"column(s) {missing} not in the output under {output}; available: {sorted(available)}. "
+            "Name manifest columns that `cxrage score` carried through (--time-col/--event-col)"
+        )
+    if "status" not in available:
+        raise InputError(f"the Parquet under {output} has no `status` column: is it a `cxrage score` output?")
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+
+
+def read_summary(output: str | Path) -> dict[str, Any] | None:
+    """OUTPUT/summary.json as a dict, or None when absent or unreadable (the report does not need it)."""
+    path = Path(output) / "summary.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- cohort
+
+
+def _coalesce(frame: pd.DataFrame, names: Iterable[str]) -> pd.Series:
+    """Per row, the first non-null value among the columns `names` that exist (all-null when none)."""
+    out = pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    for name in reversed(list(names)):
+        if name in frame.columns:
+            col = frame[name].astype(object)
+            out = col.where(col.notna(), out)
+    return out
+
+
+def _sex_label(value: Any) -> str | None:
+    """'M'/'F' for the usual spellings (DICOM M/F/O, male/female); other values as trimmed text."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    if isinstance(value, (int, float, np.integer, np.floating)) and float(value).is_integer():
+        text = str(int(value))
+    upper = text.upper()
+    if upper in ("M", "MALE"):
+        return "M"
+    if upper in ("F", "FEMALE"):
+        return "F"
+    return text or None
+
+
+def _text_label(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _event_values(series: pd.Series, name: str) -> pd.Series:
+    """An event column as float 0/1 (NaN where missing). Accepts bool, 0/1 numbers, and true/false text."""
+    mapped = series.astype(object).map(
+        lambda v: {"true": 1.0, "false": 0.0, "yes": 1.0, "no": 0.0}.get(v.strip().lower(), v)
+        if isinstance(v, str) else v
+    )
+    numeric = pd.to_numeric(mapped.map(lambda v: float(v) if isinstance(v, (bool, np.bool_)) else v),
+                            errors="coerce")
+    bad = numeric.notna() & ~numeric.isin([0.0, 1.0])
+    if (series.notna() & numeric.isna()).any() or bad.any():
+        example = series[(series.notna() & numeric.isna()) | bad].iloc[0]
+        raise InputError(f"event column {name!r} must hold 0/1 or true/false; found {example!r}")
+    return numeric.astype(float)
+
+
+def _time_values(series: pd.Series, name: str) -> pd.Series:
+    numeric = pd.to_numeric(series, errors="coerce")
+    if (series.notna() & numeric.isna()).any():
+        example = series[series.notna() & numeric.isna()].iloc[0]
+        raise InputError(f"time column {name!r} must be numeric (follow-up time); found {example!r}")
+    if (numeric < 0).any():
+        raise InputError(f"time column {name!r} has negative follow-up times")
+    return numeric.astype(float)
+
+
+def cohort(frame: pd.DataFrame, time_col: str | None = None, event_col: str | None = None) -> pd.DataFrame:
+    """The ok rows with a finite CXR-Age, as the analysis columns.
+
+    Returns:
+        Columns `cxr_age`, `chronological_age`, `gap` (= cxr_age - chronological_age), `sex` ('M'/'F'/other
+        text), `view`, and `time`/`event` when their columns are named. Ages are float years (NaN if unknown).
+    """
+    ok = frame[frame["status"] == "ok"]
+    cxr = pd.to_numeric(ok["cxr_age"], errors="coerce").astype(float) if "cxr_age" in ok.columns else \
+        pd.Series(np.nan, index=ok.index)
+    ok, cxr = ok[np.isfinite(cxr)], cxr[np.isfinite(cxr)]
+    out = pd.DataFrame(index=ok.index)
+    out["cxr_age"] = cxr
+    out["chronological_age"] = pd.to_numeric(_coalesce(ok, AGE_COLUMNS), errors="coerce").astype(float)
+    out["gap"] = out["cxr_age"] - out["chronological_age"]
+    out["sex"] = _coalesce(ok, SEX_COLUMNS).map(_sex_label).astype(object)
+    out["view"] = _coalesce(ok, VIEW_COLUMNS).map(_text_label).astype(object)
+    if time_col:
+        out["time"] = _time_values(ok[time_col], time_col)
+    if event_col:
+        out["event"] = _event_values(ok[event_col], event_col)
+    return out.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+
+
+def _num(x: Any) -> float | None:
+    """A float for JSON: NaN/inf become None."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def describe(values: pd.Series) -> dict[str, Any]:
+    """n, mean, sd (sample, ddof=1), median, min, max of the finite values."""
+    v = values.astype(float).to_numpy()
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return {"n": 0, "mean": None, "sd": None, "median": None, "min": None, "max": None}
+    return {"n": int(len(v)), "mean": _num(v.mean()), "sd": _num(v.std(ddof=1)) if len(v) > 1 else None,
+            "median": _num(np.median(v)), "min": _num(v.min()), "max": _num(v.max())}
+
+
+def pearson_r(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Pearson's r, None when undefined (fewer than 2 points or a constant variable)."""
+    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
+        return None
+    return _num(np.corrcoef(x, y)[0, 1])
+
+
+def vs_chronological(c: pd.DataFrame) -> dict[str, Any] | None:
+    """Agreement of CXR-Age with chronological age on rows where both are known; None when none are."""
+    both = c.dropna(subset=["chronological_age"])
+    if both.empty:
+        return None
+    gap = both["gap"].to_numpy()
+    return {"n": int(len(both)), "mae": _num(np.abs(gap).mean()),
+            "pearson_r": pearson_r(both["cxr_age"].to_numpy(), both["chronological_age"].to_numpy()),
+            "mean_gap": _num(gap.mean()), "sd_gap": _num(gap.std(ddof=1)) if len(gap) > 1 else None,
+            "median_gap": _num(np.median(gap))}
+
+
+def gap_by(c: pd.DataFrame, key: str) -> dict[str, dict[str, Any]] | None:
+    """Age gap summary per value of `key` ('sex' or 'view'); None when no row has both a gap and a `key`."""
+    rows = c.dropna(subset=["chronological_age", key])
+    if rows.empty:
+        return None
+    out = {}
+    for label, g in rows.groupby(key, sort=True):
+        gap = g["gap"].to_numpy()
+        out[str(label)] = {"n": int(len(g)), "mean_gap": _num(gap.mean()),
+                           "sd_gap": _num(gap.std(ddof=1)) if len(gap) > 1 else None,
+                           "median_gap": _num(np.median(gap)), "mae": _num(np.abs(gap).mean()),
+                           "mean_cxr_age": _num(g["cxr_age"].mean()),
+                           "mean_chronological_age": _num(g["chronological_age"].mean())}
+    return out
+
+
+def error_kind(message: Any) -> str:
+    """The `<Kind>` of an `error` value `"<Kind>: message"` ('Unknown' when empty)."""
+    text = _text_label(message)
+    return (text.split(":", 1)[0].strip() or "Unknown") if text else "Unknown"
+
+
+def errors_by_kind(frame: pd.DataFrame) -> dict[str, int]:
+    errors = frame.loc[frame["status"] == "error", "error"] if "error" in frame.columns else \
+        pd.Series([None] * int((frame["status"] == "error").sum()), dtype=object)
+    counts = errors.map(error_kind).value_counts()
+    return {str(k): int(v) for k, v in sorted(counts.items())}
+
+
+def qc_counts(frame: pd.DataFrame) -> dict[str, int]:
+    """How many rows carry each QC flag (a flag counted once per row)."""
+    if "qc" not in frame.columns:
+        return {}
+    counts: dict[str, int] = {}
+    for flags in frame["qc"]:
+        if flags is None or (isinstance(flags, float) and math.isnan(flags)):
+            continue
+        for flag in set(str(f) for f in flags if f is not None):
+            counts[flag] = counts.get(flag, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _distinct(frame: pd.DataFrame, name: str) -> list[str]:
+    if name not in frame.columns:
+        return []
+    return sorted(str(v) for v in frame[name].dropna().unique())
+
+
+def provenance(frame: pd.DataFrame, summary: dict[str, Any] | None) -> dict[str, Any]:
+    """Which weights/settings produced the rows (from the rows themselves) and the run's versions."""
+    summary = summary or {}
+    return {
+        "weights_sha256": _distinct(frame, "weights_sha256"),
+        "preprocess": _distinct(frame, "preprocess"),
+        "tta": _distinct(frame, "tta"),
+        "summary_weights_sha256": summary.get("weights_sha256"),
+        "versions": summary.get("versions"),
+        "settings": summary.get("settings"),
+        "report_versions": _report_versions(),
+    }
+
+
+def _report_versions() -> dict[str, str]:
+    import lifelines
+    import matplotlib
+
+    return {"cxrage_ray": cxrage_ray.__version__, "pandas": pd.__version__, "numpy": np.__version__,
+            "lifelines": lifelines.__version__, "matplotlib": matplotlib.__version__}
+
+
+def throughput(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not summary:
+        return None
+    keys = ("rows_total", "rows_ok", "rows_error", "rows_scored_this_run", "elapsed_s", "images_per_s", "complete")
+    return {k: summary.get(k) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------- Cox
+
+
+def _sex_coding(labels: Iterable[str]) -> dict[str, int] | None:
+    """0/1 coding of a two-level sex variable (male = 1 for M/F); None when not exactly two levels."""
+    levels = sorted(set(labels))
+    if len(levels) != 2:
+        return None
+    if levels == ["F", "M"]:
+        return {"F": 0, "M": 1}
+    return {levels[0]: 0, levels[1]: 1}
+
+
+def fit_cox(data: pd.DataFrame, covariates: list[str]) -> dict[str, Any]:
+    """A Cox PH fit of `time`/`event` on `covariates` (first is `cxr_age`), as the HR per 5 years of CXR-Age.
+
+    Returns:
+        hr_per_5y = exp(5·coef) with its 95% CI from lifelines' coefficient bounds scaled the same way, p, n,
+        events, covariates, and `terms` (per-unit coef/se/HR/p of every covariate). A fit that cannot be made
+        (no events, too few rows, no convergence) gives None numbers and an `error` text instead of raising.
+    """
+    from lifelines import CoxPHFitter
+    from lifelines.exceptions import ConvergenceError
+
+    data = data.dropna(subset=[*covariates, "time", "event"])
+    result: dict[str, Any] = {"hr_per_5y": None, "ci_low": None, "ci_high": None, "p": None,
+                              "n": int(len(data)), "events": int(data["event"].sum()), "covariates": covariates}
+    if result["events"] == 0 or len(data) < len(covariates) + 2:
+        result["error"] = f"cannot fit: {len(data)} rows with {result['events']} events"
+        return result
+    fitter = CoxPHFitter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fitter.fit(data[[*covariates, "time", "event"]], duration_col="time", event_col="event")
+    except (ConvergenceError, ValueError, np.linalg.LinAlgError) as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        return result
+    summary = fitter.summary
+    row = summary.loc["cxr_age"]
+    result.update(
+        hr_per_5y=_num(math.exp(HR_UNIT_YEARS * row["coef"])),
+        ci_low=_num(math.exp(HR_UNIT_YEARS * row["coef lower 95%"])),
+        ci_high=_num(math.exp(HR_UNIT_YEARS * row["coef upper 95%"])),
+        p=_num(row["p"]),
+        concordance=_num(fitter.concordance_index_),
+        terms={name: {"coef": _num(r["coef"]), "se": _num(r["se(coef)"]), "hr": _num(r["exp(coef)"]),
+                      "p": _num(r["p"])} for name, r in summary.iterrows()},
+    )
+    messages = sorted({str(w.message).splitlines()[0] for w in caught})
+    if messages:
+        result["warnings"] = messages
+    return result
+
+
+def cox_models(c: pd.DataFrame) -> dict[str, Any]:
+    """The paper's two models on ok rows with time and event: CXR-Age alone; adjusted for age (and sex)."""
+    rows = c.dropna(subset=["time", "event"])
+    out = {"unadjusted": fit_cox(rows, ["cxr_age"])}
+    adjusted_rows = rows.dropna(subset=["chronological_age"])
+    covariates = ["cxr_age", "chronological_age"]
+    coding = _sex_coding(adjusted_rows["sex"].dropna())
+    if coding is not None:
+        adjusted_rows = adjusted_rows[adjusted_rows["sex"].isin(list(coding))].assign(
+            sex=lambda d: d["sex"].map(coding).astype(float))
+        covariates.append("sex")
+    adjusted = fit_cox(adjusted_rows, covariates)
+    if coding is not None:
+        adjusted["sex_coding"] = coding
+    if adjusted_rows.empty:
+        adjusted["error"] = "no chronological age: cannot adjust (give the manifest an `age` column)"
+    out["adjusted"] = adjusted
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+
+
+def analyze(frame: pd.DataFrame, summary: dict[str, Any] | None = None, *,
+            time_col: str | None = None, event_col: str | None = None) -> dict[str, Any]:
+    """All the report's numbers from scored rows (see module docstring); JSON-ready (NaN -> None).
+
+    Raises:
+        InputError: only one of `time_col`/`event_col` given, or their values are not usable.
+    """
+    if bool(time_col) != bool(event_col):
+        raise InputError("the outcome analysis needs both --time-col and --event-col")
+    c = cohort(frame, time_col, event_col)
+    analysis = {
+        "n_rows": int(len(frame)),
+        "n_ok": int((frame["status"] == "ok").sum()),
+        "n_error": int((frame["status"] == "error").sum()),
+        "errors_by_kind": errors_by_kind(frame),
+        "qc_counts": qc_counts(frame),
+        "cxr_age": describe(c["cxr_age"]),
+        "vs_chronological": vs_chronological(c),
+        "gap_by_sex": gap_by(c, "sex"),
+        "gap_by_view": gap_by(c, "view"),
+        "provenance": provenance(frame, summary),
+        "throughput": throughput(summary),
+        "columns": {"age": [n for n in AGE_COLUMNS if n in frame.columns],
+                    "sex": [n for n in SEX_COLUMNS if n in frame.columns],
+                    "view": [n for n in VIEW_COLUMNS if n in frame.columns],
+                    "time": time_col, "event": event_col},
+        "cox": cox_models(c) if time_col else None,
+    }
+    return to_json_ready(analysis)
+
+
+def to_json_ready(value: Any) -> Any:
+    """Recursively turn numpy scalars into Python ones and NaN/inf into None."""
+    if isinstance(value, dict):
+        return {str(k): to_json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_ready(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return _num(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def _png_data_uri(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(width: float = 6.4, height: float = 4.0) -> Any:
+    # Figure objects directly (not pyplot): no global figure registry, no GUI backend needed.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_distribution(c: pd.DataFrame) -> str | None:
+    if c.empty:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    ages = c["chronological_age"].dropna()
+    values = np.concatenate([c["cxr_age"].to_numpy(), ages.to_numpy()])
+    bins = np.histogram_bin_edges(values, bins="auto")
+    if len(bins) > MAX_BINS + 1:  # "auto" gives thousands of bins on huge cohorts
+        bins = np.linspace(values.min(), values.max(), MAX_BINS + 1)
+    ax.hist(c["cxr_age"], bins=bins, color="#3a6ea5", alpha=0.85, label="CXR-Age")
+    if len(ages):
+        ax.hist(ages, bins=bins, histtype="step", color="#c0392b", linewidth=1.5, label="chronological age")
+        ax.legend()
+    ax.set_xlabel("years")
+    ax.set_ylabel("radiographs")
+    ax.set_title(f"CXR-Age distribution (n = {len(c)})")
+    return _png_data_uri(fig)
+
+
+def plot_scatter(c: pd.DataFrame, stats: dict[str, Any] | None) -> str | None:
+    both = c.dropna(subset=["chronological_age"])
+    if both.empty or not stats:
+        return None
+    fig = _figure(5.5, 5.0)
+    ax = fig.add_subplot()
+    x, y = both["chronological_age"].to_numpy(), both["cxr_age"].to_numpy()
+    if len(both) > SCATTER_MAX_POINTS:
+        hb = ax.hexbin(x, y, gridsize=60, mincnt=1, cmap="viridis")
+        fig.colorbar(hb, ax=ax, label="radiographs")
+    else:
+        ax.scatter(x, y, s=8, alpha=0.5, color="#3a6ea5", edgecolors="none")
+    lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+    ax.plot([lo, hi], [lo, hi], color="#c0392b", linewidth=1, label="identity")
+    ax.set_xlabel("chronological age (years)")
+    ax.set_ylabel("CXR-Age (years)")
+    r = stats["pearson_r"]
+    ax.set_title(f"n = {stats['n']}, MAE = {_fmt(stats['mae'])}, r = {_fmt(r, 3)}, "
+                 f"mean gap = {_fmt(stats['mean_gap'])}", fontsize=10)
+    ax.legend(loc="upper left")
+    return _png_data_uri(fig)
+
+
+def plot_gap_boxes(c: pd.DataFrame) -> str | None:
+    panels = [(key, c.dropna(subset=["chronological_age", key])) for key in ("sex", "view")]
+    panels = [(key, rows) for key, rows in panels if not rows.empty]
+    if not panels:
+        return None
+    fig = _figure(4.0 * len(panels), 4.0)
+    for i, (key, rows) in enumerate(panels, start=1):
+        ax = fig.add_subplot(1, len(panels), i)
+        groups = sorted(rows.groupby(key), key=lambda kv: str(kv[0]))
+        ax.boxplot([g["gap"].to_numpy() for _, g in groups], showfliers=False)
+        ax.set_xticks(range(1, len(groups) + 1), [f"{k}\n(n={len(g)})" for k, g in groups])
+        ax.axhline(0, color="#888", linewidth=0.8)
+        ax.set_ylabel("CXR-Age − chronological age (years)")
+        ax.set_title(f"gap by {key}")
+    return _png_data_uri(fig)
+
+
+def plot_km(c: pd.DataFrame, time_label: str) -> str | None:
+    """Kaplan–Meier curves by CXR-Age tertile, as in the paper's figures."""
+    if "time" not in c.columns:
+        return None
+    rows = c.dropna(subset=["time", "event"])
+    if len(rows) < 6 or rows["event"].sum() == 0:
+        return None
+    from lifelines import KaplanMeierFitter
+
+    try:
+        groups = pd.qcut(rows["cxr_age"], 3, labels=["lowest third", "middle third", "highest third"])
+    except ValueError:  # too few distinct CXR-Ages to cut
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for label in groups.cat.categories:
+        g = rows[groups == label]
+        lo, hi = g["cxr_age"].min(), g["cxr_age"].max()
+        KaplanMeierFitter().fit(g["time"], g["event"], label=f"CXR-Age {label} ({lo:.0f}–{hi:.0f} y)").plot_survival_function(ax=ax)
+    ax.set_xlabel(time_label)
+    ax.set_ylabel("survival")
+    ax.set_title("Kaplan–Meier by CXR-Age tertile")
+    return _png_data_uri(fig)
+
+
+# ---------------------------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1100px;color:#222;
+padding:0 1em}
+h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f5f8}td.l,th.l{text-align:left}code{font-size:.9em;word-break:break-all}
+img{max-width:100%;display:block;margin:.6em 0}.muted{color:#777}.cards{display:flex;gap:1em;flex-wrap:wrap}
+.card{border:1px solid #ddd;border-radius:6px;padding:.6em 1em;min-width:9em}.card b{display:block;font-size:1.4em}
+"""
+
+# Proves in a headless browser that the page scripted and every plot decoded (tests read data-status).
+_STATUS_SCRIPT = """
+window.addEventListener("load", function () {
+  var broken = Array.prototype.filter.call(document.images, function (im) {
+    return !im.complete || im.naturalWidth === 0; });
+  var el = document.getElementById("render-status");
+  el.setAttribute("data-status", broken.length ? "broken-images:" + broken.length : "ok");
+  el.setAttribute("data-images", String(document.images.length));
+  if (broken.length) { console.error("report: " + broken.length + " plot(s) failed to decode"); }
+});
+"""
+
+# Nothing outside this file may load: keeps the report self-contained and safe to open from anywhere.
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if abs(value) < 1e-3 and value != 0:
+            return f"{value:.2e}"
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list[Any]], align: str = "l") -> str:
+    """An HTML table; `align[i]` is 'l' or 'r' for column i (columns past its end: 'r'). Cells are escaped."""
+    def cell(tag: str, i: int, v: Any) -> str:
+        cls = ' class="l"' if align[i:i + 1] == "l" else ""
+        return f"<{tag}{cls}>{v if tag == 'th' else _fmt(v)}</{tag}>"
+
+    head = "".join(cell("th", i, html.escape(h)) for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(uri: str | None, alt: str) -> str:
+    return f'<img src="{uri}" alt="{html.escape(alt)}">' if uri else ""
+
+
+def _gap_table(groups: dict[str, dict[str, Any]] | None, key: str) -> str:
+    if not groups:
+        return f'<p class="muted">No rows with both a chronological age and a {key}.</p>'
+    return _table([key, "n", "mean gap", "SD gap", "median gap", "MAE", "mean CXR-Age", "mean age"],
+                  [[k, g["n"], g["mean_gap"], g["sd_gap"], g["median_gap"], g["mae"], g["mean_cxr_age"],
+                    g["mean_chronological_age"]] for k, g in groups.items()])
+
+
+def _error_examples(frame: pd.DataFrame) -> dict[str, list[str]]:
+    if "error" not in frame.columns:
+        return {}
+    examples: dict[str, list[str]] = {}
+    for _, row in frame.loc[frame["status"] == "error"].iterrows():
+        kind = error_kind(row["error"])
+        if len(examples.setdefault(kind, [])) < ERROR_EXAMPLES:
+            where = row.get("uri") if isinstance(row.get("uri"), str) else row.get("image_id")
+            examples[kind].append(f"{where}: {row['error']}")
+    return examples
+
+
+def _cox_section(cox: dict[str, Any] | None, columns: dict[str, Any]) -> str:
+    if cox is None:
+        return ('<p class="muted">Not requested: run <code>cxrage report OUTPUT --time-col T --event-col E</code> '
+                "with follow-up columns carried from the manifest.</p>")
+    rows = []
+    for name, model in (("CXR-Age alone", cox["unadjusted"]), ("adjusted", cox["adjusted"])):
+        label = name if name != "adjusted" else "adjusted for " + ", ".join(model["covariates"][1:])
+        rows.append([label, model["hr_per_5y"], model["ci_low"], model["ci_high"], model["p"], model["n"],
+                     model["events"], model.get("error") or "; ".join(model.get("warnings", []))])
+    text = _table(["model", "HR per 5 y CXR-Age", "95% CI low", "95% CI high", "p", "n", "events", "note"],
+                  rows, align="lrrrrrrl")
+    coding = cox["adjusted"].get("sex_coding")
+    note = f" Sex coded {html.escape(json.dumps(coding))}." if coding else ""
+    return (text + f'<p class="muted">Cox proportional hazards (lifelines) on ok rows with '
+            f"<code>{html.escape(str(columns['time']))}</code> / <code>{html.escape(str(columns['event']))}</code>; "
+            f"HR = exp(5·coef), CI = exp(5·(coef ± 1.96·SE)).{note}</p>")
+
+
+def render_html(analysis: dict[str, Any], frame: pd.DataFrame, c: pd.DataFrame) -> str:
+    """The report page for `analysis` (from `analyze`), with plots drawn from the cohort `c`."""
+    a = analysis
+    stats = a["cxr_age"]
+    vs = a["vs_chronological"]
+    prov = a["provenance"]
+    cards = [("rows", a["n_rows"]), ("ok", a["n_ok"]), ("error", a["n_error"]),
+             ("mean CXR-Age", stats["mean"]), ("MAE vs age", vs["mae"] if vs else None),
+             ("Pearson r", vs["pearson_r"] if vs else None)]
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
+        "<title>CXR-Age cohort report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>CXR-Age cohort report</h1>",
+        '<div class="cards">' + "".join(f"<div class='card'>{html.escape(k)}<b>{_fmt(v)}</b></div>"
+                                        for k, v in cards) + "</div>",
+        "<h2>CXR-Age distribution</h2>",
+        _table(["n", "mean", "SD", "median", "min", "max"],
+               [[stats["n"], stats["mean"], stats["sd"], stats["median"], stats["min"], stats["max"]]], align=""),
+        _img(plot_distribution(c), "CXR-Age histogram"),
+        "<h2>CXR-Age vs chronological age</h2>",
+    ]
+    if vs:
+        parts += [_table(["n", "MAE", "Pearson r", "mean gap", "SD gap", "median gap"],
+                         [[vs["n"], vs["mae"], vs["pearson_r"], vs["mean_gap"], vs["sd_gap"], vs["median_gap"]]],
+                         align=""),
+                  _img(plot_scatter(c, vs), "CXR-Age vs chronological age")]
+    else:
+        parts.append('<p class="muted">No chronological ages (neither <code>chronological_age</code> nor a '
+                     "manifest <code>age</code> column has values).</p>")
+    parts += ["<h2>Age gap by sex and view</h2>", _gap_table(a["gap_by_sex"], "sex"),
+              _gap_table(a["gap_by_view"], "view"), _img(plot_gap_boxes(c), "age gap by sex and view"),
+              "<h2>Outcome analysis</h2>", _cox_section(a["cox"], a["columns"]),
+              _img(plot_km(c, str(a["columns"]["time"])), "Kaplan-Meier curves by CXR-Age tertile")]
+    examples = _error_examples(frame)
+    parts += ["<h2>Errors and QC flags</h2>",
+              _table(["error kind", "rows", "examples"],
+                     [[k, n, " | ".join(examples.get(k, []))] for k, n in a["errors_by_kind"].items()],
+                     align="lrl")
+              if a["errors_by_kind"] else "<p>No error rows.</p>",
+              _table(["QC flag", "rows"], [[k, n] for k, n in a["qc_counts"].items()])
+              if a["qc_counts"] else "<p>No QC flags.</p>"]
+    tp = a["throughput"]
+    parts += ["<h2>Throughput and provenance</h2>",
+              _table(["", "value"], [[k, v] for k, v in tp.items()]) if tp else
+              '<p class="muted">No summary.json in OUTPUT.</p>',
+              _table(["", "value"], [
+                  ["weights sha256 (rows)", ", ".join(prov["weights_sha256"]) or None],
+                  ["weights sha256 (summary)", prov["summary_weights_sha256"]],
+                  ["preprocess", ", ".join(prov["preprocess"]) or None],
+                  ["tta", ", ".join(prov["tta"]) or None],
+                  *[[f"settings: {k}", v] for k, v in (prov["settings"] or {}).items()],
+                  *[[f"version: {k}", v] for k, v in (prov["versions"] or {}).items()],
+                  *[[f"report: {k}", v] for k, v in prov["report_versions"].items()],
+              ]),
+              '<p id="render-status" data-status="pending" hidden></p>',
+              f"<script>{_STATUS_SCRIPT}</script></body></html>"]
+    return "\n".join(p for p in parts if p)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def write_report(output: str | Path, *, time_col: str | None = None, event_col: str | None = None,
+                 out_html: str | Path | None = None, out_json: str | Path | None = None) -> dict[str, Any]:
+    """Analyse a scored OUTPUT folder and write `report.html` and `analysis.json` (into OUTPUT by default).
+
+    Args:
+        output: local OUTPUT folder of `cxrage score`.
+        time_col: manifest column with follow-up time (any unit; shown as given) for the Cox models.
+        event_col: manifest column with the event indicator (0/1 or true/false).
+        out_html: where to write the page (default OUTPUT/report.html).
+        out_json: where to write the numbers (default OUTPUT/analysis.json).
+
+    Returns:
+        The analysis dict written to analysis.json.
+
+    Raises:
+        InputError: no Parquet under OUTPUT, a named time/event column is missing or unusable.
+    """
+    paths = ReportPaths(html=Path(out_html or Path(output) / "report.html"),
+                        json=Path(out_json or Path(output) / "analysis.json"))
+    if bool(time_col) != bool(event_col):
+        raise InputError("the outcome analysis needs both --time-col and --event-col")
+    frame = read_scored(output, [c for c in (time_col, event_col) if c])
+    summary = read_summary(output)
+    analysis = analyze(frame, summary, time_col=time_col, event_col=event_col)
+    page = render_html(analysis, frame, cohort(frame, time_col, event_col))
+    paths.json.write_text(json.dumps(analysis, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    paths.html.write_text(page, encoding="utf-8")
+    return analysis

@@ -1,0 +1,241 @@
+"""`cxrage report`: every number in analysis.json recomputed directly (pandas / numpy / scipy / lifelines) from
+the same Parquet, and the page rendered in headless Chromium (screenshot, no console errors)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from lifelines import CoxPHFitter
+from scipy import stats
+
+from conftest import require_tool
+from cxrage_ray.errors import InputError
+from cxrage_ray.report import write_report
+from outputs import EVENT_COL, SCHEMA, TIME_COL, Cohort, simulate, write_scored_output
+
+TRUE_HR = 1.6
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory) -> tuple[Path, dict]:
+    """One realistic scored folder (600 rows, 3 parts, decoys) and its report with the outcome analysis."""
+    root = tmp_path_factory.mktemp("scored")
+    write_scored_output(root, Cohort(hr_per_5y=TRUE_HR))
+    analysis = write_report(root, time_col=TIME_COL, event_col=EVENT_COL)
+    return root, analysis
+
+
+def direct_rows(root: Path) -> pd.DataFrame:
+    """The committed rows as a plain reader sees them: OUTPUT/parts/*.parquet (the decoys live elsewhere)."""
+    return pd.concat([pd.read_parquet(p) for p in sorted((root / "parts").glob("*.parquet"))], ignore_index=True)
+
+
+def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows[(rows["status"] == "ok") & rows["cxr_age"].notna()]
+
+
+def hr5(fitter: CoxPHFitter) -> tuple[float, float, float, float]:
+    s = fitter.summary.loc["cxr_age"]
+    return (math.exp(5 * s["coef"]), math.exp(5 * s["coef lower 95%"]), math.exp(5 * s["coef upper 95%"]),
+            float(s["p"]))
+
+
+def test_counts_errors_and_qc_match_the_parquet(scored):
+    root, a = scored
+    rows = direct_rows(root)
+    assert a["n_rows"] == len(rows) == 600  # decoys under _tmp/ and .staging/ were not read
+    assert a["n_ok"] == int((rows["status"] == "ok").sum())
+    assert a["n_error"] == int((rows["status"] == "error").sum()) > 0
+    kinds = rows.loc[rows["status"] == "error", "error"].str.split(":").str[0].value_counts()
+    assert a["errors_by_kind"] == {k: int(v) for k, v in kinds.items()}
+    assert set(a["errors_by_kind"]) == {"DecodeError", "ReadError", "EmptyFileError", "UnsupportedModalityError"}
+    flags = rows["qc"].dropna().map(lambda f: sorted(set(f))).explode().dropna().value_counts()
+    assert a["qc_counts"] == {k: int(v) for k, v in flags.items()} and a["qc_counts"]
+    on_disk = json.loads((root / "analysis.json").read_text())
+    assert on_disk == a
+
+
+def test_age_statistics_match_numpy_and_scipy(scored):
+    root, a = scored
+    ok = ok_rows(direct_rows(root))
+    cxr, age = ok["cxr_age"].to_numpy(), ok["chronological_age"].to_numpy()
+    assert a["cxr_age"]["n"] == len(ok)
+    assert a["cxr_age"]["mean"] == pytest.approx(cxr.mean(), rel=1e-12)
+    assert a["cxr_age"]["sd"] == pytest.approx(cxr.std(ddof=1), rel=1e-12)
+    assert a["cxr_age"]["median"] == pytest.approx(np.median(cxr), rel=1e-12)
+    assert (a["cxr_age"]["min"], a["cxr_age"]["max"]) == (cxr.min(), cxr.max())
+    vs = a["vs_chronological"]
+    assert vs["n"] == len(ok)
+    assert vs["mae"] == pytest.approx(np.mean(np.abs(cxr - age)), rel=1e-12)
+    assert vs["pearson_r"] == pytest.approx(stats.pearsonr(cxr, age).statistic, rel=1e-10)
+    assert vs["mean_gap"] == pytest.approx(np.mean(cxr - age), rel=1e-12)
+    assert vs["mean_gap"] == pytest.approx(ok["cxr_age_gap"].mean(), rel=1e-12)  # the pipeline's own gap column
+
+
+def test_gap_by_sex_and_view_match_groupby(scored):
+    root, a = scored
+    ok = ok_rows(direct_rows(root)).assign(gap=lambda d: d["cxr_age"] - d["chronological_age"])
+    for key, column in (("gap_by_sex", "patient_sex"), ("gap_by_view", "view_position")):
+        groups = ok.groupby(column)["gap"]
+        expected = groups.agg(["count", "mean", "std", "median"])
+        assert set(a[key]) == set(expected.index) and len(expected) >= 2
+        for label, row in expected.iterrows():
+            got = a[key][label]
+            assert got["n"] == row["count"]
+            assert got["mean_gap"] == pytest.approx(row["mean"], rel=1e-12)
+            assert got["sd_gap"] == pytest.approx(row["std"], rel=1e-12)
+            assert got["median_gap"] == pytest.approx(row["median"], rel=1e-12)
+    # the simulated effect (+2 years for men) shows up
+    assert a["gap_by_sex"]["M"]["mean_gap"] > a["gap_by_sex"]["F"]["mean_gap"]
+
+
+def test_cox_models_match_lifelines_directly(scored):
+    root, a = scored
+    ok = ok_rows(direct_rows(root)).dropna(subset=[TIME_COL, EVENT_COL])
+
+    alone = CoxPHFitter().fit(ok[["cxr_age", TIME_COL, EVENT_COL]], TIME_COL, EVENT_COL)
+    adjusted_data = ok.assign(sex=(ok["patient_sex"] == "M").astype(float))[
+        ["cxr_age", "chronological_age", "sex", TIME_COL, EVENT_COL]]
+    adjusted = CoxPHFitter().fit(adjusted_data, TIME_COL, EVENT_COL)
+
+    for got, fitter in ((a["cox"]["unadjusted"], alone), (a["cox"]["adjusted"], adjusted)):
+        hr, lo, hi, p = hr5(fitter)
+        assert got["hr_per_5y"] == pytest.approx(hr, rel=1e-6)
+        assert got["ci_low"] == pytest.approx(lo, rel=1e-6)
+        assert got["ci_high"] == pytest.approx(hi, rel=1e-6)
+        assert got["p"] == pytest.approx(p, rel=1e-4)
+        assert got["n"] == len(ok) and got["events"] == int(ok[EVENT_COL].sum()) > 50
+        # the CI is exp(5·(coef ± 1.96·se)), as the paper reports it
+        coef, se = fitter.summary.loc["cxr_age", ["coef", "se(coef)"]]
+        assert got["ci_low"] == pytest.approx(math.exp(5 * (coef - 1.96 * se)), rel=1e-4)
+        assert got["ci_high"] == pytest.approx(math.exp(5 * (coef + 1.96 * se)), rel=1e-4)
+        # CXR-Age truly carries hazard here: HR > 1, significant, and its CI covers the simulated HR
+        assert got["hr_per_5y"] > 1 and got["p"] < 1e-3
+        assert got["ci_low"] < TRUE_HR < got["ci_high"]
+    assert a["cox"]["unadjusted"]["covariates"] == ["cxr_age"]
+    assert a["cox"]["adjusted"]["covariates"] == ["cxr_age", "chronological_age", "sex"]
+    assert a["cox"]["adjusted"]["sex_coding"] == {"F": 0, "M": 1}
+
+
+def test_manifest_age_and_sex_columns_are_used_when_the_pipeline_has_none(tmp_path):
+    write_scored_output(tmp_path, Cohort(n=300, seed=3, age_in="age", sex_in="sex", parts=2), summary=False)
+    a = write_report(tmp_path, time_col=TIME_COL, event_col=EVENT_COL)
+    ok = ok_rows(direct_rows(tmp_path))
+    assert ok["chronological_age"].isna().all()  # only the manifest's `age` has ages
+    gap = ok["cxr_age"] - ok["age"]
+    assert a["vs_chronological"]["n"] == len(ok)
+    assert a["vs_chronological"]["mae"] == pytest.approx(gap.abs().mean(), rel=1e-12)
+    assert a["gap_by_sex"]["F"]["mean_gap"] == pytest.approx(gap[ok["sex"] == "F"].mean(), rel=1e-12)
+    assert a["cox"]["adjusted"]["covariates"] == ["cxr_age", "chronological_age", "sex"]
+    assert a["throughput"] is None and a["provenance"]["versions"] is None  # no summary.json
+    assert "No summary.json" in (tmp_path / "report.html").read_text()
+
+
+def test_cohort_without_ages_gives_nulls_and_strict_json(tmp_path):
+    rows = simulate(Cohort(n=40, seed=5)).assign(chronological_age=np.nan, age=np.nan, cxr_age_gap=np.nan)
+    rows.loc[rows.index[1:], "status"] = "error"  # a single ok row: its SD is undefined
+    (tmp_path / "nested" / "deeper").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pandas(rows, schema=SCHEMA, preserve_index=False),
+                   tmp_path / "nested" / "deeper" / "scores.parquet")
+    a = write_report(tmp_path, time_col=None, event_col=None)
+    assert a["n_ok"] == 1 and a["cxr_age"]["n"] == 1 and a["cxr_age"]["sd"] is None
+    assert a["vs_chronological"] is None and a["gap_by_sex"] is None and a["cox"] is None
+
+    def refuse(name):
+        raise AssertionError(f"{name} in analysis.json")
+
+    assert json.loads((tmp_path / "analysis.json").read_text(), parse_constant=refuse) == a
+
+
+def test_input_errors_are_clear(tmp_path):
+    with pytest.raises(InputError, match="no Parquet"):
+        write_report(tmp_path, time_col=None, event_col=None)
+    write_scored_output(tmp_path, Cohort(n=50, parts=1))
+    with pytest.raises(InputError, match="'survival_days'.*available"):
+        write_report(tmp_path, time_col="survival_days", event_col=EVENT_COL)
+    with pytest.raises(InputError, match="both --time-col and --event-col"):
+        write_report(tmp_path, time_col=TIME_COL, event_col=None)
+    with pytest.raises(InputError, match="0/1"):
+        write_report(tmp_path, time_col=TIME_COL, event_col="view_position")
+    assert not (tmp_path / "analysis.json").exists()
+
+
+def test_html_is_self_contained_and_escaped(tmp_path):
+    rows = simulate(Cohort(n=80, seed=7))
+    rows.loc[rows["status"] == "error", "error"] = "DecodeError: <script>alert('x')</script> in name"
+    rows.loc[rows.index[:5], "view_position"] = "<b>PA</b>"
+    (tmp_path / "parts").mkdir()
+    pq.write_table(pa.Table.from_pandas(rows, schema=SCHEMA, preserve_index=False), tmp_path / "parts" / "p.parquet")
+    write_report(tmp_path, time_col=TIME_COL, event_col=EVENT_COL)
+    page = (tmp_path / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert not re.search(r"""url\(\s*["']?\s*(https?:)?//""", page, re.I)
+    images = re.findall(r'<img src="([^"]*)"', page)
+    assert len(images) == 4 and all(i.startswith("data:image/png;base64,") for i in images)
+    assert "<script>alert" not in page and "&lt;script&gt;alert" in page
+    assert "<b>PA</b>" not in page and "&lt;b&gt;PA&lt;/b&gt;" in page
+
+
+# ---------------------------------------------------------------------------------------------- Chromium
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000"]
+
+
+def chromium(page: Path, work: Path, *mode: str) -> subprocess.CompletedProcess:
+    """Run headless Chromium on `page` with a fresh profile; its console messages go to stderr as CONSOLE."""
+    exe = require_tool("chromium")
+    profile = work / f"profile-{len(list(work.glob('profile-*')))}"
+    return subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *mode, page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+
+
+def console_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+
+
+def render(page: Path, work: Path) -> tuple[Path, list[str], str]:
+    """Screenshot + DOM after load: (png, console lines of both runs, the report's render status)."""
+    png = work / "shot.png"
+    shot = chromium(page, work, f"--screenshot={png}", "--window-size=1200,3000")
+    dom = chromium(page, work, "--dump-dom")
+    status = re.search(r'id="render-status" data-status="([^"]*)"', dom.stdout)
+    return png, console_lines(shot.stderr) + console_lines(dom.stderr), status.group(1) if status else "missing"
+
+
+def test_report_renders_in_headless_chromium_without_console_errors(scored, tmp_path):
+    root, _ = scored
+    png, console, status = render(root / "report.html", tmp_path)
+    assert console == []
+    assert status == "ok"  # the inline script ran after load and every plot decoded
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=float)
+    assert pixels.shape == (3000, 1200)
+    assert pixels.std() > 10  # not a blank page
+    assert (pixels < 128).mean() > 0.01  # plots and text, not just a few lines
+
+
+def test_chromium_check_catches_external_loads_and_script_errors(scored, tmp_path):
+    """Negative control: the same check flags a page that reaches outside itself or throws."""
+    root, _ = scored
+    page = tmp_path / "broken.html"
+    html = (root / "report.html").read_text()
+    page.write_text(html.replace("</body>", '<img src="https://example.invalid/x.png">'
+                                            "<script>notDefined();</script></body>"))
+    _, console, status = render(page, tmp_path)
+    text = "\n".join(console)
+    assert "Content Security Policy" in text or "Refused" in text
+    assert "notDefined" in text
+    assert status != "ok"
