@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cxrage_ray.model import build_model, calibrate
-from cxrage_ray.preprocess.fastai import TTAMode, combine_tta, tta_views
+from cxrage_ray.preprocess.fastai import TTAMode, batch_tta_views, combine_tta
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -32,7 +32,8 @@ class PredictorConfig:
         device: "auto" picks CUDA when available, else CPU.
         precision: "auto" is bf16 autocast on GPUs that support it (else fp16) and fp32 on CPU.
         tta: "seed" (centre + 4 corners, the original's composite) or "none" (centre only).
-        batch_size: model views per forward pass (5 views per image with TTA).
+        batch_size: model views per forward pass (5 views per image with TTA); same-shaped pictures
+            are transformed together on the inference device.
         num_threads: torch intra-op threads on CPU; 0 means all cores of this machine. Ray workers start
             with OMP_NUM_THREADS=1, so this must be set explicitly.
     """
@@ -92,11 +93,14 @@ class AgePredictor:
 
     def predict(self, images: Sequence[np.ndarray]) -> Prediction:
         """Score images; returns arrays aligned with `images`."""
-        if not images:
-            empty = np.zeros(0, dtype=np.float64)
-            return Prediction(empty, empty.copy(), empty.copy())
-        views = torch.cat([tta_views(img, self.config.tta, self.device) for img in images])
-        outputs = self._forward(views).view(len(images), -1)
+        n_views = 5 if self.config.tta == "seed" else 1
+        outputs = torch.empty(len(images), n_views, device=self.device)
+        per_chunk = max(1, self.config.batch_size // n_views)
+        for positions in _same_shape_chunks(images, per_chunk):
+            pixels = np.stack([_hwc(images[i]) for i in positions])
+            x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+            views = batch_tta_views(x, self.config.tta)  # (n, V, 3, 224, 224), on the inference device
+            outputs[positions] = self._forward(views.flatten(0, 1)).view(len(positions), n_views)
         if self.config.tta == "seed":
             final, sd = combine_tta(outputs)
             raw_sd = sd.double().cpu().numpy()
@@ -108,12 +112,21 @@ class AgePredictor:
 
     @torch.inference_mode()
     def _forward(self, views: torch.Tensor) -> torch.Tensor:
-        outs = []
-        autocast = self.dtype != torch.float32
-        for start in range(0, len(views), self.config.batch_size):
-            chunk = views[start : start + self.config.batch_size]
-            if self.device.type == "cuda":
-                chunk = chunk.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
-                outs.append(self.model(chunk).float())
-        return torch.cat(outs)[:, 0]
+        if self.device.type == "cuda":
+            views = views.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.model(views).float()[:, 0]
+
+
+def _hwc(image: np.ndarray) -> np.ndarray:
+    if image.dtype != np.uint8 or image.ndim not in (2, 3):
+        raise ValueError(f"expected a uint8 (H, W[, C]) picture, got {image.dtype} {image.shape}")
+    return image[:, :, None] if image.ndim == 2 else image
+
+
+def _same_shape_chunks(images: Sequence[np.ndarray], size: int) -> list[list[int]]:
+    """Positions grouped by picture shape (so each group is one batched transform), at most `size` each."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(_hwc(image).shape, []).append(i)
+    return [pos[k : k + size] for pos in groups.values() for k in range(0, len(pos), size)]

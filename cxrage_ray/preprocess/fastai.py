@@ -49,8 +49,18 @@ def to_unit_tensor(image_u8: np.ndarray, device: torch.device | str = "cpu") -> 
 def fastai_view(
     x: torch.Tensor, size: int = SIZE, zoom: float | None = None, row_pct: float = 0.5, col_pct: float = 0.5
 ) -> torch.Tensor:
-    """One un-normalised view (C, size, size) of x (C, H, W): fastai's resize + optional zoom + crop_pad."""
-    _, h, w = x.shape
+    """Un-normalised view(s) of x: fastai's resize + optional zoom + crop_pad.
+
+    Args:
+        x: (C, H, W) or a batch (N, C, H, W) of same-sized images, float in [0, 1].
+
+    Returns:
+        (C, size, size) or (N, C, size, size). Every operation is per image and per channel, so a batch
+        gives exactly the per-image results.
+    """
+    if x.dim() == 3:
+        return fastai_view(x[None], size, zoom, row_pct, col_pct)[0]
+    n, _, h, w = x.shape
     ratio = min(h / size, w / size)
     ht, wt = int(round(h / ratio)), int(round(w / ratio))  # Python round: half to even, as fastai
     if (ht, wt) != (h, w) or zoom is not None:
@@ -65,9 +75,10 @@ def fastai_view(
         d = min(h / ht, w / wt) / 2  # half the downscale factor
         src = x
         if d > 1 and d > z:  # fastai's area pre-filter before bilinear downsampling
-            src = F.adaptive_avg_pool2d(x[None], (math.floor(h * (1 / d)), math.floor(w * (1 / d))))[0]
-        x = F.grid_sample(src[None], grid, mode="bilinear", padding_mode="reflection", align_corners=True)[0]
-    if tuple(x.shape[1:]) != (size, size):
+            src = F.adaptive_avg_pool2d(x, (math.floor(h * (1 / d)), math.floor(w * (1 / d))))
+        x = F.grid_sample(src, grid.expand(n, -1, -1, -1), mode="bilinear", padding_mode="reflection",
+                          align_corners=True)
+    if tuple(x.shape[2:]) != (size, size):
         x = _crop_pad(x, size, row_pct, col_pct)
     return x
 
@@ -83,14 +94,15 @@ def _resize_grid(ht: int, wt: int, device: torch.device) -> torch.Tensor:
 
 
 def _crop_pad(x: torch.Tensor, size: int, row_pct: float, col_pct: float) -> torch.Tensor:
-    """fastai's `_crop_pad_default` for images at least `size` on both sides."""
-    if min(x.shape[1:]) < size:  # cannot happen after the resize; refuse rather than silently differ
-        raise ValueError(f"image {tuple(x.shape[1:])} smaller than the {size} crop")
+    """fastai's `_crop_pad_default` on the last two dims, for images at least `size` on both sides."""
+    h, w = x.shape[-2:]
+    if min(h, w) < size:  # cannot happen after the resize; refuse rather than silently differ
+        raise ValueError(f"image {(h, w)} smaller than the {size} crop")
     rp = row_pct - 1e-7 if row_pct == 1 else row_pct
     cp = col_pct - 1e-7 if col_pct == 1 else col_pct
-    r = int((x.shape[1] - size + 1) * rp)
-    c = int((x.shape[2] - size + 1) * cp)
-    return x[:, r : r + size, c : c + size].contiguous()
+    r = int((h - size + 1) * rp)
+    c = int((w - size + 1) * cp)
+    return x[..., r : r + size, c : c + size].contiguous()
 
 
 def normalize(views: torch.Tensor) -> torch.Tensor:
@@ -104,11 +116,17 @@ def normalize(views: torch.Tensor) -> torch.Tensor:
 
 def tta_views(image_u8: np.ndarray, tta: TTAMode = "seed", device: torch.device | str = "cpu") -> torch.Tensor:
     """The model inputs for one image: (1 or 5, 3, 224, 224) normalised float32 (centre first)."""
-    x = to_unit_tensor(image_u8, device)
+    return batch_tta_views(to_unit_tensor(image_u8, device)[None], tta)[0]
+
+
+def batch_tta_views(x: torch.Tensor, tta: TTAMode = "seed") -> torch.Tensor:
+    """Same-sized images (N, C, H, W) in [0, 1] -> (N, V, 3, 224, 224), V = 5 with TTA else 1."""
     views = [fastai_view(x)]
     if tta == "seed":
         views += [fastai_view(x, zoom=TTA_ZOOM, row_pct=r, col_pct=c) for r, c in TTA_CORNERS]
-    return normalize(torch.stack(views))
+    n, v = x.shape[0], len(views)
+    stacked = torch.stack(views, dim=1)  # (N, V, C, 224, 224)
+    return normalize(stacked.flatten(0, 1)).view(n, v, 3, SIZE, SIZE)
 
 
 def combine_tta(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

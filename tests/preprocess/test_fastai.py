@@ -127,3 +127,15 @@ def test_combine_tta_by_hand():
 def test_rejects_bad_dtype():
     with pytest.raises(ValueError):
         to_unit_tensor(np.zeros((10, 10), dtype=np.uint16))
+
+
+def test_batched_views_equal_single_views():
+    from cxrage_ray.preprocess.fastai import batch_tta_views
+
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (530, 512, 3), dtype=np.uint8) for _ in range(3)]
+    batch = torch.stack([to_unit_tensor(im) for im in images])
+    views = batch_tta_views(batch, "seed")
+    assert views.shape == (3, 5, 3, 224, 224)
+    for i, im in enumerate(images):
+        assert torch.equal(views[i], tta_views(im, "seed"))
