@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -141,6 +140,32 @@ def test_manifest_age_and_sex_columns_are_used_when_the_pipeline_has_none(tmp_pa
     assert "No summary.json" in (tmp_path / "report.html").read_text()
 
 
+def test_incomplete_follow_up_other_sex_and_boolean_events(tmp_path):
+    """Rows without follow-up leave both models; rows of sex 'O' leave the adjusted model only (noted)."""
+    rows = simulate(Cohort(n=400, seed=11))
+    ok_index = rows.index[rows["status"] == "ok"]
+    rows.loc[ok_index[:7], TIME_COL] = np.nan
+    rows.loc[ok_index[10:22], "patient_sex"] = "O"
+    rows[EVENT_COL] = rows[EVENT_COL].astype(bool)
+    schema = SCHEMA.set(SCHEMA.get_field_index(EVENT_COL), pa.field(EVENT_COL, pa.bool_()))
+    (tmp_path / "parts").mkdir()
+    pq.write_table(pa.Table.from_pandas(rows, schema=schema, preserve_index=False), tmp_path / "parts" / "a.parquet")
+    a = write_report(tmp_path, time_col=TIME_COL, event_col=EVENT_COL)
+
+    ok = ok_rows(direct_rows(tmp_path)).dropna(subset=[TIME_COL]).assign(died=lambda d: d[EVENT_COL].astype(int))
+    alone = CoxPHFitter().fit(ok[["cxr_age", TIME_COL, EVENT_COL]], TIME_COL, EVENT_COL)
+    mf = ok[ok["patient_sex"].isin(["M", "F"])].assign(sex=lambda d: (d["patient_sex"] == "M").astype(float))
+    adjusted = CoxPHFitter().fit(mf[["cxr_age", "chronological_age", "sex", TIME_COL, EVENT_COL]],
+                                 TIME_COL, EVENT_COL)
+    un, adj = a["cox"]["unadjusted"], a["cox"]["adjusted"]
+    assert (un["n"], un["events"]) == (len(ok), int(ok[EVENT_COL].sum()))
+    assert (adj["n"], adj["events"]) == (len(mf), int(mf[EVENT_COL].sum())) and len(mf) == len(ok) - 12
+    assert un["hr_per_5y"] == pytest.approx(hr5(alone)[0], rel=1e-6)
+    assert adj["hr_per_5y"] == pytest.approx(hr5(adjusted)[0], rel=1e-6)
+    assert adj["note"] == "12 row(s) with sex other than M/F left out"
+    assert a["gap_by_sex"]["O"]["n"] == 12
+
+
 def test_cohort_without_ages_gives_nulls_and_strict_json(tmp_path):
     rows = simulate(Cohort(n=40, seed=5)).assign(chronological_age=np.nan, age=np.nan, cxr_age_gap=np.nan)
     rows.loc[rows.index[1:], "status"] = "error"  # a single ok row: its SD is undefined
@@ -176,8 +201,11 @@ def test_html_is_self_contained_and_escaped(tmp_path):
     rows.loc[rows.index[:5], "view_position"] = "<b>PA</b>"
     (tmp_path / "parts").mkdir()
     pq.write_table(pa.Table.from_pandas(rows, schema=SCHEMA, preserve_index=False), tmp_path / "parts" / "p.parquet")
-    write_report(tmp_path, time_col=TIME_COL, event_col=EVENT_COL)
+    a = write_report(tmp_path, time_col=TIME_COL, event_col=EVENT_COL)
     page = (tmp_path / "report.html").read_text()
+    cox = a["cox"]["unadjusted"]
+    assert re.search(rf"<td>{cox['hr_per_5y']:.2f}</td><td>{cox['ci_low']:.2f}</td><td>{cox['ci_high']:.2f}</td>",
+                     page)
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
     assert not re.search(r"""url\(\s*["']?\s*(https?:)?//""", page, re.I)
     images = re.findall(r'<img src="([^"]*)"', page)
