@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from s3_fixtures import s3_server, s3_env  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

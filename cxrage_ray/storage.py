@@ -1,0 +1,342 @@
+"""Storage: the one place that knows about URLs (local paths, file://, s3://, any fsspec protocol).
+
+In:  a URI or local path plus a `StorageConfig` (built once from `--storage-option key=value` flags).
+Out: bytes, listings and writes, with retries + exponential backoff (with jitter) on throttling, 5xx
+     and connection errors; a missing object fails at once with `ReadError("not found: <uri>")`.
+
+Filesystem instances are cached per process by fsspec itself (its instance cache is keyed on the
+protocol and options, and is reset in a forked child), so Ray workers build each one once.
+Credentials never appear in logs or reprs: `StorageConfig` redacts secret-looking option values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import posixpath
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from cxrage_ray.errors import EmptyFileError, ReadError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Protocols that are the local disk (no storage options, atomic writes by rename).
+LOCAL_PROTOCOLS = frozenset({"file", "local"})
+#: Protocols that take `endpoint_url` (the S3-compatible ones s3fs serves).
+S3_PROTOCOLS = frozenset({"s3", "s3a"})
+#: Option names whose values are never shown (s3fs: key/secret/token; others: password, credentials ...).
+_SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential|session", re.IGNORECASE)
+#: HTTP statuses and S3 error codes worth retrying: throttling and server-side trouble.
+_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+    "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed",
+    "500", "502", "503", "504",
+})
+#: errno values fsspec backends use for transient trouble (s3fs maps SlowDown/503 -> EBUSY, 500 -> EREMOTEIO).
+_TRANSIENT_ERRNO = frozenset({
+    errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
+    errno.EPIPE, errno.ENETUNREACH, errno.EHOSTUNREACH, getattr(errno, "EREMOTEIO", errno.EIO),
+})
+#: Exception class names (from botocore / aiohttp / urllib3, matched by name so none is a hard dependency)
+#: that mean the connection, not the request, failed.
+_TRANSIENT_NAMES = frozenset({
+    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+    "ConnectionError", "ProxyConnectionError", "ResponseStreamingError", "IncompleteReadError",
+    "ClientConnectionError", "ClientConnectorError", "ServerDisconnectedError", "ClientPayloadError",
+    "ServerTimeoutError", "FSTimeoutError", "IncompleteRead", "ProtocolError", "HTTPClientError",
+})
+#: Ceiling for one backoff sleep, so a long throttling episode still polls now and then.
+MAX_BACKOFF_S = 30.0
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How to reach remote storage. Built once (CLI / job entrypoint) and passed to every worker.
+
+    Args:
+        options: fsspec storage options as sorted (key, value) pairs, handed to every non-local filesystem
+            (e.g. ``anon=True``, ``requester_pays=True``). A dotted key nests:
+            ``config_kwargs.retries.max_attempts=3`` becomes ``{"config_kwargs": {"retries": {"max_attempts": 3}}}``.
+        endpoint_url: S3 endpoint for s3:// URLs (MinIO, moto, ...); captured from ``AWS_ENDPOINT_URL`` at the
+            CLI so that workers on other nodes, whose environment may lack it, use the same endpoint.
+        retries: retries after the first attempt on transient errors (throttling, 5xx, connection errors).
+        backoff_s: first backoff; doubles each retry, with jitter, capped at `MAX_BACKOFF_S`.
+    """
+
+    options: tuple[tuple[str, Any], ...] = ()
+    endpoint_url: str | None = None
+    retries: int = 5
+    backoff_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.options, Mapping):
+            object.__setattr__(self, "options", tuple(sorted(self.options.items())))
+        else:
+            object.__setattr__(self, "options", tuple(sorted((str(k), v) for k, v in self.options)))
+        if self.retries < 0 or self.backoff_s < 0:
+            raise ValueError("retries and backoff_s must be >= 0")
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[str], **kwargs: Any) -> StorageConfig:
+        """From ``["key=value", ...]`` (the ``--storage-option`` flags); values become bool/int/float when they look so.
+
+        Raises:
+            ValueError: a pair without ``=`` or with an empty key.
+        """
+        options: dict[str, Any] = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ValueError(f"--storage-option expects KEY=VALUE, got {pair!r}")
+            options[key] = _auto_type(value)
+        return cls(options=tuple(options.items()), **kwargs)
+
+    @classmethod
+    def from_env_and_pairs(cls, env: Mapping[str, str], pairs: Iterable[str], **kwargs: Any) -> StorageConfig:
+        """Like `from_pairs`, plus the S3 endpoint from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` in `env`.
+
+        Only the endpoint is captured: credentials stay with the standard AWS chain on each node (environment,
+        instance profile) and never travel inside the config.
+        """
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+        return cls.from_pairs(pairs, endpoint_url=endpoint, **kwargs)
+
+    def fs_options(self, protocol: str) -> dict[str, Any]:
+        """The keyword arguments for `protocol`'s filesystem (nested dicts rebuilt from dotted keys)."""
+        if protocol in LOCAL_PROTOCOLS:
+            return {}
+        kwargs: dict[str, Any] = {}
+        if self.endpoint_url and protocol in S3_PROTOCOLS:
+            kwargs["endpoint_url"] = self.endpoint_url
+        for key, value in self.options:
+            node = kwargs
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return kwargs
+
+    def redacted(self) -> dict[str, Any]:
+        """A loggable view: secret-looking option values replaced by ``"***"``."""
+        return {
+            "options": {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in self.options},
+            "endpoint_url": self.endpoint_url,
+            "retries": self.retries,
+            "backoff_s": self.backoff_s,
+        }
+
+    def __repr__(self) -> str:
+        return f"StorageConfig({self.redacted()})"
+
+
+def _auto_type(value: str) -> Any:
+    low = value.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def protocol_of(url: str) -> str:
+    """``"s3"`` for ``s3://b/k``; ``"file"`` for local paths and ``file://`` URLs."""
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]*)://", url)
+    return match.group(1).lower() if match else "file"
+
+
+def is_local(url: str) -> bool:
+    return protocol_of(url) in LOCAL_PROTOCOLS
+
+
+def filesystem_for(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for a URL or local path; instances come from fsspec's per-process cache."""
+    fs, path = fsspec.core.url_to_fs(url, **storage.fs_options(protocol_of(url)))
+    return fs, path
+
+
+def read_bytes(uri: str, storage: StorageConfig) -> bytes:
+    """The whole object/file at `uri`.
+
+    Raises:
+        ReadError: ``"not found: <uri>"`` for a missing object (no retry), permission errors, or transient
+            errors that outlasted `storage.retries`.
+        EmptyFileError: the object exists but has zero bytes.
+    """
+    fs, path = filesystem_for(uri, storage)
+    # s3fs would first HEAD the object to decide on concurrent range reads (useful only far above image
+    # sizes); one GET per object halves requests and latency at archive scale.
+    kwargs = {"max_concurrency": 1} if protocol_of(uri) in S3_PROTOCOLS else {}
+    data = _with_retries(lambda: fs.cat_file(path, **kwargs), uri, storage, "read")
+    if not data:
+        raise EmptyFileError(f"file is empty (0 bytes): {uri}")
+    return data
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
+    """Write `data` to `uri` so it appears whole or not at all.
+
+    Local: a temporary file in the same folder, fsync'd, then renamed over the target (parents created).
+    Object stores: one PUT (an S3 object becomes visible only when its upload completes).
+    """
+    fs, path = filesystem_for(uri, storage)
+    if isinstance(fs, LocalFileSystem):
+        _write_local_atomic(path, data)
+        return
+    _with_retries(lambda: fs.pipe_file(path, data), uri, storage, "write")
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def exists(uri: str, storage: StorageConfig) -> bool:
+    """True when a file/object or a folder/prefix exists at `uri` (asks the store, not a cached listing)."""
+    fs, path = filesystem_for(uri, storage)
+    fs.invalidate_cache(path)
+    return bool(_with_retries(lambda: fs.exists(path), uri, storage, "check"))
+
+
+def list_files(prefix: str, storage: StorageConfig) -> list[str]:
+    """Every file under `prefix`, recursively, sorted, as full URIs in the style of `prefix`.
+
+    ``s3://b/p`` lists to ``["s3://b/p/x.png", ...]``; a local folder to absolute paths (``file://`` kept
+    when given). A missing prefix lists as ``[]``; a single file lists as itself.
+    """
+    fs, path = filesystem_for(prefix, storage)
+    fs.invalidate_cache(path)  # a listing is done once per job: it must see the store, not a stale cache
+    found = _with_retries(lambda: fs.find(path, withdirs=False), prefix, storage, "list")
+    keep_protocol = "://" in prefix
+    return sorted(fs.unstrip_protocol(p) if keep_protocol else p for p in found)
+
+
+def join_uri(base: str, relative: str) -> str:
+    """Resolve a relative posix path against a folder URI/path (``..`` and ``.`` collapsed)."""
+    relative = relative.replace("\\", "/")
+    proto = protocol_of(base)
+    if "://" in base:
+        head, rest = base.split("://", 1)
+        joined = posixpath.normpath(posixpath.join("/" + rest, relative)).lstrip("/")
+        return f"{head}://{joined}" if proto not in LOCAL_PROTOCOLS else f"{head}:///{joined}"
+    return os.path.normpath(os.path.join(os.path.abspath(base), relative))
+
+
+def parent_uri(uri: str) -> str:
+    """The folder holding `uri` (``s3://b/d/m.csv`` -> ``s3://b/d``; local -> absolute folder path)."""
+    if "://" in uri:
+        head, rest = uri.split("://", 1)
+        return f"{head}://{posixpath.dirname(rest)}"
+    return os.path.dirname(os.path.abspath(uri))
+
+
+# ---------------------------------------------------------------- retries
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: throttling, 5xx, timeouts, connection trouble. Never missing/forbidden objects."""
+    for e in _causes(exc):
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        response = getattr(e, "response", None)
+        if isinstance(response, Mapping):  # botocore ClientError
+            err = response.get("Error", {}) or {}
+            status = (response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode")
+            if err.get("Code") in _TRANSIENT_CODES or status in _TRANSIENT_STATUS:
+                return True
+        status = getattr(e, "status", None) or getattr(e, "status_code", None)
+        if isinstance(status, int) and status in _TRANSIENT_STATUS:
+            return True
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNO:
+            return True
+        if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(e).__mro__):
+            return True
+    return False
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        chain.append(e)
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def backoff_delay(attempt: int, storage: StorageConfig) -> float:
+    """Seconds before retry `attempt` (0-based): backoff_s * 2**attempt, capped, times a jitter in [0.5, 1)."""
+    return min(MAX_BACKOFF_S, storage.backoff_s * (2**attempt)) * (0.5 + random.random() / 2)
+
+
+def _with_retries(op: Callable[[], T], uri: str, storage: StorageConfig, what: str) -> T:
+    """Run `op`, retrying transient failures with backoff.
+
+    Reads, lists and checks fail as `ReadError` (missing and forbidden objects at once, transient errors once
+    `storage.retries` are spent); writes re-raise the backend's own exception.
+    """
+    attempt = 0
+    while True:
+        try:
+            return op()
+        except Exception as e:
+            transient = is_transient(e)
+            if not transient or attempt >= storage.retries:
+                if what == "write":
+                    raise
+                raise _as_read_error(e, uri, what, transient, attempt + 1) from e
+            delay = backoff_delay(attempt, storage)
+            log.warning("transient error on %s %s (%s); retry %d/%d in %.2fs",
+                        what, uri, _short(e), attempt + 1, storage.retries, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
+def _as_read_error(e: Exception, uri: str, what: str, transient: bool, attempts: int) -> ReadError:
+    if isinstance(e, FileNotFoundError):
+        return ReadError(f"not found: {uri}")
+    if isinstance(e, PermissionError):
+        return ReadError(f"permission denied: {uri} ({_short(e)})")
+    if isinstance(e, IsADirectoryError):
+        return ReadError(f"is a folder, not a file: {uri}")
+    if transient:
+        return ReadError(f"could not {what} {uri} after {attempts} attempts (throttled or unreachable): {_short(e)}")
+    return ReadError(f"could not {what} {uri}: {_short(e)}")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
