@@ -1,0 +1,210 @@
+"""Manifest: INPUT (a folder/prefix, or a CSV/Parquet manifest, local or any fsspec URL) -> one row per image.
+
+In:  INPUT and a `StorageConfig`.
+     - A folder/prefix is listed once, recursively. Image-like files are kept (.png .jpg .jpeg .tif .tiff
+       .dcm .dicom .dic, and extension-less files such as DICOM UIDs); hidden files/folders and everything
+       else (.csv, .parquet, .json, .md, .txt, ...) are skipped.
+     - A ``.csv`` / ``.parquet`` manifest needs a ``uri`` column (relative uris are resolved against the
+       manifest's folder); ``image_id`` is optional; every other column is carried through unchanged.
+Out: a pandas DataFrame with ``row_id`` (int64, 0..n-1 in manifest order), ``image_id`` (string, unique),
+     ``uri`` (string, absolute path or URL), then the manifest's extra columns.
+
+Errors a user can cause raise `InputError` with a message that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import re
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cxrage_ray.errors import InputError, ReadError
+from cxrage_ray.storage import (
+    StorageConfig,
+    exists,
+    is_local,
+    join_uri,
+    list_files,
+    parent_uri,
+    protocol_of,
+    read_bytes,
+    write_bytes,
+)
+
+#: Extensions kept when listing a folder (compared lower-case).
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".dic"})
+MANIFEST_EXTENSIONS = (".csv", ".parquet")
+#: Columns the scorer writes; a manifest carrying one would be silently overwritten, so it is refused.
+RESERVED_COLUMNS = ("status", "error", "cxr_age", "raw", "raw_sd", "weights_sha256", "preprocess", "tta", "row_id")
+#: DICOM files are often named by UID ("1.2.840.113619.2.55"): an all-digit suffix is not an extension.
+_NUMERIC_SUFFIX = re.compile(r"^\.\d+$")
+
+
+def build_manifest(input: str, storage: StorageConfig) -> pd.DataFrame:
+    """Rows to score for INPUT (see the module docstring).
+
+    Args:
+        input: folder/prefix, or a ``.csv`` / ``.parquet`` manifest; local path or fsspec URL.
+        storage: how to reach remote storage.
+
+    Raises:
+        InputError: INPUT missing; a folder without images; a manifest that is empty, lacks ``uri``, has blank
+            uris/image_ids, duplicate image_ids, or reserved column names.
+    """
+    if input.lower().endswith(MANIFEST_EXTENSIONS):
+        return _from_manifest_file(input, storage)
+    return _from_folder(input, storage)
+
+
+def write_manifest(df: pd.DataFrame, out_url: str, storage: StorageConfig) -> None:
+    """Write a manifest for reuse as INPUT: Parquet (or CSV when `out_url` ends in .csv), without ``row_id``.
+
+    ``row_id`` is dropped because it is reserved: the manifest read back gets fresh row_ids in the same order.
+    """
+    table_df = df.drop(columns=["row_id"], errors="ignore")
+    if out_url.lower().endswith(".csv"):
+        data = table_df.to_csv(index=False).encode()
+    else:
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(table_df, preserve_index=False), sink, compression="zstd")
+        data = sink.getvalue()
+    write_bytes(out_url, data, storage)
+
+
+# ---------------------------------------------------------------- folder / prefix
+
+
+def is_image_name(relative_path: str) -> bool:
+    """Keep image-like and extension-less files; skip hidden files/folders and anything else."""
+    parts = relative_path.split("/")
+    if any(part.startswith(".") for part in parts):
+        return False
+    suffix = posixpath.splitext(parts[-1])[1].lower()
+    return suffix in IMAGE_EXTENSIONS or suffix == "" or bool(_NUMERIC_SUFFIX.match(suffix))
+
+
+def _from_folder(input: str, storage: StorageConfig) -> pd.DataFrame:
+    files = list_files(input, storage)
+    if not files:
+        if not exists(input, storage):
+            raise InputError(f"input not found: {input}")
+        raise InputError(f"no files under {input}: give a folder/prefix with images or a .csv/.parquet manifest")
+    base = _folder_prefix(input)
+    if not all(f.startswith(base) for f in files):  # INPUT named a single file
+        raise InputError(
+            f"INPUT {input} is a file: give a folder/prefix of images or a manifest ending in .csv/.parquet"
+        )
+    rows = [(f[len(base):], f) for f in files]
+    rows = [(rel, uri) for rel, uri in rows if is_image_name(rel)]
+    if not rows:
+        raise InputError(
+            f"no images in {input}: {len(files)} file(s) found, none with an image extension "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}) or without an extension"
+        )
+    return _finish(pd.DataFrame({"image_id": [r for r, _ in rows], "uri": [u for _, u in rows]}))
+
+
+def _folder_prefix(input: str) -> str:
+    """INPUT as `list_files` spells its results, ending in '/': URLs as given, local paths made absolute."""
+    if "://" in input:
+        return input.rstrip("/") + "/"
+    return os.path.abspath(input).rstrip("/") + "/"
+
+
+# ---------------------------------------------------------------- manifest file
+
+
+def _from_manifest_file(input: str, storage: StorageConfig) -> pd.DataFrame:
+    try:
+        data = read_bytes(input, storage)
+    except ReadError as e:
+        if str(e).startswith("not found"):
+            raise InputError(f"input not found: {input}") from e
+        if "empty" in str(e):
+            raise InputError(f"manifest {input} is empty (0 bytes)") from e
+        raise InputError(f"cannot read manifest {input}: {e}") from e
+    df = _parse(data, input)
+    if "uri" not in df.columns:
+        raise InputError(f"manifest {input} has no `uri` column (columns: {', '.join(map(str, df.columns)) or 'none'})")
+    reserved = [c for c in RESERVED_COLUMNS if c in df.columns]
+    if reserved:
+        raise InputError(
+            f"manifest {input} has column(s) reserved for the output: {', '.join(reserved)}; rename them"
+        )
+    if df.empty:
+        raise InputError(f"manifest {input} has no rows")
+    uris = df["uri"]
+    blank = uris.isna() | (uris.astype("string").str.strip() == "")
+    if blank.any():
+        raise InputError(f"manifest {input}: `uri` is empty in {int(blank.sum())} row(s), e.g. row {_first(blank)}")
+    base = parent_uri(input)
+    resolved = [_resolve(str(u).strip(), base) for u in uris]
+    if "image_id" in df.columns:
+        ids = df["image_id"]
+        blank = ids.isna() | (ids.astype("string").str.strip() == "")
+        if blank.any():
+            raise InputError(
+                f"manifest {input}: `image_id` is empty in {int(blank.sum())} row(s), e.g. row {_first(blank)}; "
+                "fill it in or drop the column to derive ids from uris"
+            )
+        image_ids = [str(v) for v in ids]
+    else:
+        image_ids = [_default_image_id(u, base) for u in resolved]
+    extra = df.drop(columns=[c for c in ("uri", "image_id") if c in df.columns]).reset_index(drop=True)
+    out = pd.DataFrame({"image_id": image_ids, "uri": resolved})
+    return _finish(pd.concat([out, extra], axis=1), source=input)
+
+
+def _parse(data: bytes, input: str) -> pd.DataFrame:
+    try:
+        if input.lower().endswith(".parquet"):
+            return pq.read_table(io.BytesIO(data)).to_pandas()
+        # uri/image_id stay text ("00012" is an id, not the number 12); other columns are inferred as usual
+        return pd.read_csv(io.BytesIO(data), dtype={"uri": str, "image_id": str}, keep_default_na=True)
+    except pd.errors.EmptyDataError as e:
+        raise InputError(f"manifest {input} is empty") from e
+    except Exception as e:  # noqa: BLE001 - any parser failure is the user's file, not our bug
+        raise InputError(f"cannot parse manifest {input}: {type(e).__name__}: {e}") from e
+
+
+def _resolve(uri: str, base: str) -> str:
+    """Absolute URIs and absolute local paths stay; relative ones are joined onto the manifest's folder."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return join_uri(base, uri)
+
+
+def _default_image_id(uri: str, base: str) -> str:
+    """`uri`'s path relative to the manifest's folder when under it, else the uri itself."""
+    prefix = base.rstrip("/") + "/"
+    if protocol_of(uri) == protocol_of(base) and is_local(uri) == is_local(base):
+        candidate = uri
+        if is_local(uri) and "://" in uri:  # file:///x -> /x to compare with a plain local base
+            candidate = "/" + uri.split("://", 1)[1].lstrip("/")
+        if candidate.startswith(prefix):
+            return candidate[len(prefix):]
+    return uri
+
+
+def _first(mask: pd.Series) -> int:
+    return int(mask.to_numpy().nonzero()[0][0])
+
+
+def _finish(df: pd.DataFrame, source: str | None = None) -> pd.DataFrame:
+    """Check ids are unique, type the key columns, prepend row_id."""
+    dup = df["image_id"].duplicated(keep=False)
+    if dup.any():
+        names = list(dict.fromkeys(df.loc[dup, "image_id"]))
+        shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        where = f"manifest {source}" if source else "INPUT"
+        raise InputError(f"{where} has duplicate image_id(s): {shown}; every image_id must be unique")
+    df = df.reset_index(drop=True)
+    df["image_id"] = df["image_id"].astype("string")
+    df["uri"] = df["uri"].astype("string")
+    df.insert(0, "row_id", pd.RangeIndex(len(df)).astype("int64"))
+    return df
