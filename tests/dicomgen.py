@@ -9,6 +9,7 @@ Everything not given gets a plausible default for a chest DX, so a test names on
 
 from __future__ import annotations
 
+import copy
 import io
 from typing import Any
 
@@ -118,12 +119,13 @@ def to_bytes(ds: Dataset, transfer_syntax: str | None = None, *, acr_nema: bool 
     (no preamble, no file meta: the bare implicit VR little endian dataset)."""
     buf = io.BytesIO()
     if acr_nema:
-        ds = ds.copy()
+        ds = copy.deepcopy(ds)
         del ds.file_meta
+        ds.preamble = None
         ds.save_as(buf, implicit_vr=True, little_endian=True, enforce_file_format=False)
         return buf.getvalue()
     if transfer_syntax is not None and transfer_syntax != ds.file_meta.TransferSyntaxUID:
-        ds = ds.copy()
+        ds = copy.deepcopy(ds)
         if transfer_syntax == ExplicitVRBigEndian and ds.BitsAllocated == 16:
             arr = np.frombuffer(ds.PixelData, "<u2")
             ds.PixelData = arr.astype(">u2").tobytes()
@@ -139,7 +141,7 @@ def make_dicom(pixels: np.ndarray, transfer_syntax: str | None = None, **kw: Any
 
 def compressed(ds: Dataset, transfer_syntax: str, **encode_kw: Any) -> bytes:
     """Re-encode a native dataset with pydicom's encoders (RLE, JPEG 2000 via pylibjpeg-openjpeg)."""
-    ds = ds.copy()
+    ds = copy.deepcopy(ds)
     ds.compress(transfer_syntax, **encode_kw)
     return to_bytes(ds)
 

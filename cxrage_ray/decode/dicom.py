@@ -327,16 +327,18 @@ def _parse(data: bytes) -> Any:
     if not has_magic and not looks_like_acr_nema(data):
         raise DecodeError("not a DICOM file: no 'DICM' marker at byte 128 and no ACR-NEMA header")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
-            ds.PixelData if "PixelData" in ds else None  # noqa: B018 - force the (possibly deferred) read
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError, IndexError) as e:
         raise DecodeError(f"unreadable DICOM header or truncated file: {_short(e)}") from None
     except Exception as e:  # pydicom raises assorted types on garbage; never let one escape
         raise DecodeError(f"unreadable DICOM: {type(e).__name__}: {_short(e)}") from None
+    eof = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
+    if eof:
+        raise DecodeError(f"truncated DICOM file: {_short(eof[0].replace(' in file <no filename>', ''))}")
     if len(ds) == 0:
-        raise DecodeError("not a DICOM file: no data elements could be read")
+        raise DecodeError("not a DICOM file or truncated: no data elements could be read")
     if "TransferSyntaxUID" not in ds.file_meta:  # ACR-NEMA: use the encoding the reader detected
         implicit, little = ds.original_encoding
         ds.file_meta.TransferSyntaxUID = (
