@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxrage_ray.errors import InputError, ReadError
+from cxrage_ray.sink import CONTRACT_NAMES
 from cxrage_ray.storage import (
     StorageConfig,
     exists,
@@ -40,7 +41,9 @@ from cxrage_ray.storage import (
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".dic"})
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
 #: Columns the scorer writes; a manifest carrying one would be silently overwritten, so it is refused.
-RESERVED_COLUMNS = ("status", "error", "cxr_age", "raw", "raw_sd", "weights_sha256", "preprocess", "tta", "row_id")
+#: Every output column except the two a manifest provides: a manifest column of the same name would
+#: otherwise be silently replaced by the scorer's value.
+RESERVED_COLUMNS = tuple(c for c in CONTRACT_NAMES if c not in ("image_id", "uri"))
 #: DICOM files are often named by UID ("1.2.840.113619.2.55"): an all-digit suffix is not an extension.
 _NUMERIC_SUFFIX = re.compile(r"^\.\d+$")
 
