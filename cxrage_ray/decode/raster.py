@@ -1,0 +1,236 @@
+"""PNG / JPEG / TIFF bytes -> `DecodedImage` holding what ImageMagick Q16 holds after reading the file.
+
+In:  the file's bytes and `DecodeOptions` (mode "exact" or "fast", max_pixels).
+Out: uint16 (H, W, C) pixels, C = 1 for grey and 3 for colour (palettes expanded), 8-bit samples
+     scaled v -> v*257 and 16-bit samples kept; alpha, when the file has one, as a (H, W) Q16 plane.
+     `meta` is empty except `{"frames": n}` for a TIFF with n > 1 pages (the first page is decoded).
+
+Decoders: Pillow for PNG and JPEG (its libjpeg-turbo "islow" IDCT gives the same samples as IM's reader),
+tifffile for TIFF (Pillow as a fallback), and imagecodecs for 16-bit colour PNGs, which Pillow would
+truncate to 8 bits. The declared size is checked against `max_pixels` from the header, before any
+pixel is decoded; Pillow's own process-wide bomb limit is bypassed (its plugin classes are opened
+directly) so the one limit that applies is the caller's.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+
+from cxrage_ray.decode import FAST_DECODE_MIN_SIDE, DecodedImage, DecodeOptions
+from cxrage_ray.errors import DecodeError, DecompressionBombError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def sniff_format(data: bytes) -> str | None:
+    """"png", "jpeg", "tiff" from the magic bytes, else None (the file name is never trusted)."""
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if data[:4] in TIFF_MAGICS:
+        return "tiff"
+    return None
+
+
+def _check_size(width: int, height: int, options: DecodeOptions) -> None:
+    if width <= 0 or height <= 0:
+        raise DecodeError(f"image declares an empty size {width}x{height}")
+    if width * height > options.max_pixels:
+        raise DecompressionBombError(
+            f"image declares {width}x{height} = {width * height} pixels, above the limit of "
+            f"{options.max_pixels} (raise DecodeOptions.max_pixels if this image is genuine)")
+
+
+def _q16(samples: np.ndarray) -> np.ndarray:
+    """8-bit samples -> Q16 (v*257), 16-bit kept, bool -> 0/65535."""
+    if samples.dtype == np.bool_:
+        return samples.astype(np.uint16) * np.uint16(65535)
+    if samples.dtype == np.uint8:
+        return np.multiply(samples, 257, dtype=np.uint16)
+    if samples.dtype == np.uint16:
+        return samples
+    if samples.dtype.kind in "iu" and samples.size and 0 <= samples.min() and samples.max() <= 65535:
+        return samples.astype(np.uint16)
+    raise DecodeError(f"unsupported sample type {samples.dtype} (expected 1, 8 or 16 bits per sample)")
+
+
+def _split(samples: np.ndarray, has_alpha: bool) -> DecodedImage:
+    """(H, W[, S]) Q16 samples -> DecodedImage with the last sample as alpha when `has_alpha`."""
+    if samples.ndim == 2:
+        samples = samples[:, :, None]
+    if has_alpha:
+        colour, alpha = samples[:, :, :-1], np.ascontiguousarray(samples[:, :, -1])
+    else:
+        colour, alpha = samples, None
+    if colour.shape[2] not in (1, 3):
+        raise DecodeError(f"unsupported number of colour samples: {colour.shape[2]}")
+    return DecodedImage(pixels=np.ascontiguousarray(colour), alpha=alpha)
+
+
+# ---------------------------------------------------------------------------------------------------
+# PNG / JPEG through Pillow
+# ---------------------------------------------------------------------------------------------------
+
+
+def _from_pillow(im) -> DecodedImage:
+    """A loaded Pillow image -> DecodedImage (mode decides grey/colour/alpha)."""
+    mode = im.mode
+    if mode == "P" or (mode in ("L", "RGB", "I;16", "I;16B", "I;16L", "I") and "transparency" in im.info):
+        if mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        elif mode == "L":
+            im = im.convert("LA")
+        elif mode == "RGB":
+            im = im.convert("RGBA")
+        mode = im.mode
+    if mode == "1":
+        im, mode = im.convert("L"), "L"
+    if mode == "CMYK":
+        im, mode = im.convert("RGB"), "RGB"
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im)
+        return _split(_q16(arr.astype(np.uint16) if arr.dtype.kind == "u" else arr), has_alpha=False)
+    if mode not in ("L", "LA", "RGB", "RGBA"):
+        raise DecodeError(f"unsupported Pillow mode {mode!r}")
+    return _split(_q16(np.asarray(im)), has_alpha=mode in ("LA", "RGBA"))
+
+
+def _png_ihdr(data: bytes) -> tuple[int, int, int, int]:
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise DecodeError("truncated or corrupt PNG: no IHDR chunk")
+    width, height, depth, colour_type = struct.unpack(">IIBB", data[16:26])
+    return width, height, depth, colour_type
+
+
+def _decode_png(data: bytes, options: DecodeOptions) -> DecodedImage:
+    width, height, depth, colour_type = _png_ihdr(data)
+    _check_size(width, height, options)
+    if depth == 16 and colour_type in (2, 4, 6):
+        # Pillow keeps only the high byte of 16-bit colour/grey-alpha samples
+        try:
+            import imagecodecs
+        except ImportError as exc:  # optional dependency, needed for this rare case only
+            raise DecodeError("16-bit colour PNG needs the 'imagecodecs' package (pip install imagecodecs)"
+                              ) from exc
+        try:
+            arr = imagecodecs.png_decode(data)
+        except Exception as exc:
+            raise DecodeError(f"corrupt or truncated PNG: {exc}") from exc
+        return _split(_q16(arr), has_alpha=colour_type in (4, 6))
+    from PIL import PngImagePlugin
+
+    return _load_pillow(PngImagePlugin.PngImageFile, data, "PNG", options)
+
+
+def _load_pillow(plugin, data: bytes, label: str, options: DecodeOptions, draft: bool = False) -> DecodedImage:
+    """Open with a Pillow plugin class directly (no process-wide bomb limit), check size, load."""
+    try:
+        im = plugin(io.BytesIO(data))
+    except Exception as exc:  # Pillow raises many types for bad bytes
+        raise DecodeError(f"corrupt {label}: {exc}") from exc
+    _check_size(im.size[0], im.size[1], options)
+    if draft and min(im.size) >= 2 * FAST_DECODE_MIN_SIDE:
+        # DCT scaling by 1/2, 1/4 or 1/8, never leaving the short side below FAST_DECODE_MIN_SIDE
+        im.draft(im.mode, (FAST_DECODE_MIN_SIDE, FAST_DECODE_MIN_SIDE))
+    try:
+        im.load()
+        return _from_pillow(im)
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError(f"corrupt or truncated {label}: {exc}") from exc
+
+
+def _decode_jpeg(data: bytes, options: DecodeOptions) -> DecodedImage:
+    from PIL import JpegImagePlugin
+
+    return _load_pillow(JpegImagePlugin.JpegImageFile, data, "JPEG", options, draft=options.mode == "fast")
+
+
+# ---------------------------------------------------------------------------------------------------
+# TIFF through tifffile
+# ---------------------------------------------------------------------------------------------------
+
+
+def _decode_tiff(data: bytes, options: DecodeOptions) -> DecodedImage:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            frames = len(tif.pages)
+            page = tif.pages[0]
+            height, width = int(page.imagelength), int(page.imagewidth)
+            _check_size(width, height, options)
+            photometric = int(page.photometric)
+            extra = tuple(int(e) for e in (page.extrasamples or ()))
+            colormap = page.colormap
+            try:
+                arr = page.asarray()
+            except (ValueError, NotImplementedError, KeyError, ImportError) as exc:
+                if "imagecodecs" not in str(exc):
+                    raise
+                arr = None  # a compression tifffile cannot decode without imagecodecs: try Pillow
+    except (DecodeError, DecompressionBombError):
+        raise
+    except Exception as exc:
+        raise DecodeError(f"corrupt or truncated TIFF: {exc}") from exc
+    if arr is None:
+        from PIL import TiffImagePlugin
+
+        image = _load_pillow(TiffImagePlugin.TiffImageFile, data, "TIFF", options)
+    else:
+        image = _tiff_samples(arr, photometric, extra, colormap)
+    if frames > 1:
+        image.meta["frames"] = frames
+    return image
+
+
+def _tiff_samples(arr: np.ndarray, photometric: int, extra: tuple[int, ...], colormap) -> DecodedImage:
+    """tifffile's first-page array -> DecodedImage, following IM's reading of the photometric tag."""
+    if arr.ndim == 3 and arr.shape[0] in (1, 2, 3, 4) and arr.shape[-1] > 4:  # planar -> contiguous
+        arr = np.moveaxis(arr, 0, -1)
+    if photometric == 3:  # palette: 16-bit colormap entries are Q16 values already
+        if colormap is None:
+            raise DecodeError("palette TIFF without a colour map")
+        cmap = np.asarray(colormap, dtype=np.uint16)
+        if cmap.max() <= 255:
+            cmap = cmap * np.uint16(257)
+        return DecodedImage(pixels=np.ascontiguousarray(cmap.T[arr.astype(np.intp)]))
+    if photometric not in (0, 1, 2):
+        raise DecodeError(f"unsupported TIFF photometric interpretation {photometric} (need grey, RGB or palette)")
+    samples = _q16(arr)
+    if photometric == 0:  # MinIsWhite: IM inverts the grey samples
+        if samples.ndim == 2:
+            samples = 65535 - samples
+        else:
+            samples = samples.copy()
+            samples[..., 0] = 65535 - samples[..., 0]
+    has_alpha = bool(extra) and samples.ndim == 3 and samples.shape[2] in (2, 4)
+    if samples.ndim == 3 and not has_alpha and samples.shape[2] in (2, 4):
+        samples = samples[:, :, : samples.shape[2] - 1]  # unspecified extra sample: not alpha
+    return _split(samples, has_alpha)
+
+
+def decode_raster(data: bytes, options: DecodeOptions = DecodeOptions()) -> DecodedImage:
+    """Decode PNG, JPEG or TIFF bytes (see the module docstring).
+
+    Raises:
+        DecodeError: empty, unknown, corrupt or truncated bytes, or an unsupported sample layout.
+        DecompressionBombError: the header declares more than `options.max_pixels` pixels.
+    """
+    if not data:
+        raise DecodeError("file is empty (0 bytes)")
+    kind = sniff_format(data)
+    if kind == "png":
+        return _decode_png(data, options)
+    if kind == "jpeg":
+        return _decode_jpeg(data, options)
+    if kind == "tiff":
+        return _decode_tiff(data, options)
+    raise DecodeError(f"not a PNG, JPEG or TIFF file (starts with {data[:8]!r})")
