@@ -158,19 +158,23 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 def convert_to_safetensors(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> str:
     """Write the CXR-Age state dict of any supported checkpoint `src` to ``.safetensors`` at `dst`.
 
-    The optimizer state is dropped; the model tensors are bit-identical. The file is written next to
-    `dst` and renamed into place, so `dst` is never half-written.
+    The optimizer state is dropped; the model tensors are bit-identical; the source's sha256 is kept in
+    the header metadata (``source_sha256``). The output is deterministic (same source, same bytes). The
+    file is written next to `dst` and renamed into place, so `dst` is never half-written.
 
     Returns:
         The sha256 of the written `dst`.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state_dict = load_state_dict(src)
     dst = Path(dst).expanduser()
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
-    metadata = {"format": "pt", "model": "cxr-age", "source_sha256": sha256_file(src)}
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
+    # One metadata key only: safetensors writes the metadata map in hash order, so with several keys
+    # converting the same checkpoint twice would give files with different sha256s.
+    metadata = {"source_sha256": sha256_file(src)}
+    # serialised in memory and written with open(), so the file gets the usual umask permissions
+    tmp.write_bytes(save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata))
     os.replace(tmp, dst)
     return sha256_file(dst)

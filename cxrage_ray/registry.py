@@ -193,6 +193,13 @@ def _download(url: str, part: Path, spec: WeightsSpec, progress: bool) -> "hashl
             mode = "ab"
         else:  # the server ignored the Range header: start over
             offset, mode = 0, "wb"
+        length = response.headers.get("Content-Length")
+        if length is not None and length.isdigit() and offset + int(length) != spec.size:
+            # a wrong file (an HTML error page, another model): refuse before downloading it
+            raise WeightsError(
+                f"{url} serves {offset + int(length):,} bytes, but {spec.id} has {spec.size:,}; check the URL "
+                "(or mirror)"
+            )
         with open(part, mode) as out, tqdm(total=spec.size, initial=offset, unit="B", unit_scale=True,
                                            desc=spec.file, disable=not progress, file=sys.stderr) as bar:
             written = offset
@@ -203,6 +210,8 @@ def _download(url: str, part: Path, spec: WeightsSpec, progress: bool) -> "hashl
                 out.write(chunk)
                 digest.update(chunk)
                 bar.update(len(chunk))
+        if written < spec.size:  # http.client may end a cut-off body quietly instead of raising
+            raise ConnectionError(f"the connection closed after {written:,} of {spec.size:,} bytes")
     return digest
 
 
@@ -240,9 +249,10 @@ def fetch_weights(spec: WeightsSpec, dest_dir: Path, progress: bool = True, url:
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         # HTTP errors, refused/reset connections, timeouts, a body cut short, a malformed URL
         have = part.stat().st_size if part.exists() else 0
+        kept = (f" {have:,} of {spec.size:,} bytes are in {part} and the next `cxrage weights fetch` resumes "
+                "from there." if have else "")
         raise WeightsError(
-            f"downloading {url} failed ({type(exc).__name__}: {exc}); {have:,} of {spec.size:,} bytes are in "
-            f"{part} and the next `cxrage weights fetch` resumes from there.\n" + how_to_obtain(spec, dest_dir)
+            f"downloading {url} failed ({type(exc).__name__}: {exc}).{kept}\n" + how_to_obtain(spec, dest_dir)
         ) from exc
     size = part.stat().st_size
     if size != spec.size or digest.hexdigest() != spec.sha256:

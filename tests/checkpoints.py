@@ -26,7 +26,7 @@ OPT_STATE_ENTRIES = 110
 
 
 @functools.lru_cache(maxsize=4)
-def _random_state_dict(seed: int) -> tuple[tuple[str, torch.Tensor], ...]:
+def _random_state_dict(seed: int) -> tuple[tuple[tuple[str, torch.Tensor], ...], dict]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = CXRAgeNet()  # torchvision's kaiming-normal convs; default Linear init in the head
@@ -50,15 +50,20 @@ def _random_state_dict(seed: int) -> tuple[tuple[str, torch.Tensor], ...]:
         for module in net.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = 0.1
-    return tuple((k, v.detach().clone()) for k, v in net.state_dict().items())
+    state_dict = net.state_dict()
+    return tuple((k, v.detach().clone()) for k, v in state_dict.items()), state_dict._metadata
 
 
 def random_state_dict(seed: int) -> OrderedDict[str, torch.Tensor]:
     """A seeded random CXR-Age state dict (237 keys) whose eval-mode outputs are O(1).
 
-    Deterministic per seed; each call returns fresh tensors (callers may modify them).
+    Deterministic per seed; each call returns fresh tensors (callers may modify them). Like
+    `nn.Module.state_dict()`, it carries the `_metadata` attribute, which torch.save pickles too.
     """
-    return OrderedDict((k, v.clone()) for k, v in _random_state_dict(seed))
+    items, metadata = _random_state_dict(seed)
+    state_dict = OrderedDict((k, v.clone()) for k, v in items)
+    state_dict._metadata = OrderedDict((k, dict(v)) for k, v in metadata.items())
+    return state_dict
 
 
 def _opt_param_keys(state_dict: dict[str, torch.Tensor]) -> list[list[str | None]]:
@@ -136,6 +141,8 @@ def save_fastai_checkpoint(path: str | os.PathLike[str], state_dict: dict[str, t
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = OrderedDict(state_dict)
+    if hasattr(state_dict, "_metadata"):  # as in a real `module.state_dict()`: pickled through a BUILD
+        model._metadata = state_dict._metadata
     obj = {"model": model, "opt": _adam_state_dict(model, legacy)} if with_opt else model
     torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
     return path

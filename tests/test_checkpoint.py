@@ -101,6 +101,8 @@ def test_safetensors_conversion_round_trip(state_dict, published_like, tmp_path)
 
     with safe_open(str(dst), "pt") as f:
         assert f.metadata()["source_sha256"] == sha256_file(published_like)
+    # deterministic: converting again gives the same bytes (the sha256 is recorded with every output row)
+    assert convert_to_safetensors(published_like, tmp_path / "again.safetensors") == sha
     # a safetensors file is recognised by its header even without the extension
     renamed = tmp_path / "weights.bin"
     dst.rename(renamed)
