@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16/fp16 autocast on GPU, fp32 on CPU")
     s.add_argument("--batch-size", type=int, default=64, help="model views per forward pass")
+    s.add_argument("--saliency", metavar="DIR", help="write a saliency map per film as DIR/<stem>.png (local or s3://)")
+    s.add_argument("--saliency-method", choices=["grad", "gradcam"], default="grad",
+                   help="grad: the original's input-gradient map; gradcam: Grad-CAM on the last conv stage")
     s.add_argument("--csv", help="also write the original tool's CSV (File, SD_Prediction, CXR_Age)")
     s.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
                    help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray)")
@@ -109,7 +112,9 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from cxrage_ray.decode import DecodeOptions
     from cxrage_ray.pipeline import score
     from cxrage_ray.predict import PredictorConfig
+    from cxrage_ray.stages import SaliencySettings
 
+    storage = _storage(args, env)
     weights = args.weights
     if weights == "demo":
         weights = str(_demo_weights(_weights_home(env)))
@@ -118,13 +123,14 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         output=args.output,
         weights=weights,
         allow_fetch=not args.no_fetch,
-        storage=_storage(args, env),
+        storage=storage,
         decode=DecodeOptions(mode=args.decode, allow_any_modality=args.allow_any_modality,
                              patient_id_salt=args.keep_patient_id),
         preprocess=args.preprocess,
         predictor=PredictorConfig(device=args.device, precision=args.precision, tta=args.tta,
                                   batch_size=args.batch_size),
         ray=RayConfig(address=args.ray_address, num_cpus=args.num_cpus, predict_actors=args.predict_actors),
+        saliency=SaliencySettings(args.saliency, args.saliency_method, storage) if args.saliency else None,
         csv=args.csv,
         overwrite=args.overwrite,
         progress=not args.no_progress,

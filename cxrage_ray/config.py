@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from cxrage_ray.decode import DecodeOptions
 from cxrage_ray.predict import PredictorConfig
-from cxrage_ray.stages import PreprocessMode
+from cxrage_ray.stages import PreprocessMode, SaliencySettings
 from cxrage_ray.storage import StorageConfig
 
 
@@ -53,6 +53,7 @@ class ScoreConfig:
     predictor: PredictorConfig = PredictorConfig()
     orient: object = None
     ray: RayConfig = RayConfig()
+    saliency: SaliencySettings | None = None
     csv: str | None = None
     part_rows: int = 10_000
     overwrite: bool = False

@@ -97,7 +97,7 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
         .map_batches(
             PredictStage,
             fn_constructor_kwargs={"state_dict_ref": [ray.put(state_dict)], "predictor_config": cfg.predictor,
-                                   "labels": labels},
+                                   "labels": labels, "saliency": cfg.saliency},
             batch_format="pandas",
             batch_size=max(1, cfg.predictor.batch_size // (5 if cfg.predictor.tta == "seed" else 1)),
             compute=actors,

@@ -96,8 +96,8 @@ class AgePredictor:
         n_views = 5 if self.config.tta == "seed" else 1
         outputs = torch.empty(len(images), n_views, device=self.device)
         per_chunk = max(1, self.config.batch_size // n_views)
-        for positions in _same_shape_chunks(images, per_chunk):
-            pixels = np.stack([_hwc(images[i]) for i in positions])
+        for positions in same_shape_chunks(images, per_chunk):
+            pixels = np.stack([as_hwc(images[i]) for i in positions])
             x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div_(255)
             views = batch_tta_views(x, self.config.tta)  # (n, V, 3, 224, 224), on the inference device
             outputs[positions] = self._forward(views.flatten(0, 1)).view(len(positions), n_views)
@@ -118,15 +118,15 @@ class AgePredictor:
             return self.model(views).float()[:, 0]
 
 
-def _hwc(image: np.ndarray) -> np.ndarray:
+def as_hwc(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise ValueError(f"expected a uint8 (H, W[, C]) picture, got {image.dtype} {image.shape}")
     return image[:, :, None] if image.ndim == 2 else image
 
 
-def _same_shape_chunks(images: Sequence[np.ndarray], size: int) -> list[list[int]]:
+def same_shape_chunks(images: Sequence[np.ndarray], size: int) -> list[list[int]]:
     """Positions grouped by picture shape (so each group is one batched transform), at most `size` each."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
-        groups.setdefault(_hwc(image).shape, []).append(i)
+        groups.setdefault(as_hwc(image).shape, []).append(i)
     return [pos[k : k + size] for pos in groups.values() for k in range(0, len(pos), size)]

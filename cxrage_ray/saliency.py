@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cxrage_ray.predict import _hwc, _same_shape_chunks
+from cxrage_ray.predict import as_hwc, same_shape_chunks
 from cxrage_ray.preprocess.fastai import SIZE, batch_tta_views
 
 SaliencyMethod = Literal["grad", "gradcam"]
@@ -150,7 +150,7 @@ def blend_like_original(saliency: np.ndarray, picture_u8: np.ndarray, lut: np.nd
     Returns:
         uint8 (H, W, 3).
     """
-    film = _hwc(picture_u8)
+    film = as_hwc(picture_u8)
     h, w = film.shape[:2]
     scaled = np.asarray(saliency, dtype=np.float32) * np.float32(255)
     heat_l = Image.fromarray(uint8_like_x86(scaled)).resize((w, h), Image.Resampling.BILINEAR)
@@ -196,8 +196,8 @@ class SaliencyMaker:
         """The 224×224 float32 maps of the pictures' centre views, aligned with `pictures`."""
         compute = input_gradient_saliency if self.method == "grad" else gradcam
         out: list[np.ndarray | None] = [None] * len(pictures)
-        for positions in _same_shape_chunks(pictures, self.batch_size):
-            pixels = np.stack([_hwc(pictures[i]) for i in positions])
+        for positions in same_shape_chunks(pictures, self.batch_size):
+            pixels = np.stack([as_hwc(pictures[i]) for i in positions])
             x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div_(255)
             centre = batch_tta_views(x, "none")[:, 0]  # (n, 3, 224, 224), the score's centre pass
             for i, m in zip(positions, compute(self.model, centre, device=self.device)):

@@ -49,6 +49,7 @@ CONTRACT_FIELDS: list[pa.Field] = [
     pa.field("study_date", pa.string()),
     pa.field("frames", pa.int64()),
     pa.field("patient_id_hash", pa.string()),
+    pa.field("saliency_uri", pa.string()),
 ]
 CONTRACT_NAMES = [f.name for f in CONTRACT_FIELDS]
 PARTS_DIR = "parts"

@@ -134,6 +134,15 @@ def unpack_picture(row: pd.Series) -> np.ndarray:
     )
 
 
+@dataclass(frozen=True)
+class SaliencySettings:
+    """Where and how to write saliency maps (`--saliency DIR --saliency-method grad|gradcam`)."""
+
+    directory: str
+    method: Literal["grad", "gradcam"] = "grad"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
 class PredictStage:
     """Ray Data actor: prepared rows -> scored rows. Loads the model once per actor.
 
@@ -142,9 +151,11 @@ class PredictStage:
             list so Ray does not resolve it eagerly on the driver.
         predictor_config: `PredictorConfig`.
         labels: constant columns for every row (weights_sha256, preprocess, tta, decode).
+        saliency: write a saliency map per scored film, computed in batches on the same model.
     """
 
-    def __init__(self, state_dict_ref: list, predictor_config, labels: dict[str, str]):
+    def __init__(self, state_dict_ref: list, predictor_config, labels: dict[str, str],
+                 saliency: SaliencySettings | None = None):
         from cxrage_ray.predict import AgePredictor
 
         state_dict = state_dict_ref[0]
@@ -154,12 +165,44 @@ class PredictStage:
             state_dict = ray.get(state_dict)
         self.predictor = AgePredictor(state_dict, predictor_config)
         self.labels = labels
+        self.saliency = saliency
+        self.saliency_maker = None
+        if saliency is not None:
+            from cxrage_ray.saliency import SaliencyMaker
+
+            self.saliency_maker = SaliencyMaker(self.predictor.model, saliency.method)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return score_prepared(batch, self.predictor, self.labels)
+        scored = score_prepared(batch.copy(), self.predictor, self.labels, drop_pixels=False)
+        if self.saliency is not None:
+            write_saliency(scored, self.saliency_maker, self.saliency)
+        return scored.drop(columns=PIXEL_COLUMNS)
 
 
-def score_prepared(batch: pd.DataFrame, predictor, labels: dict[str, str]) -> pd.DataFrame:
+def write_saliency(batch: pd.DataFrame, maker, settings: SaliencySettings) -> None:
+    """Blend and write `DIR/<image_id stem>.png` for the ok rows; sets `saliency_uri` (null if it failed).
+
+    Runs after scoring, on the same model in eval mode, so the scores of the run are unchanged.
+    """
+    from cxrage_ray.export import png_name
+    from cxrage_ray.storage import write_bytes
+
+    batch["saliency_uri"] = None
+    ok = np.flatnonzero((batch["status"] == "ok").to_numpy())
+    if len(ok) == 0:
+        return
+    pngs = maker([unpack_picture(batch.iloc[i]) for i in ok])
+    column = batch.columns.get_loc("saliency_uri")
+    for i, png in zip(ok, pngs):
+        uri = f"{settings.directory.rstrip('/')}/{png_name(str(batch.iloc[i]['image_id']))}"
+        try:
+            write_bytes(uri, png, settings.storage)
+            batch.iloc[i, column] = uri
+        except Exception as exc:  # a map that cannot be written must not cost the row its score
+            log.warning("saliency map for row %s not written: %s", batch.iloc[i]["row_id"], type(exc).__name__)
+
+
+def score_prepared(batch: pd.DataFrame, predictor, labels: dict[str, str], drop_pixels: bool = True) -> pd.DataFrame:
     """Score the ok rows of a prepared batch; a failing batch is retried row by row to isolate the bad one."""
     batch = batch.copy()
     for name in ("cxr_age", "raw", "raw_sd", "cxr_age_gap"):
@@ -179,7 +222,7 @@ def score_prepared(batch: pd.DataFrame, predictor, labels: dict[str, str]) -> pd
         batch["cxr_age_gap"] = batch["cxr_age"] - age
     for key, value in labels.items():
         batch[key] = value
-    return batch.drop(columns=PIXEL_COLUMNS)
+    return batch.drop(columns=PIXEL_COLUMNS) if drop_pixels else batch
 
 
 def _score_rows(batch: pd.DataFrame, positions: np.ndarray, predictor) -> None:

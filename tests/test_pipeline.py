@@ -148,3 +148,24 @@ def test_changed_settings_refuse_to_mix_results(ray_local, archive, weights, tmp
 def test_missing_input_is_a_usage_error(tmp_path, weights, capsys):
     assert main(["score", str(tmp_path / "nope"), str(tmp_path / "o"), "--weights", str(weights)]) == EXIT_USAGE
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["grad", "gradcam"])
+def test_saliency_maps_written_and_scores_unchanged(ray_local, archive, weights, tmp_path, method):
+    pd.DataFrame({"uri": ["a.png", "sub/b.jpg", "empty.png"]}).to_csv(archive / "sal.csv", index=False)
+    base = ["score", str(archive / "sal.csv"), "--weights", str(weights), "--no-progress", "--tta", "none"]
+    main([base[0], base[1], str(tmp_path / "plain"), *base[2:]])
+    sal_dir = tmp_path / "maps"
+    main([base[0], base[1], str(tmp_path / "sal"), *base[2:], "--saliency", str(sal_dir),
+          "--saliency-method", method])
+    plain, with_maps = _read(tmp_path / "plain"), _read(tmp_path / "sal")
+    pd.testing.assert_series_equal(plain["raw"], with_maps["raw"])
+    maps = with_maps.set_index("image_id")["saliency_uri"]
+    assert pd.isna(maps["empty.png"])
+    for image_id in ("a.png", "sub/b.jpg"):
+        path = sal_dir / (image_id.rsplit(".", 1)[0] + ".png")
+        assert maps[image_id] == str(path)
+        picture = seed_chain(decode_image((archive / image_id).read_bytes(), image_id))
+        with Image.open(path) as im:
+            assert im.mode == "RGB" and im.size == (picture.shape[1], picture.shape[0])
+            assert np.asarray(im).std() > 0
