@@ -1,0 +1,279 @@
+"""Orientation stage: rotation lists, DICOM Patient Orientation, the committed classifier on real films, qc flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxrage_ray.errors import InputError
+from cxrage_ray.orient import (
+    QC_BLANK,
+    QC_LATERAL,
+    QC_ORIENTATION_UNCERTAIN,
+    QC_PAEDIATRIC,
+    OrientationClassifier,
+    OrientConfig,
+    dicom_is_lateral,
+    dicom_orientation,
+    dicom_orientation_hint,
+    is_blank,
+    load_rotation_list,
+    lookup_rotation,
+    orient,
+    orient_batch,
+)
+
+#: Films of the committed weights' patient-disjoint validation split (never trained on): 6 frontal, 2 lateral.
+REAL_FRONTAL = [
+    "images/nih_00002578_000.png",
+    "images/nih_00021508_000.png",  # AP
+    "images/ieee_covid-19-pneumonia-53.jpg",
+    "images/ieee_16691_1_1.jpg",  # AP supine
+    "images/ieee_1-s2.0-S0085253820303616-gr1_lrg-a.png",
+    "images/ieee_000010-5.jpg",  # 499 px: upscaled by the seed chain
+]
+REAL_LATERAL = ["images/ieee_16646_1_2.jpg", "images/ieee_cavitating-pneumonia-4-day0-L.jpg"]
+
+AUTO = OrientConfig(mode="auto")
+
+
+@pytest.fixture(scope="module")
+def classifier() -> OrientationClassifier:
+    return OrientationClassifier.load()  # the committed weights, through importlib.resources
+
+
+@pytest.fixture(scope="module")
+def real_films(cxr_sample: Path) -> dict[str, np.ndarray]:
+    """Seed-chain pictures of the chosen real films (the same path `cxrage score` takes)."""
+    from cxrage_ray.decode import decode_image
+    from cxrage_ray.preprocess.seed_chain import seed_chain
+
+    return {f: seed_chain(decode_image((cxr_sample / f).read_bytes(), f)) for f in REAL_FRONTAL + REAL_LATERAL}
+
+
+def synthetic_film(h: int = 96, w: int = 80, channels: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return rng.integers(0, 256, size=(h, w, channels), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------- rotation list
+
+
+def test_original_list_format_means_rotate_90_clockwise() -> None:
+    table = load_rotation_list("File\nimg_001.png\n\n# comment\nsub/dir/img_002.png\n")
+    assert table == {"img_001.png": 90, "img_002.png": 90}
+
+
+def test_file_degrees_format_normalises_to_0_90_180_270(tmp_path: Path) -> None:
+    path = tmp_path / "rot.csv"
+    path.write_text("file,degrees\na.png,90\nb.png,-90\nc.tif,180\nd.png,270\ne.png,0\nf.png,360\nC:\\x\\g.png,-270\n")
+    table = load_rotation_list(path)
+    assert table == {"a.png": 90, "b.png": 270, "c.tif": 180, "d.png": 270, "e.png": 0, "f.png": 0, "g.png": 90}
+    assert load_rotation_list(str(path)) == table  # a str without a newline is a path
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "what"),
+    [
+        ("file,degrees\na.png,90\nb.png,45\n", 3, "multiple of 90"),
+        ("a.png,ninety\n", 1, "number"),
+        ("a.png\nb.png,90,extra\n", 2, "fields"),
+        ("a.png,90\n ,90\n", 2, "empty file name"),
+        ("a.png,90\nx/a.png,180\n", 2, "different rotation"),
+    ],
+)
+def test_malformed_lines_name_their_line(text: str, line: int, what: str) -> None:
+    with pytest.raises(InputError, match=f"line {line}: .*{what}"):
+        load_rotation_list(text)
+
+
+def test_missing_list_file_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="cannot be read"):
+        load_rotation_list(tmp_path / "nope.csv")
+
+
+def test_lookup_by_file_name_image_id_and_stem() -> None:
+    table = {"x.png": 90, "scan-7": 180, "y.png": 270}
+    assert lookup_rotation(table, "id-1", "s3://bucket/a/x.png") == 90
+    assert lookup_rotation(table, "scan-7", "/data/other.dcm") == 180
+    assert lookup_rotation(table, None, "/raw/y.tif") == 270  # the original listed its PNGs; we read the TIFF
+    assert lookup_rotation(table, "z", "/raw/z.png") is None
+
+
+def test_list_correction_is_mogrify_rotate_90() -> None:
+    film = synthetic_film()
+    config = OrientConfig(mode="list", rotation_list=load_rotation_list("scan.png\n"), use_view_model=False)
+    result = orient(film, image_id="1", uri="/in/scan.png", meta=None, chronological_age=50, config=config)
+    assert np.array_equal(result.image, np.rot90(film, k=-1))  # `mogrify -rotate 90`: clockwise, lossless
+    assert (result.orientation, result.rotation_source) == (270, "list")  # it lay 90° counter-clockwise
+    other = orient(film, image_id="2", uri="/in/other.png", meta=None, chronological_age=50, config=config)
+    assert (other.orientation, other.rotation_source) == (0, "none") and np.array_equal(other.image, film)
+
+
+def test_mode_off_never_rotates_and_list_mode_needs_a_list() -> None:
+    film = synthetic_film()
+    config = OrientConfig(mode="off", rotation_list={"scan.png": 90}, use_view_model=False)
+    meta = {"patient_orientation": "H\\L"}
+    result = orient(film, image_id="1", uri="scan.png", meta=meta, chronological_age=None, config=config)
+    assert (result.orientation, result.rotation_source) == (0, "none") and np.array_equal(result.image, film)
+    with pytest.raises(InputError, match="rotation-list"):
+        OrientConfig(mode="list")
+    with pytest.raises(InputError, match="auto, list or off"):
+        OrientConfig(mode="sideways")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------- DICOM hints
+
+
+@pytest.mark.parametrize(
+    ("value", "rotation", "mirrored", "lateral"),
+    [
+        ("L\\F", 0, False, False),  # upright PA/AP as displayed
+        ("H\\L", 90, False, False),
+        ("R\\H", 180, False, False),
+        ("F\\R", 270, False, False),
+        ("R\\F", 0, True, False),  # patient's left on the image's left
+        ("L\\H", 180, True, False),  # vertical flip = 180° + left-right flip
+        ("P\\F", 0, False, True),  # lateral: facing either way is normal
+        ("A\\F", 0, False, True),
+        ("H\\A", 90, False, True),
+        (["F", "L"], 270, True, False),  # a sequence, as pydicom's MultiValue
+        ("LF\\F", 0, False, False),  # compound: the principal direction comes first
+    ],
+)
+def test_patient_orientation_decoding(value, rotation: int, mirrored: bool, lateral: bool) -> None:
+    found = dicom_orientation({"patient_orientation": value})
+    assert found is not None and (found.rotation, found.mirrored, found.lateral) == (rotation, mirrored, lateral)
+    assert dicom_orientation_hint({"patient_orientation": value}) == rotation
+
+
+@pytest.mark.parametrize("value", [None, "", "A\\L", "L\\R", "F\\H", "X\\Y", "L", "L\\F\\H"])
+def test_unusable_patient_orientation_gives_no_hint(value) -> None:
+    assert dicom_orientation_hint({"patient_orientation": value}) is None
+    assert dicom_orientation_hint({}) is None
+
+
+def _orientation_of(coords: np.ndarray) -> str:
+    """Patient Orientation of a turned/flipped copy of an upright L\\F picture, read off its pixel coordinates
+    (coords[..., 0] = upright row, [..., 1] = upright column): independent of the code under test."""
+
+    def direction(a, b) -> str:
+        d_row, d_col = b[0] - a[0], b[1] - a[1]
+        return {(1, 0): "F", (-1, 0): "H", (0, 1): "L", (0, -1): "R"}[(int(np.sign(d_row)), int(np.sign(d_col)))]
+
+    return direction(coords[0, 0], coords[0, 1]) + "\\" + direction(coords[0, 0], coords[1, 0])
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3])
+@pytest.mark.parametrize("flip", [False, True])
+def test_dicom_correction_restores_upright_pixels_exactly(turns: int, flip: bool) -> None:
+    upright = synthetic_film(6, 5, 3)
+    coords = np.stack(np.meshgrid(np.arange(6), np.arange(5), indexing="ij"), axis=-1)
+    stored, stored_coords = upright, coords
+    if flip:
+        stored, stored_coords = np.fliplr(stored), np.fliplr(stored_coords)
+    stored, stored_coords = np.rot90(stored, k=-turns), np.rot90(stored_coords, k=-turns)
+    meta = {"patient_orientation": _orientation_of(stored_coords), "view_position": "PA"}
+    config = OrientConfig(mode="auto", use_view_model=False)
+    result = orient(stored, image_id="d", uri="d.dcm", meta=meta, chronological_age=None, config=config)
+    assert result.rotation_source == "dicom"
+    assert result.orientation == 90 * turns  # a flip is undone separately and not counted as rotation
+    assert result.mirrored == flip
+    assert np.array_equal(result.image, upright)
+
+
+def test_dicom_lateral_from_view_position_or_orientation() -> None:
+    assert dicom_is_lateral({"view_position": "LL"}) and dicom_is_lateral({"view_position": "lateral"})
+    assert dicom_is_lateral({"patient_orientation": "P\\F"})
+    assert not dicom_is_lateral({"view_position": "PA", "patient_orientation": "L\\F"})
+    assert not dicom_is_lateral({"view_position": "RLD"})  # decubitus is a frontal projection
+    assert not dicom_is_lateral({})
+
+
+# ------------------------------------------------------------------------------------------- the classifier
+
+
+def test_committed_weights_are_small_and_carry_their_figures(classifier: OrientationClassifier) -> None:
+    from importlib.resources import files
+
+    blob = files("cxrage_ray.weights_data") / "orientation.safetensors"
+    assert blob.is_file() and len(blob.read_bytes()) < 1_000_000
+    validation = json.loads(classifier.metadata["validation"])
+    # 62/63 validation films (the miss: an 11-year-old's portable AP); see ORIENTATION_MODEL_CARD.md
+    assert validation["rotation_accuracy"] >= 0.98 and validation["view_accuracy"] >= 0.95
+    assert set(REAL_FRONTAL + REAL_LATERAL) <= set(json.loads(classifier.metadata["validation_files"]))
+
+
+def test_classifier_detects_each_quarter_turn_of_real_films(real_films, classifier) -> None:
+    films = list(real_films.items())
+    for k in range(4):
+        turned = [np.ascontiguousarray(np.rot90(pic, k=-k)) for _, pic in films]
+        results = orient_batch(
+            turned,
+            image_ids=[name for name, _ in films],
+            uris=[name for name, _ in films],
+            metas=[{} for _ in films],
+            chronological_ages=[50.0 for _ in films],
+            config=AUTO,
+            classifiers=classifier,
+        )
+        for (name, upright), result in zip(films, results):
+            assert (result.orientation, result.rotation_source) == (90 * k, "model"), name
+            assert np.array_equal(result.image, upright), name  # correction restores the exact pixels
+            assert (QC_LATERAL in result.qc) == (name in REAL_LATERAL), (name, result.qc)
+            assert QC_ORIENTATION_UNCERTAIN not in result.qc
+
+
+def test_single_orient_matches_batch_and_uses_packaged_weights_by_default(real_films) -> None:
+    name = REAL_FRONTAL[0]
+    turned = np.rot90(real_films[name], k=-1)
+    result = orient(turned, image_id=name, uri=name, meta={}, chronological_age=None, config=AUTO)
+    assert (result.orientation, result.rotation_source, result.qc) == (90, "model", [])
+
+
+def test_list_and_dicom_take_precedence_over_the_model(real_films, classifier) -> None:
+    upright = real_films[REAL_FRONTAL[1]]
+    turned = np.rot90(upright, k=-1)  # lying at 90° clockwise: the list says "rotate 270° clockwise"
+    config = OrientConfig(mode="auto", rotation_list={"f.png": 270})
+    result = orient(turned, image_id="f", uri="f.png", meta={}, chronological_age=None, config=config, classifiers=classifier)
+    assert (result.orientation, result.rotation_source) == (90, "list") and np.array_equal(result.image, upright)
+    meta = {"patient_orientation": "H\\L"}
+    result = orient(turned, image_id="g", uri="g.dcm", meta=meta, chronological_age=None, config=AUTO, classifiers=classifier)
+    assert (result.orientation, result.rotation_source) == (90, "dicom") and np.array_equal(result.image, upright)
+
+
+# ------------------------------------------------------------------------------------------- qc flags
+
+
+def test_blank_flag_on_uniform_and_noise_only_pictures(real_films) -> None:
+    uniform = np.full((512, 640, 1), 128, np.uint8)
+    # a flat film the seed chain auto-levelled: its pixel noise stretched to the full 0..255 range
+    noise = np.random.default_rng(3).normal(128, 40, size=(512, 512, 1)).clip(0, 255).astype(np.uint8)
+    assert is_blank(uniform) and is_blank(noise)
+    assert not any(is_blank(pic) for pic in real_films.values())
+    config = OrientConfig(mode="off", use_view_model=False)
+    result = orient(uniform, image_id="b", uri="b.png", meta={}, chronological_age=None, config=config)
+    assert result.qc == [QC_BLANK]
+
+
+def test_qc_lateral_from_dicom_and_paediatric_age_and_skip() -> None:
+    film = synthetic_film(64, 64, 1) // 2 + np.tile(np.arange(64, dtype=np.uint8)[:, None, None] * 2, (1, 64, 1))
+    config = OrientConfig(mode="off", use_view_model=False, skip_flagged=True)
+    meta = {"view_position": "LL"}
+    kid = orient(film, image_id="k", uri="k.dcm", meta=meta, chronological_age=9.5, config=config)
+    assert kid.qc == [QC_LATERAL, QC_PAEDIATRIC] and kid.skip
+    adult = orient(film, image_id="a", uri="a.dcm", meta={"view_position": "PA"}, chronological_age=18.0, config=config)
+    assert adult.qc == [] and not adult.skip
+    unknown = orient(film, image_id="u", uri="u.png", meta=None, chronological_age=float("nan"), config=config)
+    assert QC_PAEDIATRIC not in unknown.qc
+
+
+def test_orientation_uncertain_below_threshold(real_films, classifier) -> None:
+    strict = OrientConfig(mode="auto", uncertain_threshold=1.01)  # no probability reaches it
+    film = real_films[REAL_FRONTAL[2]]
+    result = orient(film, image_id="x", uri="x.png", meta={}, chronological_age=None, config=strict, classifiers=classifier)
+    assert result.rotation_source == "model" and QC_ORIENTATION_UNCERTAIN in result.qc
+    assert np.array_equal(result.image, film)  # still turned to the most likely orientation (upright here)
