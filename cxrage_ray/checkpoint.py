@@ -103,13 +103,25 @@ def _load_pickled(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
     except UnsafeCheckpointError:
         raise
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError, OSError,
-            zipfile.BadZipFile, AttributeError, TypeError, IndexError) as exc:
+    except RuntimeError as exc:
+        if "pickle_module" not in str(exc):
+            raise WeightsError(_unreadable(path, exc)) from exc
+        # TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes torch refuse any custom unpickler, ours included
         raise WeightsError(
-            f"{path} could not be read as a torch checkpoint ({type(exc).__name__}: {exc}). Expected a fastai "
-            "`learn.save` .pth, a torch.save'd state dict, or a .safetensors file; the file may be truncated — "
-            "compare its size and sha256 with the registry (`cxrage weights fetch` re-downloads the published one)."
+            f"{path}: torch refused the restricted unpickler ({exc}); unset TORCH_FORCE_WEIGHTS_ONLY_LOAD, or "
+            "convert the checkpoint elsewhere with `cxrage weights convert SRC DST.safetensors`"
         ) from exc
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, OSError,
+            zipfile.BadZipFile, AttributeError, TypeError, IndexError) as exc:
+        raise WeightsError(_unreadable(path, exc)) from exc
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    return (
+        f"{path} could not be read as a torch checkpoint ({type(exc).__name__}: {exc}). Expected a fastai "
+        "`learn.save` .pth, a torch.save'd state dict, or a .safetensors file; the file may be truncated — "
+        "compare its size and sha256 with the registry (`cxrage weights fetch` re-downloads the published one)."
+    )
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
