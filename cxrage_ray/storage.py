@@ -169,7 +169,12 @@ def is_local(url: str) -> bool:
 
 
 def filesystem_for(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path within it) for a URL or local path; instances come from fsspec's per-process cache."""
+    """(filesystem, path within it) for a URL or local path; instances come from fsspec's per-process cache.
+
+    Local paths are made absolute and normalised (`../x` -> `/abs/x`), so listings and prefixes compare.
+    """
+    if "://" not in url:
+        url = os.path.abspath(url)
     fs, path = fsspec.core.url_to_fs(url, **storage.fs_options(protocol_of(url)))
     return fs, path
 

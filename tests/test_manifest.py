@@ -283,3 +283,13 @@ def test_s3_manifest_errors(s3_env):
     s3_env.put(f"s3://{bucket}/dup.csv", b"uri,image_id\na.png,same\nb.png,same\n")
     with pytest.raises(InputError, match="duplicate image_id\\(s\\): 'same'"):
         build_manifest(f"s3://{bucket}/dup.csv", cfg)
+
+
+def test_relative_folder_with_dotdot(tmp_path, monkeypatch):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"x")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    df = build_manifest("../imgs", StorageConfig())
+    assert df["image_id"].tolist() == ["a.png"]
+    assert df["uri"].tolist() == [str(tmp_path / "imgs" / "a.png")]
