@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray)")
     s.add_argument("--num-cpus", type=int, help="logical CPUs for the embedded local Ray")
     s.add_argument("--predict-actors", type=int, default=1, help="predictor actors when running on CPU")
+    s.add_argument("--rotation", choices=["auto", "list", "off"], default="auto",
+                   help="auto: rotation list, then DICOM orientation, then our orientation model; list: the list only")
+    s.add_argument("--rotation-list", metavar="CSV",
+                   help="the original's list (one file name per line = rotate 90 clockwise) or `file,degrees`")
+    s.add_argument("--skip-flagged", action="store_true",
+                   help="do not score films with QC flags (lateral, blank, paediatric, orientation_uncertain)")
     s.add_argument("--keep-patient-id", metavar="SALT",
                    help="add patient_id_hash = sha256(SALT + PatientID) for DICOM rows (never the raw ID)")
     s.add_argument("--overwrite", action="store_true", help="discard results of a different job in OUTPUT")
@@ -112,6 +118,7 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from cxrage_ray.decode import DecodeOptions
     from cxrage_ray.pipeline import score
     from cxrage_ray.predict import PredictorConfig
+    from cxrage_ray.orient import OrientConfig, load_rotation_list
     from cxrage_ray.stages import SaliencySettings
 
     storage = _storage(args, env)
@@ -130,6 +137,8 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         predictor=PredictorConfig(device=args.device, precision=args.precision, tta=args.tta,
                                   batch_size=args.batch_size),
         ray=RayConfig(address=args.ray_address, num_cpus=args.num_cpus, predict_actors=args.predict_actors),
+        orient=OrientConfig(mode=args.rotation, skip_flagged=args.skip_flagged,
+                            rotation_list=load_rotation_list(args.rotation_list) if args.rotation_list else None),
         saliency=SaliencySettings(args.saliency, args.saliency_method, storage) if args.saliency else None,
         csv=args.csv,
         overwrite=args.overwrite,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cxrage_ray.decode import DecodeOptions
+from cxrage_ray.orient import OrientConfig
 from cxrage_ray.predict import PredictorConfig
 from cxrage_ray.stages import PreprocessMode, SaliencySettings
 from cxrage_ray.storage import StorageConfig
@@ -51,7 +52,7 @@ class ScoreConfig:
     decode: DecodeOptions = DecodeOptions()
     preprocess: PreprocessMode = "seed"
     predictor: PredictorConfig = PredictorConfig()
-    orient: object = None
+    orient: OrientConfig | None = None
     ray: RayConfig = RayConfig()
     saliency: SaliencySettings | None = None
     csv: str | None = None

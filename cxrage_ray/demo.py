@@ -9,35 +9,48 @@ benchmarks, sensitivity figures). Its ages carry no meaning, and it is used only
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
 
 
-def demo_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+def demo_state_dict(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
     """Default-initialised network whose BatchNorm running statistics match its own activations.
 
     Random init alone leaves BN running stats at (0, 1), so activations explode through 36 conv layers;
-    a few train-mode passes over smooth random images set the statistics so the raw output is O(1).
+    train-mode passes over smooth random images set every BN's statistics to its own activations', so
+    the eval-mode network is normalised layer by layer and the raw output is O(1). Deterministic per seed
+    and independent of the caller's global RNG state.
     """
     from cxrage_ray.model import CXRAgeNet
 
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = CXRAgeNet()
-    for module in net.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the calibration passes
-    net.train()
-    with torch.no_grad():
-        for _ in range(3):
-            noise = torch.rand(8, 1, 28, 28, generator=generator)
-            images = nn.functional.interpolate(noise, size=224, mode="bilinear", align_corners=False)
-            net((images.expand(-1, 3, -1, -1) - 0.45) / 0.226)
-    net.eval()
-    return {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = CXRAgeNet()  # torchvision's kaiming-normal convs; default Linear init in the head
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in net.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    # non-trivial affine parameters so that round-trip tests compare real values
+                    module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=generator))
+                    module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
+                    module.reset_running_stats()
+                    module.momentum = None  # cumulative average over the passes below
+            net.train()
+            for _ in range(2):
+                noise = torch.rand(6, 3, 14, 14, generator=generator)
+                images = nn.functional.interpolate(noise, size=224, mode="bicubic", align_corners=False)
+                net((images - 0.45) / 0.226)
+        net.eval()
+        for module in net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = 0.1
+    state_dict = net.state_dict()
+    for key, value in state_dict.items():
+        state_dict[key] = value.detach().clone()
+    return state_dict
 
 
 def write_demo_checkpoint(path: Path, seed: int = 0) -> Path:

@@ -33,6 +33,10 @@ class DecompressionBombError(DecodeError):
     """The declared image size is absurd (likely malicious or corrupt)."""
 
 
+class FlaggedSkipped(CxrAgeError):
+    """The film carries QC flags and `--skip-flagged` was given: not scored, on purpose."""
+
+
 class WeightsError(CxrAgeError):
     """Weights are missing, fail sha256 verification, or are not a CXR-Age checkpoint."""
 

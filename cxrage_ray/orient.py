@@ -453,6 +453,7 @@ class OrientResult:
         qc: flags, in a fixed order: lateral, blank, paediatric, orientation_uncertain.
         mirrored: a left-right flip was undone too (DICOM Patient Orientation only).
         skip: the config says flagged rows are not scored and this row has a flag.
+        applied: the clockwise rotation actually undone (0 when an uncertain model verdict was not applied).
     """
 
     image: np.ndarray
@@ -461,6 +462,24 @@ class OrientResult:
     qc: list[str] = field(default_factory=list)
     mirrored: bool = False
     skip: bool = False
+    applied: int = 0
+
+    @property
+    def corrects(self) -> bool:
+        """True when the picture was turned or flipped."""
+        return bool(self.applied) or self.mirrored
+
+
+def correct_orientation(array: np.ndarray, applied: int, mirrored: bool) -> np.ndarray:
+    """Undo a clockwise rotation (and a mirror) of an (H, W[, C]) array: the same operation `orient` applies.
+
+    Used on the decoded film too, so the correction happens before the seed chain and a corrected film is
+    pixel-identical to its upright original.
+    """
+    corrected = np.rot90(array, k=applied // 90)  # counter-clockwise by the detected clockwise rotation
+    if mirrored:
+        corrected = np.fliplr(corrected)
+    return np.ascontiguousarray(corrected)
 
 
 def is_blank(image_u8: np.ndarray) -> bool:
@@ -510,9 +529,10 @@ def orient(
         rotation, source = prediction.rotation, "model"
         uncertain = prediction.confidence < config.uncertain_threshold
 
-    corrected = np.rot90(image, k=rotation // 90)  # counter-clockwise by the detected clockwise rotation
-    if mirrored:
-        corrected = np.fliplr(corrected)
+    # an uncertain model verdict is reported (orientation + qc flag) but not applied: turning an upright
+    # film on a guess would corrupt its score, leaving a rotated one as it is only flags it
+    applied = 0 if uncertain else rotation
+    corrected = correct_orientation(image, applied, mirrored)
 
     lateral = dicom_is_lateral(meta) or (prediction is not None and prediction.lateral_prob > config.lateral_threshold)
     if lateral:
@@ -524,12 +544,13 @@ def orient(
     if uncertain:
         qc.append(QC_ORIENTATION_UNCERTAIN)
     return OrientResult(
-        image=np.ascontiguousarray(corrected),
+        image=corrected,
         orientation=int(rotation),
         rotation_source=source,  # type: ignore[arg-type]
         qc=qc,
         mirrored=mirrored,
         skip=config.skip_flagged and bool(qc),
+        applied=applied,
     )
 
 

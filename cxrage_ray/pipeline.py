@@ -102,9 +102,21 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
             batch_size=max(1, cfg.predictor.batch_size // (5 if cfg.predictor.tta == "seed" else 1)),
             compute=actors,
             num_gpus=1 if gpus else 0,
-            num_cpus=1,
+            num_cpus=1 if gpus else _cpu_predictor_cpus(),
         )
     )
+
+
+def _cpu_predictor_cpus() -> float:
+    """Logical CPUs a CPU predictor actor reserves.
+
+    It runs torch on several threads, so it asks for 2 where the cluster has room; the request must also
+    differ from the prepare tasks' 1 CPU, or Ray Data fuses both stages into the actor and decode then runs
+    serially inside inference.
+    """
+    import ray
+
+    return 2 if ray.cluster_resources().get("CPU", 0) >= 4 else 0.5
 
 
 def _gpus_for_inference(cfg: ScoreConfig) -> int:

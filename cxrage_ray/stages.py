@@ -19,8 +19,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from cxrage_ray.decode import DecodeOptions, decode_image, is_dicom
-from cxrage_ray.errors import CxrAgeError, DecodeError, error_text
+from cxrage_ray.decode import DecodedImage, DecodeOptions, decode_image, is_dicom
+from cxrage_ray.errors import CxrAgeError, DecodeError, FlaggedSkipped, error_text
 from cxrage_ray.storage import StorageConfig, read_bytes
 
 log = logging.getLogger(__name__)
@@ -49,23 +49,30 @@ class PrepareSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def picture_from_bytes(data: bytes, name: str, settings: PrepareSettings) -> tuple[np.ndarray, dict[str, Any]]:
-    """bytes -> (uint8 (H, W, C) picture the model's transform reads, metadata)."""
-    from cxrage_ray.preprocess.seed_chain import seed_chain
+def picture_from_bytes(data: bytes, name: str, settings: PrepareSettings) -> tuple[np.ndarray, DecodedImage | None]:
+    """bytes -> (uint8 (H, W, C) picture the model's transform reads, the decoded film it came from).
 
+    The decoded film is None for `--preprocess none` raster inputs, which are the picture already.
+    """
     if settings.preprocess == "none" and not is_dicom(data, name):
         # the original tool's inputs: fastai's open_image = PIL open + convert('RGB')
         from PIL import Image
 
         try:
             with Image.open(io.BytesIO(data)) as im:
-                return np.asarray(im.convert("RGB")), {}
+                return np.asarray(im.convert("RGB")), None
         except Exception as exc:  # Pillow raises many types for bad bytes
             raise DecodeError(f"not a readable image: {exc}") from exc
     decoded = decode_image(data, name, settings.decode)
+    return _picture(decoded, settings), decoded
+
+
+def _picture(decoded: DecodedImage, settings: PrepareSettings) -> np.ndarray:
+    from cxrage_ray.preprocess.seed_chain import seed_chain
+
     if settings.preprocess == "none":  # a DICOM fed as-is: its 8-bit dcmj2pnm picture
-        return (decoded.pixels // 257).astype(np.uint8), decoded.meta
-    return seed_chain(decoded), decoded.meta
+        return (decoded.pixels // 257).astype(np.uint8)
+    return seed_chain(decoded)
 
 
 def _chronological_age(meta: dict[str, Any], row: pd.Series, age_column: str | None) -> float | None:
@@ -80,14 +87,17 @@ def _chronological_age(meta: dict[str, Any], row: pd.Series, age_column: str | N
 
 def prepare_row(row: pd.Series, settings: PrepareSettings) -> dict[str, Any]:
     """One manifest row -> one prepared row (never raises)."""
-    out: dict[str, Any] = {"status": "ok", "error": None, "pixels": b"", "height": 0, "width": 0, "channels": 0}
+    # every key present in every row, with one type per column, so Ray never falls back to pickled objects
+    out: dict[str, Any] = {"status": "ok", "error": None, "pixels": b"", "height": 0, "width": 0, "channels": 0,
+                           "orientation": None, "rotation_source": None, "qc": []}
     meta: dict[str, Any] = {}
     try:
         data = read_bytes(row["uri"], settings.storage)
-        picture, meta = picture_from_bytes(data, str(row["uri"]), settings)
+        picture, decoded = picture_from_bytes(data, str(row["uri"]), settings)
+        meta = decoded.meta if decoded is not None else {}
         out["chronological_age"] = _chronological_age(meta, row, settings.age_column)
         if settings.orient is not None:
-            picture = _apply_orientation(picture, row, meta, out, settings)
+            picture = _apply_orientation(picture, decoded, row, out, settings)
         if picture.ndim == 2:
             picture = picture[:, :, None]
         out.update(
@@ -107,19 +117,29 @@ def prepare_row(row: pd.Series, settings: PrepareSettings) -> dict[str, Any]:
     return out
 
 
-def _apply_orientation(picture, row, meta, out, settings) -> np.ndarray:
-    from cxrage_ray.orient import orient
+def _apply_orientation(picture: np.ndarray, decoded: DecodedImage | None, row: pd.Series, out: dict[str, Any],
+                       settings: PrepareSettings) -> np.ndarray:
+    """Detect on the seed-chain picture; correct the decoded film and rerun the chain (rare: turned films).
 
-    result = orient(
-        picture,
-        image_id=str(row["image_id"]),
-        uri=str(row["uri"]),
-        meta=meta,
-        chronological_age=out.get("chronological_age"),
-        config=settings.orient,
-    )
+    Correcting before the chain, as issue 5 asks, makes a corrected film's picture identical to its upright
+    original's (the chain's trim and separable resize are not rotation-symmetric).
+    """
+    from cxrage_ray.orient import correct_orientation, orient
+
+    meta = decoded.meta if decoded is not None else {}
+    result = orient(picture, image_id=str(row["image_id"]), uri=str(row["uri"]), meta=meta,
+                    chronological_age=out.get("chronological_age"), config=settings.orient)
     out.update(orientation=result.orientation, rotation_source=result.rotation_source, qc=list(result.qc))
-    return result.image
+    if result.skip:
+        raise FlaggedSkipped(f"not scored because of --skip-flagged (qc: {', '.join(result.qc)})")
+    if not result.corrects or decoded is None:
+        return result.image
+    upright = DecodedImage(
+        pixels=correct_orientation(decoded.pixels, result.applied, result.mirrored),
+        alpha=None if decoded.alpha is None else correct_orientation(decoded.alpha, result.applied, result.mirrored),
+        meta=decoded.meta,
+    )
+    return _picture(upright, settings)
 
 
 def prepare_batch(batch: pd.DataFrame, settings: PrepareSettings) -> pd.DataFrame:

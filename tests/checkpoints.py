@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from cxrage_ray.model import CXRAgeNet
+from cxrage_ray.demo import demo_state_dict
 
 # Adam state for 108 body params + BN1d(1024) weight/bias (spec §2.3: stale fastai layer groups).
 OPT_GROUP_SIZES = (16, 32, 20, 40, 2, 6)
@@ -27,31 +26,8 @@ OPT_STATE_ENTRIES = 110
 
 @functools.lru_cache(maxsize=4)
 def _random_state_dict(seed: int) -> tuple[tuple[tuple[str, torch.Tensor], ...], dict]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = CXRAgeNet()  # torchvision's kaiming-normal convs; default Linear init in the head
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for module in net.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    # non-trivial affine parameters so that round-trip tests compare real values
-                    module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=generator))
-                    module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
-                    module.reset_running_stats()
-                    module.momentum = None  # cumulative average over the passes below
-            # Train-mode passes over smooth random images set every BN's running statistics to its own
-            # activations' statistics, so the eval-mode network is normalised layer by layer.
-            net.train()
-            for _ in range(2):
-                noise = torch.rand(6, 3, 14, 14, generator=generator)
-                images = nn.functional.interpolate(noise, size=224, mode="bicubic", align_corners=False)
-                net((images - 0.45) / 0.226)
-        net.eval()
-        for module in net.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.momentum = 0.1
-    state_dict = net.state_dict()
-    return tuple((k, v.detach().clone()) for k, v in state_dict.items()), state_dict._metadata
+    state_dict = demo_state_dict(seed)
+    return tuple(state_dict.items()), state_dict._metadata
 
 
 def random_state_dict(seed: int) -> OrderedDict[str, torch.Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 
 import numpy as np
@@ -70,7 +69,8 @@ def _read(out) -> pd.DataFrame:
 
 def test_score_folder_end_to_end(ray_local, archive, weights, tmp_path):
     out, csv = tmp_path / "out", tmp_path / "orig.csv"
-    code = main(["score", str(archive), str(out), "--weights", str(weights), "--no-progress", "--csv", str(csv)])
+    code = main(["score", str(archive), str(out), "--weights", str(weights), "--no-progress", "--csv", str(csv),
+                 "--rotation", "off"])
     assert code == EXIT_ROW_ERRORS  # two bad files -> error rows, job finished
     df = _read(out)
     n_files = sum(1 for p in archive.rglob("*") if p.is_file())
@@ -102,7 +102,8 @@ def test_score_folder_end_to_end(ray_local, archive, weights, tmp_path):
 
 def test_rerun_resumes_without_duplicates(ray_local, archive, weights, tmp_path):
     out = tmp_path / "out"
-    args = ["score", str(archive), str(out), "--weights", str(weights), "--no-progress", "--tta", "none"]
+    args = ["score", str(archive), str(out), "--weights", str(weights), "--no-progress", "--tta", "none",
+            "--rotation", "off"]
     main(args)
     first = _read(out)
     # simulate an interruption that lost the last part: drop half the rows from the committed part
@@ -153,7 +154,8 @@ def test_missing_input_is_a_usage_error(tmp_path, weights, capsys):
 @pytest.mark.parametrize("method", ["grad", "gradcam"])
 def test_saliency_maps_written_and_scores_unchanged(ray_local, archive, weights, tmp_path, method):
     pd.DataFrame({"uri": ["a.png", "sub/b.jpg", "empty.png"]}).to_csv(archive / "sal.csv", index=False)
-    base = ["score", str(archive / "sal.csv"), "--weights", str(weights), "--no-progress", "--tta", "none"]
+    base = ["score", str(archive / "sal.csv"), "--weights", str(weights), "--no-progress", "--tta", "none",
+            "--rotation", "off"]
     main([base[0], base[1], str(tmp_path / "plain"), *base[2:]])
     sal_dir = tmp_path / "maps"
     main([base[0], base[1], str(tmp_path / "sal"), *base[2:], "--saliency", str(sal_dir),
@@ -169,3 +171,44 @@ def test_saliency_maps_written_and_scores_unchanged(ray_local, archive, weights,
         with Image.open(path) as im:
             assert im.mode == "RGB" and im.size == (picture.shape[1], picture.shape[0])
             assert np.asarray(im).std() > 0
+
+
+def test_rotated_films_score_like_their_upright_originals(ray_local, cxr_sample, weights, tmp_path):
+    """Correction happens before the seed chain, so a turned film's score equals its upright original's."""
+    meta = pd.read_csv(cxr_sample / "metadata.csv")
+    names = meta[(meta["view"] == "PA") & (meta["age"] >= 18)]["file"].head(2).tolist()
+    folder = tmp_path / "films"
+    folder.mkdir()
+    for i, name in enumerate(names):
+        with Image.open(cxr_sample / name) as im:
+            upright = np.asarray(im.convert("L"))
+        Image.fromarray(upright).save(folder / f"upright{i}.png")
+        Image.fromarray(np.rot90(upright, k=-1)).save(folder / f"turned{i}.png")  # input lying 90 cw
+    Image.fromarray(np.rot90(upright, k=2)).save(folder / "listed.png")
+    (tmp_path / "rotations.csv").write_text("file,degrees\nlisted.png,180\n")
+    out = tmp_path / "out"
+    main(["score", str(folder), str(out), "--weights", str(weights), "--no-progress", "--tta", "none",
+          "--rotation-list", str(tmp_path / "rotations.csv")])
+    df = _read(out).set_index("image_id")
+    for i in range(len(names)):
+        up, turned = df.loc[f"upright{i}.png"], df.loc[f"turned{i}.png"]
+        assert (up["orientation"], up["rotation_source"]) == (0, "model")
+        assert (turned["orientation"], turned["rotation_source"]) == (90, "model")
+        assert turned["raw"] == up["raw"]
+    listed = df.loc["listed.png"]
+    assert (listed["orientation"], listed["rotation_source"]) == (180, "list")
+    assert listed["raw"] == df.loc[f"upright{len(names) - 1}.png", "raw"]
+
+
+def test_skip_flagged_rows_are_kept_as_error_rows(ray_local, weights, tmp_path):
+    folder = tmp_path / "films"
+    folder.mkdir()
+    Image.fromarray(np.full((600, 600), 128, np.uint8)).save(folder / "blank.png")
+    Image.fromarray(_film(5)).save(folder / "film.png")
+    out = tmp_path / "out"
+    main(["score", str(folder), str(out), "--weights", str(weights), "--no-progress", "--tta", "none",
+          "--rotation", "off", "--skip-flagged"])
+    df = _read(out).set_index("image_id")
+    assert df.loc["blank.png", "status"] == "error"
+    assert df.loc["blank.png", "error"].startswith("FlaggedSkipped:")
+    assert "blank" in list(df.loc["blank.png", "qc"])

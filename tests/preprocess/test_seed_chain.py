@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from cxrage_ray.decode import DecodedImage, DecodeOptions
 from cxrage_ray.decode.raster import decode_raster
