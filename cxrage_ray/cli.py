@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not score films with QC flags (lateral, blank, paediatric, orientation_uncertain)")
     s.add_argument("--keep-patient-id", metavar="SALT",
                    help="add patient_id_hash = sha256(SALT + PatientID) for DICOM rows (never the raw ID)")
+    s.add_argument("--part-rows", type=int, default=10_000, help="rows per output Parquet part")
     s.add_argument("--overwrite", action="store_true", help="discard results of a different job in OUTPUT")
     s.add_argument("--no-progress", action="store_true")
     _add_decode(s)
@@ -141,6 +142,7 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                             rotation_list=load_rotation_list(args.rotation_list) if args.rotation_list else None),
         saliency=SaliencySettings(args.saliency, args.saliency_method, storage) if args.saliency else None,
         csv=args.csv,
+        part_rows=args.part_rows,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )

@@ -39,6 +39,7 @@ CONTRACT_FIELDS: list[pa.Field] = [
     pa.field("preprocess", pa.string()),
     pa.field("tta", pa.string()),
     pa.field("decode", pa.string()),
+    pa.field("device", pa.string()),
     pa.field("orientation", pa.int64()),
     pa.field("rotation_source", pa.string()),
     pa.field("qc", pa.list_(pa.string())),

@@ -184,7 +184,9 @@ class PredictStage:
 
             state_dict = ray.get(state_dict)
         self.predictor = AgePredictor(state_dict, predictor_config)
-        self.labels = labels
+        precision = str(self.predictor.dtype).removeprefix("torch.")
+        # where the numbers came from: GPU autocast and CPU fp32 agree only to ~1e-3 raw
+        self.labels = {**labels, "device": f"{self.predictor.device.type}/{precision}"}
         self.saliency = saliency
         self.saliency_maker = None
         if saliency is not None:
