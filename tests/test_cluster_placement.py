@@ -1,0 +1,74 @@
+"""On a two-node cluster (head + a node declaring one GPU) the predictor lands on the GPU node and decode elsewhere.
+
+Runs in a subprocess because the test session already holds an embedded Ray. The "GPU" node has no CUDA
+device here, so the predictor must also fall back to CPU there (environment.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from checkpoints import random_state_dict, save_fastai_checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import pyarrow.parquet as pq
+    import ray, ray._private.state
+    from ray.cluster_utils import Cluster
+    from cxrage_ray.config import RayConfig, ScoreConfig
+    from cxrage_ray.pipeline import score
+    from cxrage_ray.predict import PredictorConfig
+
+    films, weights, out = sys.argv[1:4]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+    # the GPU node's only CPU is taken by the predictor actor, so CPU tasks cannot run there
+    gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
+    ray.init(address=cluster.address)
+    cfg = ScoreConfig(input=films, output=out, weights=weights, progress=False,
+                      predictor=PredictorConfig(tta="none"), ray=RayConfig(address=cluster.address))
+    summary = score(cfg, Path(out) / "home")
+    actors = [a for a in ray._private.state.actors().values() if "MapWorker" in a["ActorClassName"]]
+    rows = pq.read_table(Path(out) / "parts").to_pandas()
+    print(json.dumps({
+        "summary": summary,
+        "actor_nodes": [a["Address"]["NodeID"] for a in actors],
+        "gpu_node": gpu_node.node_id,
+        "devices": sorted(set(rows["device"])),
+        "gpu_node_cpus": [n["Resources"].get("CPU") for n in ray.nodes() if n["NodeID"] == gpu_node.node_id],
+    }))
+    ray.shutdown()
+    cluster.shutdown()
+    """
+)
+
+
+def test_predictor_on_gpu_node_decode_elsewhere(tmp_path):
+    films = tmp_path / "films"
+    films.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(40, 220, (300, 280), dtype=np.uint8)).save(films / f"f{i}.png")
+    weights = tmp_path / "w.pth"
+    save_fastai_checkpoint(weights, random_state_dict(seed=2), legacy=False, with_opt=False)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(films), str(weights), str(tmp_path / "out")],
+                            env=env, capture_output=True, text=True, timeout=500)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["summary"]["rows_ok"] == 6
+    assert report["actor_nodes"], "no Ray Data actor found"
+    assert set(report["actor_nodes"]) == {report["gpu_node"]}  # the predictor, and only it, on the GPU node
+    assert report["gpu_node_cpus"] == [1.0]
+    assert report["devices"] == ["cpu/float32"]  # no CUDA there: CPU fallback
