@@ -35,6 +35,7 @@ Run it on a quiet machine if you can: both sides compete with everything else fo
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -43,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -421,9 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.loop_worker:
         loop_worker(*args.loop_worker, args.tta, args.batch_size, args.loop_orient_threads, args.loop_scores)
         return 0
-    try:
-        import psutil  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("psutil") is None:  # checked up front: the first measured run would fail late
         raise SystemExit("this benchmark needs psutil: pip install psutil")
     folder = images_dir()
     images = list_images(folder)
@@ -436,15 +435,20 @@ def main(argv: list[str] | None = None) -> int:
         results: dict = {"cpus": os.cpu_count(), "load_average_start": os.getloadavg()}
         if not args.skip_throughput:
             results["throughput"] = throughput(args, images, weights, work)
+            save(results, args.json)  # each section as soon as it is measured: a long run may be cut short
         if not args.skip_memory:
             results["memory"] = memory(args, folder, weights, work)
         results["load_average_end"] = os.getloadavg()
+        save(results, args.json)
     report(results)
     print(f"load average {results['load_average_start'][0]:.2f} at start, {results['load_average_end'][0]:.2f} at end "
           "(a shared machine: expect noise)")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
     return 0
+
+
+def save(results: dict, path: Path | None) -> None:
+    if path is not None:
+        path.write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":
