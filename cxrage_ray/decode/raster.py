@@ -135,12 +135,22 @@ def _load_pillow(plugin, data: bytes, label: str, options: DecodeOptions, draft:
     except Exception as exc:  # Pillow raises many types for bad bytes
         raise DecodeError(f"corrupt {label}: {exc}") from exc
     _check_size(im.size[0], im.size[1], options)
-    if draft and min(im.size) >= 2 * FAST_DECODE_MIN_SIDE:
+    full_w, full_h = im.size
+    reduced = draft and min(im.size) >= 2 * FAST_DECODE_MIN_SIDE
+    if reduced:
         # DCT scaling by 1/2, 1/4 or 1/8, never leaving the short side below FAST_DECODE_MIN_SIDE
         im.draft(im.mode, (FAST_DECODE_MIN_SIDE, FAST_DECODE_MIN_SIDE))
     try:
         im.load()
-        return _from_pillow(im)
+        image = _from_pillow(im)
+        if reduced and im.size != (full_w, full_h):
+            # odd sizes round up when scaled: keep the seed chain's 512 px geometry of the full image
+            from cxrage_ray.decode.dicom import crop_to_fill_grid
+
+            image.pixels = np.ascontiguousarray(crop_to_fill_grid(image.pixels, full_h, full_w))
+            if image.alpha is not None:
+                image.alpha = np.ascontiguousarray(crop_to_fill_grid(image.alpha, full_h, full_w))
+        return image
     except DecodeError:
         raise
     except Exception as exc:
