@@ -1,0 +1,81 @@
+"""The `cxrage` commands a user meets first: weights handling, preprocess, manifest, usage errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from checkpoints import random_state_dict, save_fastai_checkpoint
+from cxrage_ray.checkpoint import load_state_dict, sha256_file
+from cxrage_ray.cli import EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE, main
+from cxrage_ray.decode import decode_image
+from cxrage_ray.preprocess.seed_chain import seed_chain
+
+
+def test_score_without_cached_weights_says_how_to_get_them(tmp_path, capsys):
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "a.png")
+    env = {"CXRAGE_HOME": str(tmp_path / "home")}
+    code = main(["score", str(tmp_path), str(tmp_path / "out"), "--no-fetch"], env=env)
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "cxrage weights fetch" in err and "--weights PATH" in err
+    assert "0b5a0dbcb91709420c261c749bb9e8f9a8f9287617c2713b86a183c8dbfb7aa7" in err
+    assert not (tmp_path / "out" / "parts").exists()
+
+
+def test_weights_where_and_convert(tmp_path, capsys):
+    assert main(["weights", "where"], env={"CXRAGE_HOME": str(tmp_path)}) == EXIT_OK
+    assert capsys.readouterr().out.strip() == str(tmp_path / "weights")
+    src = tmp_path / "legacy.pth"
+    save_fastai_checkpoint(src, random_state_dict(seed=0), legacy=True, with_opt=True)
+    dst = tmp_path / "model.safetensors"
+    assert main(["weights", "convert", str(src), str(dst)]) == EXIT_OK
+    assert capsys.readouterr().out.strip() == sha256_file(dst)
+    a, b = load_state_dict(src), load_state_dict(dst)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_demo_weights_are_explicit_and_deterministic(tmp_path):
+    main(["weights", "demo", str(tmp_path / "a.pth")])
+    main(["weights", "demo", str(tmp_path / "b.pth")])
+    a, b = load_state_dict(tmp_path / "a.pth"), load_state_dict(tmp_path / "b.pth")
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_preprocess_writes_seed_chain_pngs(tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (300, 420), dtype=np.uint8)
+    colour = rng.integers(0, 256, (640, 600, 3), dtype=np.uint8)
+    Image.fromarray(grey).save(src / "film.png")
+    Image.fromarray(colour).save(src / "sub" / "film.tif")  # same stem, other folder: must not collide
+    (src / "broken.png").write_bytes(b"not an image")
+    code = main(["preprocess", str(src), str(tmp_path / "out"), "--workers", "1"])
+    assert code == EXIT_ROW_ERRORS
+    for name, out_name, mode in (("film.png", "film.png", "L"), ("sub/film.tif", "sub/film.png", "RGB")):
+        expected = seed_chain(decode_image((src / name).read_bytes(), name))
+        with Image.open(tmp_path / "out" / out_name) as im:
+            assert im.mode == mode
+            got = np.asarray(im)
+        assert np.array_equal(got.reshape(expected.shape), expected)
+        assert min(got.shape[:2]) == 512
+    assert not (tmp_path / "out" / "broken.png").exists()
+
+
+def test_manifest_command_round_trips(tmp_path):
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), i, np.uint8)).save(tmp_path / f"{i}.png")
+    out = tmp_path / "m.parquet"
+    assert main(["manifest", str(tmp_path), str(out)]) == EXIT_OK
+    df = pd.read_parquet(out)
+    assert sorted(df["image_id"]) == ["0.png", "1.png", "2.png"]
+
+
+@pytest.mark.parametrize("argv", [["score"], ["score", "a"], ["weights"], ["bogus"]])
+def test_usage_errors_exit_2(argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
