@@ -46,7 +46,6 @@ class PrepareSettings:
     preprocess: PreprocessMode = "seed"
     orient: Any = None
     age_column: str | None = "age"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def picture_from_bytes(data: bytes, name: str, settings: PrepareSettings) -> tuple[np.ndarray, DecodedImage | None]:

@@ -136,6 +136,8 @@ def combine_tta(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     duplicates are identical, so we stack each corner twice to reproduce its mean and its unbiased (n-1 = 7)
     standard deviation exactly.
     """
+    if outputs.shape[0] == 0:
+        return outputs[:, 0], outputs[:, 0]
     centre, corners = outputs[:, 0], outputs[:, 1:5]
     passes = torch.cat([corners, corners], dim=1)
     avg = passes.mean(dim=1)
