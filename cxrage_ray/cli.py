@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not score films with QC flags (lateral, blank, paediatric, orientation_uncertain)")
     s.add_argument("--keep-patient-id", metavar="SALT",
                    help="add patient_id_hash = sha256(SALT + PatientID) for DICOM rows (never the raw ID)")
+    s.add_argument("--no-progress-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="stop (resumably) when no image finishes for this long instead of waiting forever")
     s.add_argument("--part-rows", type=int, default=10_000, help="rows per output Parquet part")
     s.add_argument("--overwrite", action="store_true", help="discard results of a different job in OUTPUT")
     s.add_argument("--no-progress", action="store_true")
@@ -137,7 +139,8 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         preprocess=args.preprocess,
         predictor=PredictorConfig(device=args.device, precision=args.precision, tta=args.tta,
                                   batch_size=args.batch_size),
-        ray=RayConfig(address=args.ray_address, num_cpus=args.num_cpus, predict_actors=args.predict_actors),
+        ray=RayConfig(address=args.ray_address, num_cpus=args.num_cpus, predict_actors=args.predict_actors,
+                      no_progress_timeout_s=args.no_progress_timeout),
         orient=OrientConfig(mode=args.rotation, skip_flagged=args.skip_flagged,
                             rotation_list=load_rotation_list(args.rotation_list) if args.rotation_list else None),
         saliency=SaliencySettings(args.saliency, args.saliency_method, storage) if args.saliency else None,

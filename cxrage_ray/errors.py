@@ -37,6 +37,10 @@ class FlaggedSkipped(CxrAgeError):
     """The film carries QC flags and `--skip-flagged` was given: not scored, on purpose."""
 
 
+class StalledError(CxrAgeError):
+    """The job made no progress for the configured time (e.g. the cluster cannot place the predictor)."""
+
+
 class WeightsError(CxrAgeError):
     """Weights are missing, fail sha256 verification, or are not a CXR-Age checkpoint."""
 

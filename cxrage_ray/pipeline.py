@@ -26,7 +26,7 @@ import pyarrow as pa
 import cxrage_ray
 from cxrage_ray.checkpoint import load_state_dict
 from cxrage_ray.config import RayConfig, ScoreConfig
-from cxrage_ray.errors import InputError
+from cxrage_ray.errors import InputError, StalledError
 from cxrage_ray.manifest import build_manifest
 from cxrage_ray.registry import resolve_weights
 from cxrage_ray.sink import (
@@ -65,10 +65,22 @@ def score(cfg: ScoreConfig, weights_home: Path) -> dict[str, Any]:
     scored = 0
     if len(todo):
         with ray_session(cfg.ray), _progress(len(todo), len(manifest), cfg.progress) as bar:
-            for table in _dataset(todo, cfg, state_dict, labels).iter_batches(batch_format="pyarrow", batch_size=None):
-                writer.add(table)
-                scored += len(table)
-                bar.update(len(table))
+            try:
+                for table in _dataset(todo, cfg, state_dict, labels).iter_batches(batch_format="pyarrow",
+                                                                                 batch_size=None):
+                    writer.add(table)
+                    scored += len(table)
+                    bar.update(len(table))
+            except Exception as exc:
+                if type(exc).__name__ != "ExecutionTimeoutError":
+                    raise
+                writer.flush()  # keep what was scored: the rerun resumes from it
+                raise StalledError(
+                    f"no image finished for {cfg.ray.no_progress_timeout_s:.0f}s, so the job stopped instead of "
+                    f"hanging; {scored} rows of this run are saved and rerunning the same command resumes. "
+                    "Usual causes: the cluster has no room for the predictor (no free GPU, or every CPU held by "
+                    "actors), or a storage read that never returns. Ray said: " + str(exc).splitlines()[0]
+                ) from exc
             writer.flush()
     summary = _summary(cfg, manifest, weights.sha256, scored, time.perf_counter() - started)
     write_json(cfg.output, "summary.json", summary, cfg.storage)

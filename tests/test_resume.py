@@ -142,3 +142,30 @@ def test_lost_predictor_worker(job, tmp_path):
     done = _committed_rows(out)
     assert len(set(done)) == len(done)
     _finish_and_check(cmd, out, len(done))
+
+
+def test_stalled_run_stops_with_an_explanation(job, tmp_path):
+    """A read that never returns must not hang the job for Ray's default 30 minutes."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(server.accept()[0]) for _ in range(50)], daemon=True).start()
+    port = server.getsockname()[1]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"uri\nhttp://127.0.0.1:{port}/never.png\n")
+    _, weights = job
+    cmd = [sys.executable, "-m", "cxrage_ray.cli", "score", str(manifest), str(tmp_path / "out"),
+           "--weights", str(weights), "--no-progress", "--rotation", "off", "--no-progress-timeout", "20"]
+    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        output = proc.communicate(timeout=300)[0]
+    finally:
+        _kill_group(proc)
+        server.close()
+    assert proc.returncode == 2, output[-3000:]
+    assert "no image finished for 20s" in output and "rerunning the same command resumes" in output
