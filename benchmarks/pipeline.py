@@ -93,6 +93,7 @@ class Measured:
     stdout: str = ""
     stderr: str = ""
     extra: dict = field(default_factory=dict)
+    per_process: list = field(default_factory=list)
 
 
 class TreeSampler(threading.Thread):
@@ -111,6 +112,7 @@ class TreeSampler(threading.Thread):
         self.interval = interval
         self.stop_event = threading.Event()
         self.peak_tree = self.peak_driver = self.peak_processes = 0
+        self.per_process: dict[int, tuple[str, int]] = {}  # pid -> (name, peak RSS): where the memory sits
 
     def sample(self) -> None:
         import psutil
@@ -126,6 +128,10 @@ class TreeSampler(threading.Thread):
             except psutil.Error:  # exited between listing and reading
                 continue
             total += rss
+            if proc.pid not in self.per_process:
+                self.per_process[proc.pid] = (process_name(proc), rss)
+            elif rss > self.per_process[proc.pid][1]:
+                self.per_process[proc.pid] = (self.per_process[proc.pid][0], rss)
             if proc.pid == self.root.pid:
                 self.peak_driver = max(self.peak_driver, rss)
         self.peak_tree = max(self.peak_tree, total)
@@ -135,6 +141,21 @@ class TreeSampler(threading.Thread):
         while not self.stop_event.is_set():
             self.sample()
             self.stop_event.wait(self.interval)
+
+
+def process_name(proc) -> str:
+    """A short label: Ray sets worker titles (`ray::IDLE`, `ray::MapWorker(...)`); others by executable."""
+    import psutil
+
+    try:
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return "?"
+    if not cmd:
+        return proc.name()
+    if cmd[0].startswith("ray::"):
+        return cmd[0].split(" ")[0][:60]
+    return Path(cmd[0]).name if "python" not in Path(cmd[0]).name else " ".join(cmd[1:3])[:60]
 
 
 def run_measured(label: str, command: list[str], interval: float, env: dict[str, str]) -> Measured:
@@ -152,6 +173,8 @@ def run_measured(label: str, command: list[str], interval: float, env: dict[str,
         err.seek(0)
         result = Measured(label, command, returncode, wall, sampler.peak_tree, sampler.peak_driver,
                           sampler.peak_processes, out.read(), err.read())
+        result.per_process = sorted(((name, rss // 2**20) for name, rss in sampler.per_process.values()),
+                                    key=lambda item: -item[1])
     print(f"  {label}: rc={returncode} {wall:.1f} s, peak tree RSS {mib(result.peak_tree_rss)}, "
           f"driver {mib(result.peak_driver_rss)}, {result.peak_processes} processes", flush=True)
     return result
@@ -358,7 +381,8 @@ def memory(args: argparse.Namespace, images_folder: Path, weights: Path, work: P
                      "wall_s": round(result.wall_s, 2), "images_per_s": round(result.extra["rows_ok"] / result.wall_s, 3),
                      "peak_tree_rss_mib": round(result.peak_tree_rss / 2**20),
                      "peak_driver_rss_mib": round(result.peak_driver_rss / 2**20),
-                     "peak_processes": result.peak_processes, "command": shlex.join(result.command)})
+                     "peak_processes": result.peak_processes, "command": shlex.join(result.command),
+                     "per_process_peak_mib": result.per_process[:8]})
     small, large = min(runs, key=lambda r: r["rows"]), max(runs, key=lambda r: r["rows"])
     return {
         "input": args.memory_input, "runs": runs,
@@ -390,6 +414,8 @@ def report(results: dict) -> None:
         for r in m["runs"]:
             print(f"  {r['rows']:6d} rows  tree {r['peak_tree_rss_mib']:6d} MiB  driver {r['peak_driver_rss_mib']:5d} MiB"
                   f"  {r['peak_processes']} processes  {r['images_per_s']:.1f} img/s  {r['wall_s']:.0f} s")
+            print("          largest processes (peak MiB): "
+                  + ", ".join(f"{name} {mb}" for name, mb in r["per_process_peak_mib"][:6]))
         verdict = "meets" if m["tree_ratio"] <= 1.2 else "misses"
         print(f"  peak tree ratio largest/smallest = {m['tree_ratio']:.3f} ({verdict} the <= 1.2 target); "
               f"driver ratio = {m['driver_ratio']:.3f}")
