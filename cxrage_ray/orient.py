@@ -277,9 +277,14 @@ def standardise(thumbs: np.ndarray) -> np.ndarray:
     return ((thumbs - mean) / (std + 1.0)).astype(np.float32)
 
 
-def build_network(width: int = 8, hidden: int = 64):
-    """The classifier network on a 64 px grey thumbnail: a stride-2 stem, 3 conv stages, a shared dense layer,
-    two heads (~90k parameters, ~4M multiply-adds per pass).
+def build_network(width: int = 8, hidden: int = 64, size: int = 64, stages: int = 3, downsample: str = "pool"):
+    """The classifier network on a `size` px grey thumbnail: a stride-2 5x5 stem, `stages` stages that double
+    the channels (from `width`) and halve the side, a shared dense layer, two heads.
+
+    A stage is conv-BN-ReLU + 2x2 max-pool (`downsample="pool"`) or a stride-2 conv-BN-ReLU (`"stride"`,
+    a quarter of the multiply-adds, which is what lets a 96 px input stay as cheap as 64 px pooled).
+    The defaults are the first release's network (64 px, pooled, ~90k parameters); the shipped weights record
+    their own `width`/`hidden`/`size`/`stages`/`downsample` in the file's `architecture` metadata.
 
     Output: (N, 6) logits; [:, :4] rotation classes (input rotated 0/90/180/270 clockwise), [:, 4:] view
     (frontal, lateral). Flattening (not global pooling) keeps where things are, which is what orientation is.
@@ -287,19 +292,28 @@ def build_network(width: int = 8, hidden: int = 64):
     import torch
     from torch import nn
 
+    side = size // 2 // 2**stages
+    if side < 1 or size % (2 ** (stages + 1)):
+        raise ValueError(f"size {size} is not divisible by 2**{stages + 1}")
+    if downsample not in ("pool", "stride"):
+        raise ValueError(f"downsample must be 'pool' or 'stride', not {downsample!r}")
+
     def conv(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
     class OrientationNet(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.features = nn.Sequential(
-                *conv(1, width, 5, 2),  # 64 -> 32
-                *conv(width, 2 * width), nn.MaxPool2d(2),  # -> 16
-                *conv(2 * width, 4 * width), nn.MaxPool2d(2),  # -> 8
-                *conv(4 * width, 8 * width), nn.MaxPool2d(2),  # -> 4
-            )
-            self.dense = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(8 * width * 16, hidden), nn.ReLU())
+            layers = conv(1, width, 5, 2)  # size -> size / 2
+            channels = width
+            for _ in range(stages):  # each stage doubles the channels and halves the side
+                if downsample == "pool":
+                    layers += [*conv(channels, 2 * channels), nn.MaxPool2d(2)]
+                else:
+                    layers += conv(channels, 2 * channels, 3, 2)
+                channels *= 2
+            self.features = nn.Sequential(*layers)
+            self.dense = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(channels * side * side, hidden), nn.ReLU())
             self.rotation = nn.Linear(hidden, 4)
             self.view = nn.Linear(hidden, 2)
 
@@ -316,7 +330,8 @@ class OrientationPrediction:
 
     Args:
         rotation_probs: P(input is rotated 0/90/180/270° clockwise), sums to 1.
-        lateral_prob: P(lateral projection), averaged over the four quarter turns.
+        lateral_prob: P(lateral projection), averaged over the views scored (the four quarter turns, and
+            their mirror images with `mirror_tta`).
     """
 
     rotation_probs: tuple[float, float, float, float]
@@ -332,24 +347,34 @@ class OrientationPrediction:
 
 
 class OrientationClassifier:
-    """Tiny CNN (~90k parameters) with two heads: rotation (4 classes) and frontal/lateral.
+    """Tiny CNN with two heads: rotation (4 classes) and frontal/lateral (architecture in the weights' metadata).
 
-    In:  seed-chain pictures (uint8 (H, W, C)); each becomes a 64 px grey thumbnail (`thumbnail`), standardised.
-    Out: one `OrientationPrediction` per picture. The network sees all four quarter turns of each thumbnail and
-    the rotation scores are combined consistently (turn j of a film lying at k is a film lying at k + j), so the
-    verdict is equivariant to 90° rotations by construction; the lateral probability is the mean of the four.
-    CPU, batched, no gradients.
+    In:  seed-chain pictures (uint8 (H, W, C)); each becomes a `size` px grey thumbnail (`thumbnail`), standardised.
+    Out: one `OrientationPrediction` per picture. The network sees all four quarter turns of each thumbnail (and,
+    with `mirror_tta`, of its left-right mirror image: eight views) and the rotation scores are combined
+    consistently (turn j of a film lying at k lies at k + j; the mirror image of a film lying at k lies at -k),
+    so the verdict is equivariant to 90° rotations by construction; the lateral probability is the mean over
+    the views. CPU, batched, no gradients.
 
     Args:
         network: a module built by `build_network` with its weights loaded.
         size: thumbnail side the network was trained on.
         metadata: the weights file's metadata (training figures, data, version).
+        mirror_tta: also score the mirrored thumbnail (the network was trained with left-right flips, under
+            which an upright film stays upright).
     """
 
-    def __init__(self, network: Any, size: int = 64, metadata: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        network: Any,
+        size: int = 64,
+        metadata: Mapping[str, str] | None = None,
+        mirror_tta: bool = False,
+    ) -> None:
         self.network = network.eval()
         self.size = size
         self.metadata = dict(metadata or {})
+        self.mirror_tta = mirror_tta
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None) -> OrientationClassifier:
@@ -368,12 +393,19 @@ class OrientationClassifier:
             metadata = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}
         arch = json.loads(metadata.get("architecture", "{}"))
-        network = build_network(width=int(arch.get("width", 8)), hidden=int(arch.get("hidden", 64)))
+        size = int(arch.get("size", 64))
         try:
+            network = build_network(
+                width=int(arch.get("width", 8)),
+                hidden=int(arch.get("hidden", 64)),
+                size=size,
+                stages=int(arch.get("stages", 3)),
+                downsample=str(arch.get("downsample", "pool")),
+            )
             network.load_state_dict(state)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             raise WeightsError(f"{path} does not match the orientation network: {exc}") from exc
-        return cls(network, size=int(arch.get("size", 64)), metadata=metadata)
+        return cls(network, size=size, metadata=metadata, mirror_tta=bool(arch.get("mirror_tta", False)))
 
     def predict(self, images: Sequence[np.ndarray], batch_size: int = 64) -> list[OrientationPrediction]:
         thumbs = np.stack([thumbnail(image, self.size) for image in images]) if len(images) else np.zeros((0,))
@@ -386,16 +418,24 @@ class OrientationClassifier:
         if len(thumbs) == 0:
             return []
         x = standardise(np.asarray(thumbs, dtype=np.float32))
-        # turn j: the thumbnail rotated j quarter turns clockwise (np.rot90 with k=-j)
-        turns = np.stack([np.rot90(x, k=-j, axes=(1, 2)) for j in range(4)], axis=1)  # (N, 4, S, S)
+        # view (m, j): the thumbnail, mirrored left-right when m == 1, then turned j quarter turns clockwise
+        mirrors = [x, x[:, :, ::-1]] if self.mirror_tta else [x]
+        views = [np.rot90(m, k=-j, axes=(1, 2)) for m in mirrors for j in range(4)]
+        n_views = len(views)
+        turns = np.stack(views, axis=1)  # (N, views, S, S)
         flat = torch.from_numpy(np.ascontiguousarray(turns.reshape(-1, 1, self.size, self.size)))
         with torch.inference_mode():
-            logits = torch.cat([self.network(chunk) for chunk in flat.split(batch_size * 4)]).double()
-        logits = logits.reshape(len(x), 4, 6)
-        rot_logp = torch.log_softmax(logits[:, :, :4], dim=2)  # (N, turn j, class c)
-        # film lying at k, turned j more, lies at (k + j) % 4: score(k) = sum_j log p_j[(k + j) % 4]
-        index = (torch.arange(4)[:, None] + torch.arange(4)[None, :]) % 4  # [k, j]
-        score = torch.stack([rot_logp[:, j, index[:, j]] for j in range(4)], dim=2).sum(dim=2)
+            logits = torch.cat([self.network(chunk) for chunk in flat.split(batch_size * n_views)]).double()
+        logits = logits.reshape(len(x), n_views, 6)
+        rot_logp = torch.log_softmax(logits[:, :, :4], dim=2)  # (N, view, class c)
+        # a film lying at k, turned j more, lies at (k + j) % 4; its mirror image turned j lies at (j - k) % 4
+        # (mirroring reverses the sense of rotation): score(k) = sum over views of log p_view[where it lies]
+        k = torch.arange(4)
+        score = torch.zeros(len(x), 4, dtype=torch.float64)
+        for v in range(n_views):
+            mirrored, j = divmod(v, 4)
+            lies = (j - k) % 4 if mirrored else (k + j) % 4
+            score = score + rot_logp[:, v, lies]
         rot_probs = torch.softmax(score, dim=1).numpy()
         lateral = torch.softmax(logits[:, :, 4:], dim=2)[:, :, 1].mean(dim=1).numpy()
         return [

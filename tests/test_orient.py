@@ -37,6 +37,10 @@ REAL_FRONTAL = [
 ]
 REAL_LATERAL = ["images/ieee_16646_1_2.jpg", "images/ieee_cavitating-pneumonia-4-day0-L.jpg"]
 
+#: The one validation film whose rotation the committed weights get wrong (11-year-old, portable AP): the verdict
+#: is below the uncertainty threshold, so it is flagged and not applied.
+HARD_PAEDIATRIC = "images/nih_00017625_000.png"
+
 AUTO = OrientConfig(mode="auto")
 
 
@@ -202,8 +206,12 @@ def test_committed_weights_are_small_and_carry_their_figures(classifier: Orienta
     blob = files("cxrage_ray.weights_data") / "orientation.safetensors"
     assert blob.is_file() and len(blob.read_bytes()) < 1_000_000
     validation = json.loads(classifier.metadata["validation"])
-    # 62/63 validation films (the miss: an 11-year-old's portable AP); see ORIENTATION_MODEL_CARD.md
-    assert validation["rotation_accuracy"] >= 0.98 and validation["view_accuracy"] >= 0.95
+    # 62/63 validation films (the miss: an 11-year-old's portable AP, flagged uncertain); see ORIENTATION_MODEL_CARD.md
+    assert validation["rotation_accuracy"] >= 0.984 and validation["view_accuracy"] >= 0.968
+    assert validation["rotation_accuracy_lateral"] == 1.0 and validation["view_accuracy_lateral"] == 1.0
+    assert set(validation["errors"]) <= {HARD_PAEDIATRIC, "images/nih_00011386_000.png"}
+    arch = json.loads(classifier.metadata["architecture"])
+    assert (classifier.size, classifier.mirror_tta, arch["downsample"]) == (96, True, "stride")
     assert set(REAL_FRONTAL + REAL_LATERAL) <= set(json.loads(classifier.metadata["validation_files"]))
 
 
@@ -225,6 +233,43 @@ def test_classifier_detects_each_quarter_turn_of_real_films(real_films, classifi
             assert np.array_equal(result.image, upright), name  # correction restores the exact pixels
             assert (QC_LATERAL in result.qc) == (name in REAL_LATERAL), (name, result.qc)
             assert QC_ORIENTATION_UNCERTAIN not in result.qc
+
+
+def test_mirror_views_reverse_the_sense_of_rotation(real_films, classifier) -> None:
+    """The mirror image of a film lying 90° clockwise lies 270°: the eight-view combination relies on it."""
+    films = [real_films[name] for name in REAL_FRONTAL[:3]]
+    mirrored = [np.ascontiguousarray(np.fliplr(np.rot90(pic, k=-1))) for pic in films]
+    assert [p.rotation for p in classifier.predict(mirrored)] == [270, 270, 270]
+    # scoring 4 or 8 views of the same pictures must agree on these easy films
+    four = OrientationClassifier(classifier.network, size=classifier.size, mirror_tta=False)
+    turned = [np.ascontiguousarray(np.rot90(pic, k=-3)) for pic in films]
+    assert [p.rotation for p in four.predict(turned)] == [p.rotation for p in classifier.predict(turned)] == [270] * 3
+
+
+def test_network_shapes_and_bad_architecture() -> None:
+    import torch
+
+    from cxrage_ray.orient import build_network
+
+    for size, downsample in [(64, "pool"), (96, "stride"), (128, "stride")]:
+        net = build_network(size=size, downsample=downsample).eval()
+        with torch.inference_mode():
+            assert tuple(net(torch.zeros(2, 1, size, size)).shape) == (2, 6)
+    with pytest.raises(ValueError, match="divisible"):
+        build_network(size=100)
+    with pytest.raises(ValueError, match="downsample"):
+        build_network(downsample="avg")
+
+
+def test_the_known_miss_is_flagged_uncertain_and_left_as_it_is(cxr_sample: Path, classifier) -> None:
+    from cxrage_ray.decode import decode_image
+    from cxrage_ray.preprocess.seed_chain import seed_chain
+
+    film = seed_chain(decode_image((cxr_sample / HARD_PAEDIATRIC).read_bytes(), HARD_PAEDIATRIC))
+    result = orient(film, image_id="h", uri="h.png", meta={}, chronological_age=11.0, config=AUTO, classifiers=classifier)
+    assert result.rotation_source == "model" and result.orientation != 0  # wrong, but ...
+    assert QC_ORIENTATION_UNCERTAIN in result.qc and QC_PAEDIATRIC in result.qc
+    assert result.applied == 0 and np.array_equal(result.image, film)  # ... not applied: the upright film stays upright
 
 
 def test_single_orient_matches_batch_and_uses_packaged_weights_by_default(real_films) -> None:
