@@ -40,7 +40,7 @@ from cxrage_ray.sink import (
     write_original_csv,
 )
 from cxrage_ray.stages import PrepareSettings, PredictStage, prepare_batch
-from cxrage_ray.storage import filesystem_for
+from cxrage_ray.storage import filesystem_for, list_files
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,9 @@ def _summary(cfg: ScoreConfig, manifest: pd.DataFrame, sha: str, scored: int, el
         "rows_error": int((table["status"] == "error").sum()),
         "errors_by_kind": dict(sorted(kinds.items())),
         "complete": int(table["row_id"].nunique()) == len(manifest),
+        # every part listed here is whole: parts only appear by atomic rename / single PUT
+        "parts": sorted(u.rsplit("/", 1)[-1] for u in list_files(f"{cfg.output.rstrip('/')}/{PARTS_DIR}", cfg.storage)
+                        if u.endswith(".parquet")),
         "rows_scored_this_run": scored,
         "elapsed_s": round(elapsed, 3),
         "images_per_s": round(scored / elapsed, 3) if elapsed > 0 else None,

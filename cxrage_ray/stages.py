@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +40,8 @@ class PrepareSettings:
         decode: decoder options (fast/exact, modality policy, bomb limit, patient-id salt).
         preprocess: "seed" applies the ImageMagick chain; "none" treats inputs as seed-chain PNGs already.
         orient: an `OrientConfig` (cxrage_ray.orient) or None to skip orientation handling entirely.
+        age_column: manifest column holding chronological age for non-DICOM rows.
+        fetch_threads: concurrent reads per task.
     """
 
     storage: StorageConfig
@@ -46,6 +49,7 @@ class PrepareSettings:
     preprocess: PreprocessMode = "seed"
     orient: Any = None
     age_column: str | None = "age"
+    fetch_threads: int = 16
 
 
 def picture_from_bytes(data: bytes, name: str, settings: PrepareSettings) -> tuple[np.ndarray, DecodedImage | None]:
@@ -84,14 +88,24 @@ def _chronological_age(meta: dict[str, Any], row: pd.Series, age_column: str | N
     return None if age is None or (isinstance(age, float) and math.isnan(age)) else float(age)
 
 
-def prepare_row(row: pd.Series, settings: PrepareSettings) -> dict[str, Any]:
-    """One manifest row -> one prepared row (never raises)."""
+def _fetch(uri: str, storage: StorageConfig) -> bytes | BaseException:
+    try:
+        return read_bytes(uri, storage)
+    except Exception as exc:  # handed to prepare_row, which turns it into the row's error
+        return exc
+
+
+def prepare_row(row: pd.Series, settings: PrepareSettings, fetched: bytes | BaseException | None = None
+                ) -> dict[str, Any]:
+    """One manifest row -> one prepared row (never raises). `fetched`: the row's bytes, if already read."""
     # every key present in every row, with one type per column, so Ray never falls back to pickled objects
     out: dict[str, Any] = {"status": "ok", "error": None, "pixels": b"", "height": 0, "width": 0, "channels": 0,
                            "orientation": None, "rotation_source": None, "qc": []}
     meta: dict[str, Any] = {}
     try:
-        data = read_bytes(row["uri"], settings.storage)
+        data = read_bytes(row["uri"], settings.storage) if fetched is None else fetched
+        if isinstance(data, BaseException):
+            raise data
         picture, decoded = picture_from_bytes(data, str(row["uri"]), settings)
         meta = decoded.meta if decoded is not None else {}
         out["chronological_age"] = _chronological_age(meta, row, settings.age_column)
@@ -142,8 +156,16 @@ def _apply_orientation(picture: np.ndarray, decoded: DecodedImage | None, row: p
 
 
 def prepare_batch(batch: pd.DataFrame, settings: PrepareSettings) -> pd.DataFrame:
-    """Ray Data CPU stage: manifest rows -> prepared rows (same order, same count)."""
-    prepared = pd.DataFrame([prepare_row(row, settings) for _, row in batch.iterrows()], index=batch.index)
+    """Ray Data CPU stage: manifest rows -> prepared rows (same order, same count).
+
+    The batch's bytes are fetched concurrently first (object-store reads are latency-bound: many in flight
+    keep the CPU busy), then decoded one by one on this task's CPU.
+    """
+    rows = [row for _, row in batch.iterrows()]
+    with ThreadPoolExecutor(max_workers=max(1, min(settings.fetch_threads, len(rows)))) as pool:
+        fetched = list(pool.map(lambda row: _fetch(str(row["uri"]), settings.storage), rows))
+    prepared = pd.DataFrame([prepare_row(row, settings, data) for row, data in zip(rows, fetched)],
+                            index=batch.index)
     return pd.concat([batch.drop(columns=[c for c in prepared.columns if c in batch.columns]), prepared], axis=1)
 
 
