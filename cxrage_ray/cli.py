@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16/fp16 autocast on GPU, fp32 on CPU")
-    s.add_argument("--batch-size", type=int, default=64, help="model views per forward pass")
+    s.add_argument("--batch-size", type=int, default=0,
+                   help="model views per forward pass (5 per image with TTA); default: 640 on GPU, 64 on CPU")
     s.add_argument("--saliency", metavar="DIR", help="write a saliency map per film as DIR/<stem>.png (local or s3://)")
     s.add_argument("--saliency-method", choices=["grad", "gradcam"], default="grad",
                    help="grad: the original's input-gradient map; gradcam: Grad-CAM on the last conv stage")

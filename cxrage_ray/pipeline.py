@@ -16,7 +16,7 @@ import os
 import platform
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 #: Ray reserves this much for itself; on a 2-core node a predictor actor holding every CPU starved
 #: the read tasks (environment.md), so the embedded Ray declares at least this many logical CPUs.
 MIN_LOCAL_LOGICAL_CPUS = 4
+#: Model views per forward pass when --batch-size is auto (5 views per image with TTA).
+GPU_BATCH_VIEWS, CPU_BATCH_VIEWS = 640, 64
 
 
 def score(cfg: ScoreConfig, weights_home: Path) -> dict[str, Any]:
@@ -71,6 +73,9 @@ def score(cfg: ScoreConfig, weights_home: Path) -> dict[str, Any]:
                     writer.add(table)
                     scored += len(table)
                     bar.update(len(table))
+            except KeyboardInterrupt:
+                writer.flush()  # whole rows already scored are worth keeping
+                raise
             except Exception as exc:
                 if type(exc).__name__ != "ExecutionTimeoutError":
                     raise
@@ -99,6 +104,9 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
     settings = PrepareSettings(storage=cfg.storage, decode=cfg.decode, preprocess=cfg.preprocess, orient=cfg.orient)
     blocks = [todo.iloc[i : i + cfg.ray.rows_per_task] for i in range(0, len(todo), cfg.ray.rows_per_task)]
     gpus = _gpus_for_inference(cfg)
+    predictor = cfg.predictor
+    if predictor.batch_size <= 0:  # auto: large batches keep a GPU busy; a CPU gains nothing beyond ~64 views
+        predictor = replace(predictor, batch_size=GPU_BATCH_VIEWS if gpus else CPU_BATCH_VIEWS)
     actors = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus) if gpus else ray.data.ActorPoolStrategy(
         size=cfg.ray.predict_actors
     )
@@ -108,10 +116,10 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
                      num_cpus=1)
         .map_batches(
             PredictStage,
-            fn_constructor_kwargs={"state_dict_ref": [ray.put(state_dict)], "predictor_config": cfg.predictor,
+            fn_constructor_kwargs={"state_dict_ref": [ray.put(state_dict)], "predictor_config": predictor,
                                    "labels": labels, "saliency": cfg.saliency},
             batch_format="pandas",
-            batch_size=max(1, cfg.predictor.batch_size // (5 if cfg.predictor.tta == "seed" else 1)),
+            batch_size=max(1, predictor.batch_size // (5 if predictor.tta == "seed" else 1)),
             compute=actors,
             num_gpus=1 if gpus else 0,
             num_cpus=1 if gpus else _cpu_predictor_cpus(),
