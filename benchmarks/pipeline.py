@@ -128,10 +128,9 @@ class TreeSampler(threading.Thread):
             except psutil.Error:  # exited between listing and reading
                 continue
             total += rss
-            if proc.pid not in self.per_process:
+            # the name is read again each time: a Ray worker retitles itself (ray::IDLE -> ray::MapWorker(...))
+            if rss >= self.per_process.get(proc.pid, ("", -1))[1]:
                 self.per_process[proc.pid] = (process_name(proc), rss)
-            elif rss > self.per_process[proc.pid][1]:
-                self.per_process[proc.pid] = (self.per_process[proc.pid][0], rss)
             if proc.pid == self.root.pid:
                 self.peak_driver = max(self.peak_driver, rss)
         self.peak_tree = max(self.peak_tree, total)
@@ -155,7 +154,9 @@ def process_name(proc) -> str:
         return proc.name()
     if cmd[0].startswith("ray::"):
         return cmd[0].split(" ")[0][:60]
-    return Path(cmd[0]).name if "python" not in Path(cmd[0]).name else " ".join(cmd[1:3])[:60]
+    if "python" in Path(cmd[0]).name and len(cmd) > 1:  # a Python program: name the script or module
+        return Path(cmd[2] if cmd[1] == "-m" and len(cmd) > 2 else cmd[1]).name[:60]
+    return Path(cmd[0]).name
 
 
 def run_measured(label: str, command: list[str], interval: float, env: dict[str, str]) -> Measured:
