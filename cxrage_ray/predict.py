@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cxrage_ray.model import build_model, calibrate
-from cxrage_ray.preprocess.fastai import TTAMode, batch_tta_views, combine_tta
+from cxrage_ray.preprocess.fastai import SIZE, TTAMode, batch_tta_views, combine_tta
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -93,14 +93,22 @@ class AgePredictor:
 
     def predict(self, images: Sequence[np.ndarray]) -> Prediction:
         """Score images; returns arrays aligned with `images`."""
+        if not images:
+            empty = np.zeros(0)
+            return Prediction(raw=empty, raw_sd=empty, cxr_age=empty)
         n_views = 5 if self.config.tta == "seed" else 1
-        outputs = torch.empty(len(images), n_views, device=self.device)
+        views = torch.empty(len(images), n_views, 3, SIZE, SIZE, device=self.device)
+        # the transform is batched per picture shape (archives have many); the forward passes are not:
+        # all views join one queue so every forward pass is a full `batch_size`
         per_chunk = max(1, self.config.batch_size // n_views)
         for positions in same_shape_chunks(images, per_chunk):
             pixels = np.stack([as_hwc(images[i]) for i in positions])
             x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div_(255)
-            views = batch_tta_views(x, self.config.tta)  # (n, V, 3, 224, 224), on the inference device
-            outputs[positions] = self._forward(views.flatten(0, 1)).view(len(positions), n_views)
+            views[positions] = batch_tta_views(x, self.config.tta)
+        flat = views.flatten(0, 1)
+        size = self.config.batch_size
+        outputs = torch.cat([self._forward(flat[i : i + size]) for i in range(0, len(flat), size)])
+        outputs = outputs.view(len(images), n_views)
         if self.config.tta == "seed":
             final, sd = combine_tta(outputs)
             raw_sd = sd.double().cpu().numpy()
