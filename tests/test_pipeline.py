@@ -194,10 +194,11 @@ def test_rotated_films_score_like_their_upright_originals(ray_local, cxr_sample,
         up, turned = df.loc[f"upright{i}.png"], df.loc[f"turned{i}.png"]
         assert (up["orientation"], up["rotation_source"]) == (0, "model")
         assert (turned["orientation"], turned["rotation_source"]) == (90, "model")
-        assert turned["raw"] == up["raw"]
+        # identical pictures; only batch composition differs (oneDNN sums by batch size): float error
+        assert turned["raw"] == pytest.approx(up["raw"], abs=1e-5)
     listed = df.loc["listed.png"]
     assert (listed["orientation"], listed["rotation_source"]) == (180, "list")
-    assert listed["raw"] == df.loc[f"upright{len(names) - 1}.png", "raw"]
+    assert listed["raw"] == pytest.approx(df.loc[f"upright{len(names) - 1}.png", "raw"], abs=1e-5)
 
 
 def test_skip_flagged_rows_are_kept_as_error_rows(ray_local, weights, tmp_path):
