@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (resumably) when no image finishes for this long instead of waiting forever")
     s.add_argument("--part-rows", type=int, default=10_000, help="rows per output Parquet part")
     s.add_argument("--overwrite", action="store_true", help="discard results of a different job in OUTPUT")
+    s.add_argument("--retry-errors", nargs="?", const="", metavar="KINDS",
+                   help="score this job's error rows again (all, or only these comma-separated kinds, e.g. "
+                   "ReadError,DecodeError); without it a rerun scores only rows that are missing")
     s.add_argument("--no-progress", action="store_true")
     _add_decode(s)
     _add_storage(s)
@@ -148,6 +151,8 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         csv=args.csv,
         part_rows=args.part_rows,
         overwrite=args.overwrite,
+        retry_errors=None if args.retry_errors is None else tuple(k.strip() for k in args.retry_errors.split(",")
+                                                                 if k.strip()),
         progress=not args.no_progress,
     )
     summary = score(cfg, _weights_home(env))

@@ -42,6 +42,8 @@ class ScoreConfig:
         allow_fetch: download the published weights when they are not cached.
         csv: also write the original tool's CSV layout here.
         overwrite: discard an OUTPUT that holds another job's results instead of refusing.
+        retry_errors: None keeps committed error rows (a rerun only scores missing rows); a tuple of error
+            kinds (`ReadError`, ...) rescores the error rows of those kinds, the empty tuple every error row.
     """
 
     input: str
@@ -58,4 +60,5 @@ class ScoreConfig:
     csv: str | None = None
     part_rows: int = 10_000
     overwrite: bool = False
+    retry_errors: tuple[str, ...] | None = None
     progress: bool = True

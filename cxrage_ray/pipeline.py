@@ -33,6 +33,7 @@ from cxrage_ray.sink import (
     PARTS_DIR,
     PartWriter,
     completed_row_ids,
+    drop_error_rows,
     output_schema,
     read_json,
     read_output,
@@ -204,6 +205,10 @@ def _rows_to_score(manifest: pd.DataFrame, job: dict[str, Any], cfg: ScoreConfig
         if fs.exists(path):
             fs.rm(path, recursive=True)
     write_json(cfg.output, "job.json", job, cfg.storage)
+    if cfg.retry_errors is not None:
+        dropped = drop_error_rows(cfg.output, cfg.storage, cfg.retry_errors)
+        log.warning("--retry-errors: %d error rows%s will be scored again", dropped,
+                    f" ({', '.join(cfg.retry_errors)})" if cfg.retry_errors else "")
     done = completed_row_ids(cfg.output, cfg.storage)
     if done:
         log.info("resuming: %d of %d rows already scored", len(done), len(manifest))

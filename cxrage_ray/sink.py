@@ -6,7 +6,8 @@ Out: OUTPUT/parts/part-<run>-<seq>.parquet files, each written to a temporary na
      (what the job is: manifest fingerprint and scoring settings) and OUTPUT/summary.json.
 
 Resume reads the `row_id`s of the committed parts; a row is in exactly one committed part because the
-driver writes each row once and only whole parts become visible.
+driver writes each row once and only whole parts become visible. `--retry-errors` first rewrites the parts
+without their error rows (`drop_error_rows`), so those rows count as missing and are scored again.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxrage_ray.errors import InputError
+from cxrage_ray.report import error_kind
 from cxrage_ray.storage import StorageConfig, filesystem_for, list_files, read_bytes, write_bytes
 
 #: The output contract (issue 2 + DICOM metadata); other tools read these names.
@@ -127,6 +129,40 @@ def completed_row_ids(output: str, storage: StorageConfig) -> set[int]:
         table = pq.read_table(io.BytesIO(read_bytes(uri, storage)), columns=["row_id"])
         done.update(table.column("row_id").to_pylist())
     return done
+
+
+def drop_error_rows(output: str, storage: StorageConfig, kinds: tuple[str, ...] = ()) -> int:
+    """Take error rows (of `kinds`; every kind when empty) out of the committed parts, so a rerun scores them again.
+
+    Each affected part is replaced whole under its own name (temp file + rename, or one PUT) by a copy without
+    those rows, or deleted when nothing else is in it. Whenever this is interrupted, every part is either the
+    old or the new version: a row is still in at most one part, and a dropped row is simply missing, which the
+    resume scores. Returns the number of rows dropped.
+    """
+    fs, path = filesystem_for(_join(output, PARTS_DIR), storage)
+    if not fs.exists(path):
+        return 0
+    dropped = 0
+    for uri in list_files(_join(output, PARTS_DIR), storage):
+        if not uri.endswith(".parquet"):
+            continue
+        table = pq.read_table(io.BytesIO(read_bytes(uri, storage)))
+        retry = [
+            status == "error" and (not kinds or error_kind(error) in kinds)
+            for status, error in zip(table.column("status").to_pylist(), table.column("error").to_pylist())
+        ]
+        if not any(retry):
+            continue
+        kept = table.filter(pa.array([not r for r in retry]))
+        if len(kept):
+            sink = io.BytesIO()
+            pq.write_table(kept, sink, compression="zstd")
+            write_bytes(uri, sink.getvalue(), storage)
+        else:
+            part_fs, part_path = filesystem_for(uri, storage)
+            part_fs.rm(part_path)
+        dropped += sum(retry)
+    return dropped
 
 
 def read_output(output: str, storage: StorageConfig) -> pa.Table:

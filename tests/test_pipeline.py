@@ -213,3 +213,32 @@ def test_skip_flagged_rows_are_kept_as_error_rows(ray_local, weights, tmp_path):
     assert df.loc["blank.png", "status"] == "error"
     assert df.loc["blank.png", "error"].startswith("FlaggedSkipped:")
     assert "blank" in list(df.loc["blank.png", "qc"])
+
+
+def test_retry_errors_rescores_only_error_rows(ray_local, archive, weights, tmp_path):
+    late = tmp_path / "late.png"  # missing at first: a ReadError row
+    manifest = pd.DataFrame({"uri": [str(archive / "a.png"), str(late), str(archive / "corrupt.png")]})
+    manifest.to_csv(tmp_path / "m.csv", index=False)
+    out = tmp_path / "out"
+    base = ["score", str(tmp_path / "m.csv"), str(out), "--weights", str(weights), "--no-progress", "--tta", "none"]
+    assert main(base) == EXIT_ROW_ERRORS
+    first = _read(out).set_index("uri")
+    assert first.loc[str(late), "error"].startswith("ReadError")
+
+    Image.fromarray(_film(4)).save(late)  # the file arrives
+    assert main(base) == EXIT_ROW_ERRORS  # a plain rerun keeps committed error rows
+    assert pd.read_json(out / "summary.json", typ="series")["rows_scored_this_run"] == 0
+
+    assert main(base + ["--retry-errors", "ReadError"]) == EXIT_ROW_ERRORS  # the corrupt file is still bad
+    summary = pd.read_json(out / "summary.json", typ="series")
+    assert summary["rows_scored_this_run"] == 1
+    after = _read(out)
+    assert sorted(after["row_id"]) == [0, 1, 2]  # one row per manifest row, no duplicates
+    after = after.set_index("uri")
+    assert after.loc[str(late), "status"] == "ok" and np.isfinite(after.loc[str(late), "cxr_age"])
+    assert after.loc[str(archive / "a.png"), "cxr_age"] == first.loc[str(archive / "a.png"), "cxr_age"]
+    assert after.loc[str(archive / "corrupt.png"), "error"].startswith("DecodeError")
+
+    assert main(base + ["--retry-errors"]) == EXIT_ROW_ERRORS  # every kind: the corrupt row is scored again
+    assert pd.read_json(out / "summary.json", typ="series")["rows_scored_this_run"] == 1
+    assert sorted(_read(out)["row_id"]) == [0, 1, 2]

@@ -1,0 +1,95 @@
+"""The write stage without Ray: whole Parquet parts, the resume record, and `--retry-errors`' part rewrite."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pytest
+
+from cxrage_ray.errors import InputError
+from cxrage_ray.sink import (
+    PartWriter,
+    completed_row_ids,
+    drop_error_rows,
+    output_schema,
+    read_output,
+)
+from cxrage_ray.storage import StorageConfig, list_files
+
+SCHEMA = output_schema(pa.schema([pa.field("site", pa.string())]))
+
+
+def _rows(row_ids: list[int], errors: dict[int, str]) -> pa.Table:
+    """Scored rows: `errors` maps row_id -> error text; every other row is ok with an age."""
+    return pa.table({
+        "row_id": pa.array(row_ids, pa.int64()),
+        "image_id": [f"img-{i}" for i in row_ids],
+        "status": ["error" if i in errors else "ok" for i in row_ids],
+        "error": [errors.get(i) for i in row_ids],
+        "cxr_age": [None if i in errors else 40.0 + i for i in row_ids],
+        "site": ["north"] * len(row_ids),
+    })
+
+
+def _write_parts(output: str, storage: StorageConfig, errors: dict[int, str]) -> None:
+    """Ten rows in three parts of 4, 4 and 2 rows."""
+    writer = PartWriter(output, SCHEMA, storage, part_rows=4)
+    for start in (0, 4, 8):
+        writer.add(_rows(list(range(start, min(start + 4, 10))), errors))
+    writer.flush()
+
+
+ERRORS = {
+    1: "ReadError: not found: s3://b/1.png",
+    2: "DecodeError: cannot identify image",
+    8: "ReadError: throttled (SlowDown) after 5 retries",
+    9: "ReadError: not found: s3://b/9.png",
+}
+
+
+def test_parts_are_whole_and_resume_reads_their_row_ids(tmp_path):
+    out = str(tmp_path / "out")
+    with pytest.raises(InputError):
+        read_output(out, StorageConfig())
+    assert completed_row_ids(out, StorageConfig()) == set()
+    _write_parts(out, StorageConfig(), ERRORS)
+    assert len(list_files(f"{out}/parts", StorageConfig())) == 3
+    assert completed_row_ids(out, StorageConfig()) == set(range(10))
+    table = read_output(out, StorageConfig())
+    assert table.column("row_id").to_pylist() == list(range(10))
+    assert table.schema.names[-1] == "site"  # manifest columns carried after the contract
+    assert not [name for name in os.listdir(tmp_path / "out" / "parts") if not name.endswith(".parquet")]
+
+
+def test_drop_error_rows_of_one_kind(tmp_path):
+    out, storage = str(tmp_path / "out"), StorageConfig()
+    _write_parts(out, storage, ERRORS)
+    assert drop_error_rows(out, storage, ("ReadError",)) == 3
+    # the part holding only ReadError rows (8, 9) is gone; the others were rewritten without them
+    assert len(list_files(f"{out}/parts", storage)) == 2
+    assert completed_row_ids(out, storage) == set(range(10)) - {1, 8, 9}
+    kept = read_output(out, storage).to_pandas().set_index("row_id")
+    assert kept.loc[2, "error"].startswith("DecodeError")
+    assert kept.loc[0, "cxr_age"] == 40.0 and kept.loc[0, "site"] == "north"
+    assert drop_error_rows(out, storage, ("ReadError",)) == 0  # nothing left of that kind
+
+
+def test_drop_every_error_row(tmp_path):
+    out, storage = str(tmp_path / "out"), StorageConfig()
+    _write_parts(out, storage, ERRORS)
+    assert drop_error_rows(out, storage) == 4
+    table = read_output(out, storage)
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert table.column("row_id").to_pylist() == [0, 3, 4, 5, 6, 7]
+    assert drop_error_rows(str(tmp_path / "never-written"), storage) == 0
+
+
+def test_drop_error_rows_on_object_storage(s3_env):
+    storage = StorageConfig.from_env_and_pairs(os.environ, [])
+    bucket = s3_env.make_bucket("sink-retry")
+    out = f"s3://{bucket}/job"
+    _write_parts(out, storage, ERRORS)
+    assert drop_error_rows(out, storage, ("ReadError", "DecodeError")) == 4
+    assert completed_row_ids(out, storage) == {0, 3, 4, 5, 6, 7}
+    assert len(list_files(f"{out}/parts", storage)) == 2
