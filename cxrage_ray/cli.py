@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("output")
     r.add_argument("--time-col")
     r.add_argument("--event-col")
+    _add_storage(r)
     return parser
 
 
@@ -220,7 +221,7 @@ def cmd_manifest(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from cxrage_ray.report import write_report
 
-    write_report(args.output, time_col=args.time_col, event_col=args.event_col)
+    write_report(args.output, time_col=args.time_col, event_col=args.event_col, storage=_storage(args, env))
     print(f"cxrage: wrote {args.output}/report.html and analysis.json", file=sys.stderr)
     return EXIT_OK
 

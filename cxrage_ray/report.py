@@ -1,4 +1,4 @@
-"""Cohort report: a scored OUTPUT folder -> OUTPUT/analysis.json (every number) + OUTPUT/report.html.
+"""Cohort report: a scored OUTPUT folder (local or fsspec URL) -> OUTPUT/analysis.json + OUTPUT/report.html.
 
 In:  the Parquet files `cxrage score` wrote anywhere under OUTPUT (the output contract: `status`, `error`,
      `cxr_age`, optional `chronological_age`/`age`, `patient_sex`/`sex`, `view_position`/`view`, `qc`, and
@@ -15,6 +15,7 @@ matplotlib and lifelines are imported where used: they are the `report` extra, n
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
@@ -28,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import cxrage_ray
-from cxrage_ray.errors import InputError
+from cxrage_ray.errors import CxrAgeError, InputError
+from cxrage_ray.storage import StorageConfig, is_local, list_files, read_bytes, write_bytes
 
 #: The paper reports hazard ratios per 5 years of CXR-Age.
 HR_UNIT_YEARS = 5.0
@@ -43,51 +45,64 @@ BASE_COLUMNS = ("image_id", "uri", "status", "error", "cxr_age", "qc", "weights_
 
 @dataclass(frozen=True)
 class ReportPaths:
-    """Where `write_report` writes; both default to files inside OUTPUT."""
+    """Where `write_report` writes (local paths or URLs); both default to files inside OUTPUT."""
 
-    html: Path
-    json: Path
+    html: str
+    json: str
 
 
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def find_parquet(output: str | Path) -> list[Path]:
-    """Every `*.parquet` file under `output`, skipping hidden and `_`-prefixed folders/files (temp parts).
+def find_parquet(output: str | Path, storage: StorageConfig | None = None) -> list[str]:
+    """Every `*.parquet` file under `output` (local folder or URL), skipping hidden and `_`-prefixed
+    folders/files (temp parts).
 
     Raises:
         InputError: `output` is not a folder or holds no Parquet.
     """
-    root = Path(output)
-    if not root.is_dir():
-        raise InputError(f"{output} is not a folder: pass the OUTPUT folder that `cxrage score` wrote")
-    files = sorted(
-        p for p in root.rglob("*.parquet")
-        if p.is_file() and not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts)
-    )
+    output = str(output)
+    if is_local(output):
+        root = Path(output.removeprefix("file://"))
+        if not root.is_dir():
+            raise InputError(f"{output} is not a folder: pass the OUTPUT folder that `cxrage score` wrote")
+        files = [str(p) for p in sorted(root.rglob("*.parquet")) if p.is_file()
+                 and not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts)]
+    else:
+        prefix = output.rstrip("/") + "/"
+        files = [uri for uri in list_files(output, storage or StorageConfig()) if uri.endswith(".parquet")
+                 and not any(part.startswith(("_", ".")) for part in uri.removeprefix(prefix).split("/"))]
     if not files:
         raise InputError(f"no Parquet files under {output}: run `cxrage score INPUT {output}` first")
     return files
 
 
-def read_scored(output: str | Path, extra_columns: Iterable[str] = ()) -> pd.DataFrame:
+def _parquet_source(uri: str, storage: StorageConfig | None):
+    """What pyarrow reads: the path itself for local files (read lazily), the object's bytes otherwise."""
+    return uri if is_local(uri) else io.BytesIO(read_bytes(uri, storage or StorageConfig()))
+
+
+def read_scored(output: str | Path, extra_columns: Iterable[str] = (),
+                storage: StorageConfig | None = None) -> pd.DataFrame:
     """The scored rows of an OUTPUT folder: the columns the report uses plus `extra_columns`.
 
     Args:
-        output: local OUTPUT folder (an s3:// output is fetched by the caller first).
+        output: OUTPUT folder, local or fsspec URL (`s3://bucket/job`).
         extra_columns: further columns to read (time/event); a name absent from every file is an InputError.
+        storage: credentials/endpoint for a remote OUTPUT.
 
     Returns:
         One row per scored input; absent optional columns are simply not in the frame.
     """
-    files = find_parquet(output)
+    files = find_parquet(output, storage)
     extra = [c for c in extra_columns if c]
     wanted = list(dict.fromkeys([*BASE_COLUMNS, *AGE_COLUMNS, *SEX_COLUMNS, *VIEW_COLUMNS, *extra]))
     tables, available = [], set()
-    for path in files:
-        names = pq.read_schema(path).names
+    for uri in files:
+        source = _parquet_source(uri, storage)
+        names = pq.read_schema(source).names
         available.update(names)
-        tables.append(pq.read_table(path, columns=[c for c in wanted if c in names]))
+        tables.append(pq.read_table(source, columns=[c for c in wanted if c in names]))
     missing = [c for c in extra if c not in available]
     if missing:
         raise InputError(
@@ -99,12 +114,11 @@ def read_scored(output: str | Path, extra_columns: Iterable[str] = ()) -> pd.Dat
     return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
 
-def read_summary(output: str | Path) -> dict[str, Any] | None:
+def read_summary(output: str | Path, storage: StorageConfig | None = None) -> dict[str, Any] | None:
     """OUTPUT/summary.json as a dict, or None when absent or unreadable (the report does not need it)."""
-    path = Path(output) / "summary.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return json.loads(read_bytes(f"{str(output).rstrip('/')}/summary.json", storage or StorageConfig()))
+    except (OSError, ValueError, CxrAgeError):  # absent (ReadError), unreadable or not JSON
         return None
 
 
@@ -446,15 +460,17 @@ def to_json_ready(value: Any) -> Any:
 
 
 def write_report(output: str | Path, *, time_col: str | None = None, event_col: str | None = None,
-                 out_html: str | Path | None = None, out_json: str | Path | None = None) -> dict[str, Any]:
+                 out_html: str | None = None, out_json: str | None = None,
+                 storage: StorageConfig | None = None) -> dict[str, Any]:
     """Analyse a scored OUTPUT folder and write `report.html` and `analysis.json` (into OUTPUT by default).
 
     Args:
-        output: local OUTPUT folder of `cxrage score`.
+        output: OUTPUT folder of `cxrage score`, local or fsspec URL.
         time_col: manifest column with follow-up time (any unit; shown as given) for the Cox models.
         event_col: manifest column with the event indicator (0/1 or true/false).
-        out_html: where to write the page (default OUTPUT/report.html).
-        out_json: where to write the numbers (default OUTPUT/analysis.json).
+        out_html: where to write the page (default OUTPUT/report.html; local or URL).
+        out_json: where to write the numbers (default OUTPUT/analysis.json; local or URL).
+        storage: credentials/endpoint for remote locations.
 
     Returns:
         The analysis dict written to analysis.json.
@@ -462,16 +478,17 @@ def write_report(output: str | Path, *, time_col: str | None = None, event_col: 
     Raises:
         InputError: no Parquet under OUTPUT, a named time/event column is missing or unusable.
     """
-    paths = ReportPaths(html=Path(out_html or Path(output) / "report.html"),
-                        json=Path(out_json or Path(output) / "analysis.json"))
+    storage = storage or StorageConfig()
+    base = str(output).rstrip("/")
+    paths = ReportPaths(html=str(out_html or f"{base}/report.html"), json=str(out_json or f"{base}/analysis.json"))
     if bool(time_col) != bool(event_col):
         raise InputError("the outcome analysis needs both --time-col and --event-col")
-    frame = read_scored(output, [c for c in (time_col, event_col) if c])
-    summary = read_summary(output)
+    frame = read_scored(output, [c for c in (time_col, event_col) if c], storage)
+    summary = read_summary(output, storage)
     analysis = analyze(frame, summary, time_col=time_col, event_col=event_col)
     from cxrage_ray.report_html import render_html  # matplotlib is only needed for the page
 
     page = render_html(analysis, frame, cohort(frame, time_col, event_col))
-    paths.json.write_text(json.dumps(analysis, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    paths.html.write_text(page, encoding="utf-8")
+    write_bytes(paths.json, (json.dumps(analysis, indent=2, sort_keys=True, allow_nan=False) + "\n").encode(), storage)
+    write_bytes(paths.html, page.encode("utf-8"), storage)
     return analysis

@@ -267,3 +267,22 @@ def test_chromium_check_catches_external_loads_and_script_errors(scored, tmp_pat
     assert "Content Security Policy" in text or "Refused" in text
     assert "notDefined" in text
     assert status != "ok"
+
+
+def test_report_reads_and_writes_object_storage(scored, s3_env):
+    """`cxrage report s3://...`: the same analysis as from the local copy, written back next to the parts."""
+    import os
+
+    from cxrage_ray.cli import EXIT_OK, main
+
+    root, local = scored
+    bucket = s3_env.make_bucket("report-s3")
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in ("report.html", "analysis.json")):
+        s3_env.put(f"s3://{bucket}/job/{path.relative_to(root).as_posix()}", path.read_bytes())
+    assert main(["report", f"s3://{bucket}/job", "--time-col", TIME_COL, "--event-col", EVENT_COL],
+                env=dict(os.environ)) == EXIT_OK
+    remote = json.loads(s3_env.get(f"s3://{bucket}/job/analysis.json"))
+    assert remote["n_rows"] == 600  # the decoys under _tmp/ and .staging/ were skipped there too
+    assert remote == json.loads(json.dumps(local))  # every number identical
+    page = s3_env.get(f"s3://{bucket}/job/report.html").decode()
+    assert "<html" in page.lower() and "Content-Security-Policy" in page
