@@ -148,13 +148,17 @@ def seed_chain_pictures(data: Path, files: list[str], chain: str, cache: Path) -
 # ------------------------------------------------------------------------------------------- data + split
 
 
+def _patient_strata(patients: np.ndarray, lateral: np.ndarray) -> tuple[list[str], list[str]]:
+    """Patients with a lateral film, and the others (sorted: the splits depend on the seed only)."""
+    with_lateral = sorted({p for p, lat in zip(patients, lateral) if lat})
+    return with_lateral, sorted(set(patients) - set(with_lateral))
+
+
 def patient_split(patients: np.ndarray, lateral: np.ndarray, seed: int) -> np.ndarray:
     """Boolean validation mask; whole patients go to one side, stratified by 'has a lateral film'."""
     rng = np.random.default_rng(seed)
-    with_lateral = sorted({p for p, lat in zip(patients, lateral) if lat})
-    without = sorted(set(patients) - set(with_lateral))
     val: set[str] = set()
-    for group in (with_lateral, without):
+    for group in _patient_strata(patients, lateral):
         order = rng.permutation(len(group))
         val |= {group[i] for i in order[: round(VAL_FRACTION * len(group))]}
     return np.array([p in val for p in patients])
@@ -163,10 +167,8 @@ def patient_split(patients: np.ndarray, lateral: np.ndarray, seed: int) -> np.nd
 def patient_folds(patients: np.ndarray, lateral: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Fold index (0..k-1) per film; whole patients in one fold, patients with a lateral film spread evenly."""
     rng = np.random.default_rng(seed)
-    with_lateral = sorted({p for p, lat in zip(patients, lateral) if lat})
-    without = sorted(set(patients) - set(with_lateral))
     fold_of: dict[str, int] = {}
-    for group in (with_lateral, without):
+    for group in _patient_strata(patients, lateral):
         for position, i in enumerate(rng.permutation(len(group))):
             fold_of[group[i]] = position % k
     return np.array([fold_of[p] for p in patients])
