@@ -56,9 +56,17 @@ def _committed_rows(out: Path) -> list[int]:
     return [r for p in parts for r in pq.read_table(p, columns=["row_id"]).column("row_id").to_pylist()]
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default, as under an interactive terminal. A test run started in the
+    background (`cmd &`, nohup, some CI runners) inherits SIGINT *ignored*, and Python then installs no
+    KeyboardInterrupt handler: the interrupt would be silently dropped and the run would finish."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_wait_for_parts(cmd: list[str], out: Path, min_rows: int) -> subprocess.Popen | None:
     """Start a run and return it once `min_rows` rows are committed; None if it finished before that."""
-    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=_default_sigint)
     deadline = time.monotonic() + 480
     while len(_committed_rows(out)) < min_rows:
         if proc.poll() is not None:
@@ -74,9 +82,9 @@ def _interrupted_run(job, tmp_path: Path, min_rows: int, interrupt) -> tuple[lis
     """Start a run, let `min_rows` rows be committed, then `interrupt(proc, out)`: it returns the run's output,
     or None when the interrupt came too late (the run had already finished every row).
 
-    The interrupt has to land mid-run: Ray Data runs ahead of the driver, so once the first parts appear the
-    rest can follow within the 0.2 s poll, and on a fast machine the run sometimes ends first. Such a try
-    proves nothing, so it is made again on a fresh OUTPUT (at most 3 tries); the assertions come after.
+    The interrupt has to land mid-run, but the run keeps going while the test polls for parts every 0.2 s, so
+    on a fast machine it could end first. Such a try proves nothing, so it is made again on a fresh OUTPUT (at
+    most 3 tries); the assertions come after.
     """
     films, weights = job
     for attempt in range(3):
