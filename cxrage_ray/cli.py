@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from cxrage_ray.errors import CxrAgeError
+from cxrage_ray.errors import CxrAgeError, InputError
 
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 3, 2, 130
 
@@ -71,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (resumably) when no image finishes for this long instead of waiting forever")
     s.add_argument("--part-rows", type=int, default=10_000, help="rows per output Parquet part")
     s.add_argument("--overwrite", action="store_true", help="discard results of a different job in OUTPUT")
-    s.add_argument("--retry-errors", nargs="?", const="", metavar="KINDS",
-                   help="score this job's error rows again (all, or only these comma-separated kinds, e.g. "
-                   "ReadError,DecodeError); without it a rerun scores only rows that are missing")
+    s.add_argument("--retry-errors", action="store_true",
+                   help="score this job's error rows again (without it a rerun scores only missing rows)")
+    s.add_argument("--retry-kinds", metavar="KINDS",
+                   help="retry only error rows of these comma-separated kinds, e.g. ReadError,DecodeError "
+                   "(implies --retry-errors)")
     s.add_argument("--no-progress", action="store_true")
     _add_decode(s)
     _add_storage(s)
@@ -152,8 +154,7 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         csv=args.csv,
         part_rows=args.part_rows,
         overwrite=args.overwrite,
-        retry_errors=None if args.retry_errors is None else tuple(k.strip() for k in args.retry_errors.split(",")
-                                                                 if k.strip()),
+        retry_errors=_retry_kinds(args),
         progress=not args.no_progress,
     )
     summary = score(cfg, _weights_home(env))
@@ -216,6 +217,18 @@ def cmd_manifest(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     write_manifest(df, args.out, storage)
     print(f"cxrage: {len(df)} files -> {args.out}", file=sys.stderr)
     return EXIT_OK
+
+
+def _retry_kinds(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """None: keep error rows; (): retry every error row; else only these kinds (exception class names)."""
+    if args.retry_kinds is None:
+        return () if args.retry_errors else None
+    kinds = tuple(k.strip() for k in args.retry_kinds.split(",") if k.strip())
+    bad = [k for k in kinds if not k.isidentifier()]
+    if bad or not kinds:
+        raise InputError(f"--retry-kinds {args.retry_kinds!r}: give error kinds as in the `error` column's "
+                         "'<Kind>: message', comma-separated, e.g. ReadError,DecodeError")
+    return kinds
 
 
 def cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:

@@ -229,7 +229,8 @@ def test_retry_errors_rescores_only_error_rows(ray_local, archive, weights, tmp_
     assert main(base) == EXIT_ROW_ERRORS  # a plain rerun keeps committed error rows
     assert pd.read_json(out / "summary.json", typ="series")["rows_scored_this_run"] == 0
 
-    assert main(base + ["--retry-errors", "ReadError"]) == EXIT_ROW_ERRORS  # the corrupt file is still bad
+    assert main(base + ["--retry-kinds", "in.csv"]) == EXIT_USAGE  # not an error kind
+    assert main(base + ["--retry-kinds", "ReadError"]) == EXIT_ROW_ERRORS  # the corrupt file is still bad
     summary = pd.read_json(out / "summary.json", typ="series")
     assert summary["rows_scored_this_run"] == 1
     after = _read(out)
