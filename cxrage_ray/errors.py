@@ -4,6 +4,8 @@ Error rows in the output carry ``"<Kind>: message"`` where Kind is the exception
 so the names here are part of the output contract.
 """
 
+import math
+
 
 class CxrAgeError(Exception):
     """Base class for errors caused by input, configuration or weights (not by bugs)."""
@@ -52,3 +54,11 @@ class UnsafeCheckpointError(WeightsError):
 def error_text(exc: BaseException) -> str:
     """Render an exception as the output's ``error`` column: ``"<Kind>: message"``."""
     return f"{type(exc).__name__}: {exc}"
+
+
+def error_kind(message: object) -> str:
+    """The ``<Kind>`` of an ``error`` value ``"<Kind>: message"`` ('Unknown' when empty or missing)."""
+    if message is None or (isinstance(message, float) and math.isnan(message)):  # a null in pandas
+        return "Unknown"
+    text = str(message).strip()
+    return (text.split(":", 1)[0].strip() or "Unknown") if text else "Unknown"

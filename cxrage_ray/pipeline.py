@@ -26,7 +26,7 @@ import pyarrow as pa
 import cxrage_ray
 from cxrage_ray.checkpoint import load_state_dict
 from cxrage_ray.config import RayConfig, ScoreConfig
-from cxrage_ray.errors import InputError, StalledError
+from cxrage_ray.errors import InputError, StalledError, error_kind
 from cxrage_ray.manifest import build_manifest
 from cxrage_ray.registry import resolve_weights
 from cxrage_ray.sink import (
@@ -218,7 +218,7 @@ def _rows_to_score(manifest: pd.DataFrame, job: dict[str, Any], cfg: ScoreConfig
 def _summary(cfg: ScoreConfig, manifest: pd.DataFrame, sha: str, scored: int, elapsed: float) -> dict[str, Any]:
     table = read_output(cfg.output, cfg.storage).select(["row_id", "status", "error"]).to_pandas()
     errors = table.loc[table["status"] == "error", "error"].fillna("Error: ?")
-    kinds = Counter(e.split(":", 1)[0] for e in errors)
+    kinds = Counter(errors.map(error_kind))
     import numpy
     import ray
     import torch

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import cxrage_ray
-from cxrage_ray.errors import CxrAgeError, InputError
+from cxrage_ray.errors import CxrAgeError, InputError, error_kind
 from cxrage_ray.storage import StorageConfig, is_local, list_files, read_bytes, write_bytes
 
 #: The paper reports hazard ratios per 5 years of CXR-Age.
@@ -260,12 +260,6 @@ def gap_by(c: pd.DataFrame, key: str) -> dict[str, dict[str, Any]] | None:
                            "mean_cxr_age": _num(g["cxr_age"].mean()),
                            "mean_chronological_age": _num(g["chronological_age"].mean())}
     return out
-
-
-def error_kind(message: Any) -> str:
-    """The `<Kind>` of an `error` value `"<Kind>: message"` ('Unknown' when empty)."""
-    text = _text_label(message)
-    return (text.split(":", 1)[0].strip() or "Unknown") if text else "Unknown"
 
 
 def errors_by_kind(frame: pd.DataFrame) -> dict[str, int]:

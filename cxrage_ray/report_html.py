@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxrage_ray.report import error_kind
+from cxrage_ray.errors import error_kind
 
 #: Above this many points a hexbin reads better (and renders faster) than a scatter.
 SCATTER_MAX_POINTS = 20_000

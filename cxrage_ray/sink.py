@@ -21,8 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxrage_ray.errors import InputError
-from cxrage_ray.report import error_kind
+from cxrage_ray.errors import InputError, error_kind
 from cxrage_ray.storage import StorageConfig, filesystem_for, list_files, read_bytes, write_bytes
 
 #: The output contract (issue 2 + DICOM metadata); other tools read these names.
