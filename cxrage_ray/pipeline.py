@@ -32,6 +32,7 @@ from cxrage_ray.registry import resolve_weights
 from cxrage_ray.sink import (
     PARTS_DIR,
     PartWriter,
+    committed_parts,
     completed_row_ids,
     drop_error_rows,
     output_schema,
@@ -41,7 +42,7 @@ from cxrage_ray.sink import (
     write_original_csv,
 )
 from cxrage_ray.stages import PrepareSettings, PredictStage, prepare_batch
-from cxrage_ray.storage import filesystem_for, list_files
+from cxrage_ray.storage import filesystem_for
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +235,7 @@ def _summary(cfg: ScoreConfig, manifest: pd.DataFrame, sha: str, scored: int, el
         "errors_by_kind": dict(sorted(kinds.items())),
         "complete": int(table["row_id"].nunique()) == len(manifest),
         # every part listed here is whole: parts only appear by atomic rename / single PUT
-        "parts": sorted(u.rsplit("/", 1)[-1] for u in list_files(f"{cfg.output.rstrip('/')}/{PARTS_DIR}", cfg.storage)
-                        if u.endswith(".parquet")),
+        "parts": sorted(u.rsplit("/", 1)[-1] for u in committed_parts(cfg.output, cfg.storage)),
         "rows_scored_this_run": scored,
         "elapsed_s": round(elapsed, 3),
         "images_per_s": round(scored / elapsed, 3) if elapsed > 0 else None,

@@ -116,15 +116,16 @@ class PartWriter:
         self._buffer, self._buffered_rows = [], 0
 
 
+def committed_parts(output: str, storage: StorageConfig) -> list[str]:
+    """URIs of the committed parts under OUTPUT/parts, sorted ([] before the first part). Temp files are not
+    listed: only whole parts carry the `.parquet` name."""
+    return [uri for uri in list_files(_join(output, PARTS_DIR), storage) if uri.endswith(".parquet")]
+
+
 def completed_row_ids(output: str, storage: StorageConfig) -> set[int]:
     """row_ids already in committed parts (for resume). Unreadable parts are reported, not trusted."""
     done: set[int] = set()
-    fs, path = filesystem_for(_join(output, PARTS_DIR), storage)
-    if not fs.exists(path):
-        return done
-    for uri in list_files(_join(output, PARTS_DIR), storage):
-        if not uri.endswith(".parquet"):
-            continue
+    for uri in committed_parts(output, storage):
         table = pq.read_table(io.BytesIO(read_bytes(uri, storage)), columns=["row_id"])
         done.update(table.column("row_id").to_pylist())
     return done
@@ -138,13 +139,8 @@ def drop_error_rows(output: str, storage: StorageConfig, kinds: tuple[str, ...] 
     old or the new version: a row is still in at most one part, and a dropped row is simply missing, which the
     resume scores. Returns the number of rows dropped.
     """
-    fs, path = filesystem_for(_join(output, PARTS_DIR), storage)
-    if not fs.exists(path):
-        return 0
     dropped = 0
-    for uri in list_files(_join(output, PARTS_DIR), storage):
-        if not uri.endswith(".parquet"):
-            continue
+    for uri in committed_parts(output, storage):
         table = pq.read_table(io.BytesIO(read_bytes(uri, storage)))
         retry = [
             status == "error" and (not kinds or error_kind(error) in kinds)
@@ -166,11 +162,7 @@ def drop_error_rows(output: str, storage: StorageConfig, kinds: tuple[str, ...] 
 
 def read_output(output: str, storage: StorageConfig) -> pa.Table:
     """All committed rows of an OUTPUT folder, sorted by row_id."""
-    tables = [
-        pq.read_table(io.BytesIO(read_bytes(uri, storage)))
-        for uri in list_files(_join(output, PARTS_DIR), storage)
-        if uri.endswith(".parquet")
-    ]
+    tables = [pq.read_table(io.BytesIO(read_bytes(uri, storage))) for uri in committed_parts(output, storage)]
     if not tables:
         raise InputError(f"no scored parts under {output}/{PARTS_DIR}")
     return pa.concat_tables(tables, promote_options="default").sort_by("row_id")
