@@ -61,17 +61,20 @@ def find_parquet(output: str | Path, storage: StorageConfig | None = None) -> li
     Raises:
         InputError: `output` is not a folder or holds no Parquet.
     """
+    def scratch(relative_parts: Iterable[str]) -> bool:  # temp parts live in `_tmp/`, `.staging/`, ...
+        return any(part.startswith(("_", ".")) for part in relative_parts)
+
     output = str(output)
     if is_local(output):
         root = Path(output.removeprefix("file://"))
         if not root.is_dir():
             raise InputError(f"{output} is not a folder: pass the OUTPUT folder that `cxrage score` wrote")
-        files = [str(p) for p in sorted(root.rglob("*.parquet")) if p.is_file()
-                 and not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts)]
+        files = [str(p) for p in sorted(root.rglob("*.parquet"))
+                 if p.is_file() and not scratch(p.relative_to(root).parts)]
     else:
         prefix = output.rstrip("/") + "/"
-        files = [uri for uri in list_files(output, storage or StorageConfig()) if uri.endswith(".parquet")
-                 and not any(part.startswith(("_", ".")) for part in uri.removeprefix(prefix).split("/"))]
+        files = [uri for uri in list_files(output, storage or StorageConfig())
+                 if uri.endswith(".parquet") and not scratch(uri.removeprefix(prefix).split("/"))]
     if not files:
         raise InputError(f"no Parquet files under {output}: run `cxrage score INPUT {output}` first")
     return files
