@@ -347,7 +347,7 @@ def cross_validate(args, files, pictures, thumbs, lateral, patients, ages, arch)
     wrong = {name: errs for r in results for name, errs in r["errors"].items()}
     rot_correct = sum(r["rotation_correct"] for r in results)
     rot_total = sum(r["rotation_total"] for r in results)
-    view_wrong = sum(1 for errs in wrong.values() for e in errs if "p_lat" in e)
+    view_correct = sum(round(r["view_accuracy"] * r["rotation_total"]) for r in results)  # same views as rotation
     adult = [a >= 18 for a in ages]
     figures = {
         "folds": args.cv,
@@ -355,7 +355,7 @@ def cross_validate(args, files, pictures, thumbs, lateral, patients, ages, arch)
         "rotation_accuracy": rot_correct / rot_total,
         "rotation_correct": rot_correct,
         "rotation_total": rot_total,
-        "view_accuracy": 1 - view_wrong / rot_total,
+        "view_accuracy": view_correct / rot_total,
         "films_with_errors": {name: {"age": age_of[name], "errors": errs} for name, errs in wrong.items()},
         "adult_films": int(sum(adult)),
         "adult_films_with_rotation_errors": sum(
