@@ -69,6 +69,97 @@ def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> Decod
         UnsupportedModalityError: modality is not a radiograph and `allow_any_modality` is False.
         DecompressionBombError: Rows x Columns exceeds `options.max_pixels` (checked before decoding).
     """
+    ds, meta = _parse_checked(data, options)
+    frame = _decode_first_frame(ds, options)
+    grey = dcmtk_8bit(frame, GreyscaleParams.from_dataset(ds))
+    return DecodedImage(pixels=(grey.astype(np.uint16) * 257)[..., None], meta=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedFrame:
+    """Frame 1 of a DICOM file, header parsed and refusals applied, pixels not yet decoded.
+
+    What a GPU decoder needs (the codestream) and what the mapping needs afterwards (`params`), cheap to
+    produce on a CPU (no decompression) and small to ship.
+
+    Attributes:
+        codec: "j2k" (JPEG 2000 / HTJ2K), "jpeg" (JPEG baseline/extended) or "other" (native, RLE,
+            JPEG-LS, JPEG lossless, ...: decoded on the CPU).
+        codestream: the encapsulated frame's bytes (empty for native data).
+        rows, columns, samples, bits_allocated: the header's pixel description.
+        params: the dcmj2pnm mapping's parameters.
+        meta: the output columns (`dicom_meta`).
+    """
+
+    codec: str
+    codestream: bytes
+    transfer_syntax: str
+    rows: int
+    columns: int
+    samples: int
+    bits_allocated: int
+    photometric: str
+    planar_configuration: int
+    params: GreyscaleParams
+    meta: dict
+
+
+def encoded_first_frame(data: bytes, options: DecodeOptions = DecodeOptions()) -> EncodedFrame:
+    """Parse a DICOM file's header and cut out frame 1's codestream (no decoding); same refusals as
+    `decode_dicom` (modality, missing pixels, declared size)."""
+    ds, meta = _parse_checked(data, options)
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    codec = "j2k" if tsyntax in _J2K_SYNTAXES else "jpeg" if tsyntax in _JPEG_DCT_SYNTAXES else "other"
+    stream = _encapsulated_frame(ds) if tsyntax.is_compressed else b""
+    if codec == "jpeg":
+        stream = repair_sequential_sos(stream)
+    return EncodedFrame(codec=codec, codestream=stream, transfer_syntax=str(tsyntax), rows=_int(ds.Rows, 0),
+                        columns=_int(ds.Columns, 0), samples=_int(ds.get("SamplesPerPixel"), 1),
+                        bits_allocated=_int(ds.get("BitsAllocated"), 16),
+                        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
+                        planar_configuration=_int(ds.get("PlanarConfiguration"), 0),
+                        params=GreyscaleParams.from_dataset(ds), meta=meta)
+
+
+def decode_codestream_cpu(frame: EncodedFrame) -> np.ndarray:
+    """An encapsulated frame's stored values, decoded on the CPU exactly as `decode_dicom` does
+    (Pillow for 8-bit JPEG, else pydicom + pylibjpeg): the fallback of the GPU decoder."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    if not frame.codestream:
+        raise DecodeError("no encapsulated frame to decode")
+    tsyntax = UID(frame.transfer_syntax)
+    if tsyntax in _JPEG_DCT_SYNTAXES and frame.bits_allocated == 8:
+        pillow = _jpeg_pillow(frame.codestream, None, fast=False)
+        if pillow is not None:
+            return pillow
+    header = Dataset()
+    header.file_meta = FileMetaDataset()
+    header.file_meta.TransferSyntaxUID = tsyntax
+    header.Rows, header.Columns, header.SamplesPerPixel = frame.rows, frame.columns, frame.samples
+    header.BitsAllocated, header.BitsStored = frame.bits_allocated, frame.params.bits_stored
+    header.PixelRepresentation = int(frame.params.signed)
+    header.PhotometricInterpretation = frame.photometric
+    header.PlanarConfiguration = frame.planar_configuration
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        raise DecodeError(f"unsupported transfer syntax {tsyntax} ({tsyntax.name})") from None
+    plugin = "pylibjpeg" if tsyntax in _JPEG_DCT_SYNTAXES else ""
+    return _pydicom_frame(decoder, header, frame.codestream, plugin)
+
+
+def decode_stored_frame(data: bytes, options: DecodeOptions = DecodeOptions()) -> tuple[np.ndarray, GreyscaleParams]:
+    """Frame 1's stored values (H, W) (sign-extended) or RGB (H, W, 3), and the mapping's parameters:
+    `decode_dicom` before `dcmtk_8bit` (exact decode; the CPU fallback of the GPU decoders)."""
+    ds, _ = _parse_checked(data, options)
+    return _decode_first_frame(ds, DecodeOptions(mode="exact")), GreyscaleParams.from_dataset(ds)
+
+
+def _parse_checked(data: bytes, options: DecodeOptions) -> tuple[Any, dict[str, Any]]:
+    """Parsed dataset and its metadata, after the refusals that need no pixel decoding."""
     ds = _parse(data)
     meta = dicom_meta(ds, options)
     modality = meta["modality"]
@@ -78,9 +169,7 @@ def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> Decod
             "use --allow-any-modality to score it anyway"
         )
     _check_pixel_header(ds, options)
-    frame = _decode_first_frame(ds, options)
-    grey = dcmtk_8bit(frame, GreyscaleParams.from_dataset(ds))
-    return DecodedImage(pixels=(grey.astype(np.uint16) * 257)[..., None], meta=meta)
+    return ds, meta
 
 
 def looks_like_acr_nema(data: bytes) -> bool:

@@ -1,0 +1,279 @@
+"""The seed chain and the dcmj2pnm mapping as tensor code, for the GPU (and the CPU in tests).
+
+In:  a torch tensor of Q16 pixels (H, W, C), C in {1, 3}, on any device (`seed_chain_tensor`), or a frame of
+     DICOM stored values plus its `GreyscaleParams` (`dcmtk_8bit_tensor`).
+Out: uint8 (H', W', C') on the same device — the same picture as the exact CPU path
+     (`cxrage_ray.preprocess.seed_chain`, `cxrage_ray.decode.dicom.dcmtk_8bit`), within one grey level.
+
+Same arithmetic as the exact path, arranged for a GPU:
+  trim          three whole-image comparisons against the TL/TR/BL corner colours (no edge scan)
+  LUT           -colorspace RGB, -auto-level, -depth 8 as one 65536-entry table built on the device from
+                the trimmed image's min/max (float64, as IM computes it)
+  resize        IM's Lanczos/Mitchell contribution rows (`seed_chain.axis_weights`, computed once per size)
+                as (output, tap) index/weight tensors; each pass sums tap by tap in IM's order over whole
+                rows at once (one gather + multiply-add per tap), float64, IM's Q16 rounding between passes
+                — so the sums, ties included, are IM's own.
+Images with an alpha channel (14 of the 250 sample films) take IM's alpha-weighted Mitchell resize, also
+tap by tap in IM's order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cxrage_ray.preprocess.seed_chain import (
+    MAGICK_EPSILON,
+    QUANTUM,
+    FilterName,
+    axis_weights,
+    fill_size,
+    resize_filter,
+)
+
+_GREY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+@dataclass
+class TensorSeedChain:
+    """The seed chain on one device; holds the device's lookup tables and resize matrices (per instance).
+
+    Args:
+        device: where the tensors live and the work runs.
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _linear: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _taps: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False)
+
+    # ------------------------------------------------------------------------------------- the chain
+
+    def __call__(self, q16: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """Q16 pixels (H, W, C) (any integer dtype) [+ Q16 alpha (H, W)] -> uint8 (H', W', C'), short side 512:
+        the seed-chain PNG's colour pixels (what the model reads; `seed_chain.seed_chain`)."""
+        return self.picture(q16, alpha)[0]
+
+    def picture(self, q16: torch.Tensor, alpha: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(uint8 pixels (H', W', C'), uint8 alpha (H', W') or None): the PNG mogrify writes
+        (`seed_chain.seed_picture`)."""
+        if q16.dim() != 3 or q16.shape[2] not in (1, 3):
+            raise ValueError(f"expected (H, W, 1|3) pixels, got {tuple(q16.shape)}")
+        x = q16.to(self.device, torch.int32)
+        if alpha is not None:
+            alpha = alpha.to(self.device, torch.int32)
+        top, bottom, left, right = trim_box_tensor(x if alpha is None else torch.cat([x, alpha[:, :, None]], 2))
+        x = x[top:bottom + 1, left:right + 1]
+        if alpha is not None:  # -depth 8 quantises opacity (65535 - alpha) as it does colour
+            opacity = QUANTUM - alpha[top:bottom + 1, left:right + 1]
+            alpha = QUANTUM - torch.div(opacity, 257, rounding_mode="floor") * 257
+        if x.shape[2] == 3 and _channels_equal(x):
+            x = x[:, :, :1]
+        levels = self.level_table(int(x.min()), int(x.max()))[x.long()]  # 8-bit levels k for Q16 257 k
+        out, alpha = self.resize_fill_512(levels, alpha)  # Q16
+        out = torch.div(out, 257, rounding_mode="floor").to(torch.uint8)
+        if out.shape[2] == 3 and _channels_equal(out):
+            out = out[:, :, :1]
+        alpha8 = None
+        if alpha is not None and int(alpha.min()) < QUANTUM:  # IM's PNG writer drops an all-opaque alpha
+            # the PNG writer truncates IM's opacity (65535 - alpha), not the alpha itself
+            alpha8 = (255 - torch.div(QUANTUM - alpha, 257, rounding_mode="floor")).to(torch.uint8)
+        return out, alpha8
+
+    def level_table(self, raw_min: int, raw_max: int) -> torch.Tensor:
+        """int64 table raw Q16 -> floor(depth8(auto_level(linearize(v))) / 257) (`seed_chain.level_table`)."""
+        lin = self.linear_table()
+        lo, hi = float(lin[raw_min]), float(lin[raw_max])
+        if hi == lo:
+            return torch.div(lin.long(), 257, rounding_mode="floor")
+        value = QUANTUM * ((1.0 / (hi - lo)) * (lin - lo))
+        q16 = torch.floor(value.clamp(0.0, QUANTUM) + 0.5)
+        return torch.div(q16.long(), 257, rounding_mode="floor")
+
+    def linear_table(self) -> torch.Tensor:
+        """float64 table sRGB Q16 -> linear-light Q16 (integral values), built once on the device."""
+        if self._linear is None:
+            u = torch.arange(QUANTUM + 1, dtype=torch.float64, device=self.device) / QUANTUM
+            g = torch.where(u <= 0.0404482362771076, u / 12.92, ((u + 0.055) / 1.055) ** 2.4)
+            self._linear = torch.floor(QUANTUM * g + 0.5)
+        return self._linear
+
+    # ------------------------------------------------------------------------------------- the resize
+
+    def resize_fill_512(self, levels: torch.Tensor, alpha: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """8-bit levels (H, W, C) [+ Q16 alpha (H, W)] -> Q16 int64 (H', W', C') [+ alpha] of `-resize 512x512^`."""
+        h, w, _ = levels.shape
+        out_w, out_h = fill_size(w, h)
+        if (out_w, out_h) == (w, h):
+            return levels.long() * 257, alpha
+        name = resize_filter(w, h, out_w, out_h, has_alpha=alpha is not None)
+        x = levels.permute(2, 0, 1).to(torch.float64) * 257.0  # (C, H, W) Q16 values
+        horizontal_first = out_w / w > out_h / h  # IM resizes the axis with the larger factor first
+        if alpha is not None:
+            opacity = QUANTUM - alpha.to(torch.float64)
+            if horizontal_first:
+                x, opacity = self._pass_alpha(x.transpose(1, 2), opacity.T, w, out_w, name)
+                x, opacity = self._pass_alpha(x.transpose(1, 2), opacity.T, h, out_h, name)
+            else:
+                x, opacity = self._pass_alpha(x, opacity, h, out_h, name)
+                x, opacity = self._pass_alpha(x.transpose(1, 2), opacity.T, w, out_w, name)
+                x, opacity = x.transpose(1, 2), opacity.T
+            return x.long().permute(1, 2, 0), (QUANTUM - opacity).long()
+        if horizontal_first:
+            mid = self._pass(x.transpose(1, 2), w, out_w, name)  # (C, out_w, h)
+            res = self._pass(mid.transpose(1, 2), h, out_h, name)  # (C, out_h, out_w)
+        else:
+            mid = self._pass(x, h, out_h, name)  # (C, out_h, w)
+            res = self._pass(mid.transpose(1, 2), w, out_w, name).transpose(1, 2)
+        return res.long().permute(1, 2, 0), None
+
+    def _pass(self, x: torch.Tensor, n_in: int, n_out: int, name: FilterName) -> torch.Tensor:
+        """One resize pass along dim 1 of (C, n_in, m) -> Q16-rounded (C, n_out, m), summed tap by tap in
+        IM's order (so it rounds exactly as IM does, ties included)."""
+        index, weights = self.taps(n_in, n_out, name)
+        x = x.contiguous()
+        acc = torch.zeros((x.shape[0], n_out, x.shape[2]), dtype=torch.float64, device=x.device)
+        for t in range(weights.shape[1]):
+            acc.addcmul_(x.index_select(1, index[:, t]), weights[:, t, None])
+        return _round_q16(acc)
+
+    def _pass_alpha(self, color: torch.Tensor, opacity: torch.Tensor, n_in: int, n_out: int, name: FilterName
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass along dim 1 with IM's alpha weighting, in IM's order (`seed_chain._pass_rows_alpha`).
+
+        Args:
+            color: (C, n_in, m) Q16 colour values (float64); opacity: (n_in, m) IM opacity (65535 - alpha).
+        """
+        index, weights = self.taps(n_in, n_out, name)
+        color, opacity = color.contiguous(), opacity.contiguous()
+        m = color.shape[2]
+        num = torch.zeros((color.shape[0], n_out, m), dtype=torch.float64, device=color.device)
+        gamma = torch.zeros((n_out, m), dtype=torch.float64, device=color.device)
+        opac = torch.zeros_like(gamma)
+        for t in range(weights.shape[1]):
+            w = weights[:, t, None]
+            op = opacity.index_select(0, index[:, t])
+            a = w * (1.0 / QUANTUM) * (QUANTUM - op)
+            num = num + a[None] * color.index_select(1, index[:, t])
+            opac = opac + w * op
+            gamma = gamma + a
+        safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
+        recip = torch.where(gamma.abs() >= MAGICK_EPSILON, 1.0 / safe,
+                            torch.where(gamma < 0, -1.0, 1.0) / MAGICK_EPSILON)
+        return _round_q16(recip[None] * num), _round_q16(opac)
+
+    def taps(self, n_in: int, n_out: int, name: FilterName) -> tuple[torch.Tensor, torch.Tensor]:
+        """IM's contribution rows n_in -> n_out on the device (cached): input index and weight per
+        (output, tap); padded taps point at a valid row with weight 0."""
+        key = (n_in, n_out, name)
+        if key not in self._taps:
+            aw = axis_weights(n_in, n_out, name)
+            index = np.minimum(aw.starts[:, None] + np.arange(aw.weights.shape[1])[None, :], n_in - 1)
+            if len(self._taps) > 64:  # archives have many sizes; keep the cache bounded
+                self._taps.clear()
+            self._taps[key] = (torch.from_numpy(index).to(self.device),
+                               torch.from_numpy(aw.weights.copy()).to(self.device))
+        return self._taps[key]
+
+
+def _round_q16(value: torch.Tensor) -> torch.Tensor:
+    """IM's `ClampToQuantum` between passes: floor(clamp(v, 0, 65535) + 0.5)."""
+    return torch.floor(value.clamp(0.0, QUANTUM) + 0.5)
+
+
+def _channels_equal(x: torch.Tensor) -> bool:
+    return bool(torch.equal(x[:, :, 0], x[:, :, 1]) and torch.equal(x[:, :, 1], x[:, :, 2]))
+
+
+def trim_box_tensor(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """`seed_chain.trim_box` (IM's bounding box, fuzz 0, no alpha) on a (H, W, C) tensor: inclusive
+    (top, bottom, left, right); the whole image when nothing differs from the top-left colour."""
+    h, w = x.shape[:2]
+    differs_tl = (x != x[0, 0]).any(dim=2)
+    cols_tl = torch.nonzero(differs_tl.any(dim=0)).flatten()
+    if cols_tl.numel() == 0:
+        return 0, h - 1, 0, w - 1
+    rows_tl = torch.nonzero(differs_tl.any(dim=1)).flatten()
+    cols_tr = torch.nonzero((x != x[0, w - 1]).any(dim=2).any(dim=0)).flatten()
+    rows_bl = torch.nonzero((x != x[h - 1, 0]).any(dim=2).any(dim=1)).flatten()
+    left, top = int(cols_tl[0]), int(rows_tl[0])
+    # IM starts right/bottom at 0 and only raises them
+    right = int(cols_tr[-1]) if cols_tr.numel() else 0
+    bottom = int(rows_bl[-1]) if rows_bl.numel() else 0
+    if right < left or bottom < top:
+        return 0, h - 1, 0, w - 1
+    return top, bottom, left, right
+
+
+# ----------------------------------------------------------------------------- the dcmj2pnm mapping
+
+
+def dcmtk_8bit_tensor(frame: torch.Tensor, params) -> torch.Tensor:
+    """`cxrage_ray.decode.dicom.dcmtk_8bit` on a tensor: stored values (H, W) or RGB (H, W, 3) -> uint8 (H, W).
+
+    Args:
+        frame: stored values, sign-extended to BitsStored (see `sign_extend`), any integer dtype.
+        params: the header's `GreyscaleParams`.
+    """
+    from cxrage_ray.decode.dicom import _representation_size
+
+    bits = params.bits_stored
+    if params.colour:
+        rgb = frame.to(torch.float64)
+        grey = torch.trunc(rgb[..., 0] * _GREY_WEIGHTS[0] + rgb[..., 1] * _GREY_WEIGHTS[1]
+                           + rgb[..., 2] * _GREY_WEIGHTS[2])
+        return _nowindow(grey, 0.0, float((1 << bits) - 1), False, 4, grey.numel())
+    if params.signed:
+        absmin, absmax = float(-(1 << (bits - 1))), float((1 << (bits - 1)) - 1)
+    else:
+        absmin, absmax = 0.0, float((1 << bits) - 1)
+    values = frame.to(torch.float64)
+    if params.lut_data is not None:
+        lut = torch.from_numpy(params.lut_data.astype(np.int64)).to(frame.device)
+        index = (frame.long() - params.lut_first).clamp(0, len(lut) - 1)
+        values = lut[index].to(torch.float64)
+        absmin, absmax = 0.0, float((1 << params.lut_bits) - 1)
+        lo, hi = float(params.lut_data.min()), float(params.lut_data.max())
+    elif params.slope is not None:
+        slope, intercept = params.slope, params.intercept
+        if slope == 1.0:
+            values = torch.trunc(values + intercept)
+        elif intercept == 0.0:
+            values = torch.trunc(values * slope)
+        else:
+            values = torch.trunc(values * slope + intercept)
+        lo, hi = float(frame.min()) * slope + intercept, float(frame.max()) * slope + intercept
+        absmin, absmax = absmin * slope + intercept, absmax * slope + intercept
+        if slope < 0:
+            absmin, absmax = absmax, absmin
+            lo, hi = hi, lo
+    else:
+        lo, hi = float(frame.min()), float(frame.max())
+    return _nowindow(values, absmin, absmax, params.invert, _representation_size(lo, hi), frame.numel())
+
+
+def _nowindow(values: torch.Tensor, absmin: float, absmax: float, invert: bool, inter_size: int,
+              count: int) -> torch.Tensor:
+    """dimoopxt.h `nowindow` (see `cxrage_ray.decode.dicom._nowindow`)."""
+    low, high = (255.0, 0.0) if invert else (0.0, 255.0)
+    absrange = absmax - absmin + 1.0
+    gradient = (high - low + 1.0) / absrange
+    ocnt = int(absrange) if absrange <= 10_000_000.0 else 0
+    offset = values - (float(int(absmin)) if inter_size <= 2 and ocnt > 0 and count > 3 * ocnt else absmin)
+    return torch.trunc(low + offset * gradient).clamp(0, 255).to(torch.uint8)
+
+
+def sign_extend(stored: torch.Tensor, bits_stored: int, signed: bool) -> torch.Tensor:
+    """Raw samples as a codec returns them (unsigned container) -> int32 values BitsStored wide."""
+    x = stored.to(torch.int32) & ((1 << bits_stored) - 1)
+    if signed:
+        x = torch.where(x >= (1 << (bits_stored - 1)), x - (1 << bits_stored), x)
+    return x
+
+
+def dicom_q16_tensor(frame: torch.Tensor, params) -> torch.Tensor:
+    """Stored values -> the Q16 (H, W, 1) picture `decode_dicom` hands the seed chain (8-bit v as 257 v)."""
+    return dcmtk_8bit_tensor(frame, params).to(torch.int32)[..., None] * 257
