@@ -74,3 +74,67 @@ def test_cuda_request_without_gpu_fails_clearly(state_dict):
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="no CUDA device"):
         AgePredictor(state_dict, PredictorConfig(device="cuda"))
+
+
+def test_fp32_on_cpu_equals_the_plain_model_exactly(state_dict, pictures):
+    """The GPU-oriented restructuring (queue of views, staging) must not move a CPU fp32 score at all."""
+    predictor = AgePredictor(state_dict, PredictorConfig(device="cpu", batch_size=5))
+    assert not predictor.compiled and predictor._network is predictor.model  # CPU: unfolded, eager
+    pred = predictor.predict(pictures)
+    model = build_model(state_dict)
+    with torch.no_grad():
+        outs = torch.stack([model(tta_views(p))[:, 0] for p in pictures])
+    final, _ = combine_tta(outs)
+    np.testing.assert_array_equal(pred.raw, final.double().numpy())
+
+
+def test_tensor_pictures_score_like_host_pictures(state_dict, pictures):
+    predictor = AgePredictor(state_dict, PredictorConfig(device="cpu", batch_size=10))
+    host = predictor.predict(pictures)
+    tensors = predictor.predict([torch.from_numpy(np.ascontiguousarray(p)) for p in pictures])
+    np.testing.assert_array_equal(host.raw, tensors.raw)
+
+
+def test_folded_batchnorm_is_the_same_function(state_dict, pictures):
+    plain = AgePredictor(state_dict, PredictorConfig(device="cpu"))
+    folded = AgePredictor(state_dict, PredictorConfig(device="cpu", fold_batchnorm="on"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded._network.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())  # saliency keeps the original
+    a, b = plain.predict(pictures), folded.predict(pictures)
+    assert not np.array_equal(a.raw, b.raw)  # really a different computation
+    np.testing.assert_allclose(b.raw, a.raw, atol=1e-4)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(state_dict, pictures, monkeypatch, caplog):
+    """A compiler that cannot build here (no toolchain, an unsupported GPU) must cost speed, not scores."""
+
+    def failing_compile(module, **kwargs):
+        def compiled(x):
+            raise RuntimeError("inductor: C++ compiler not found")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    predictor = AgePredictor(state_dict, PredictorConfig(device="cpu", compile="on"))
+    assert predictor.compiled
+    with caplog.at_level("WARNING"):
+        pred = predictor.predict(pictures)
+    assert not predictor.compiled and "torch.compile failed" in caplog.text
+    reference = AgePredictor(state_dict, PredictorConfig(device="cpu")).predict(pictures)
+    np.testing.assert_allclose(pred.raw, reference.raw, atol=1e-5)  # padded batch: float-level only
+
+
+def test_compiled_batches_are_padded_to_one_shape(state_dict, pictures, monkeypatch):
+    seen: list[tuple[int, ...]] = []
+
+    def recording_compile(module, **kwargs):
+        def compiled(x):
+            seen.append(tuple(x.shape))
+            return module(x)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    predictor = AgePredictor(state_dict, PredictorConfig(device="cpu", compile="on", batch_size=4))
+    pred = predictor.predict(pictures)  # 15 views -> 4 batches of 4, the last padded
+    assert seen == [(4, 3, 224, 224)] * 4
+    reference = AgePredictor(state_dict, PredictorConfig(device="cpu", batch_size=4)).predict(pictures)
+    np.testing.assert_allclose(pred.raw, reference.raw, atol=1e-6)
