@@ -41,6 +41,8 @@ CONTRACT_FIELDS: list[pa.Field] = [
     pa.field("tta", pa.string()),
     pa.field("decode", pa.string()),
     pa.field("device", pa.string()),
+    pa.field("decode_device", pa.string()),  # "cpu" or "gpu": where the file's pixels were decoded
+    pa.field("preprocess_engine", pa.string()),  # "exact" (CPU seed chain) or "tensor" (on the inference device)
     pa.field("orientation", pa.int64()),
     pa.field("rotation_source", pa.string()),
     pa.field("qc", pa.list_(pa.string())),

@@ -1,0 +1,78 @@
+"""The device itinerary's stages without Ray, on the CPU: bytes-only prepare, then decode + mapping + tensor seed
+chain + orientation + model in the actor — scored like the CPU itinerary, film for film."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from checkpoints import random_state_dict
+from cxrage_ray.device_stages import DeviceScoreStage, prepare_encoded_batch
+from cxrage_ray.orient import OrientConfig
+from cxrage_ray.predict import PredictorConfig
+from cxrage_ray.stages import PredictStage, PrepareSettings, prepare_batch
+from cxrage_ray.storage import StorageConfig
+from imagegen import pillow_bytes, radiograph
+
+LABELS = {"weights_sha256": "0" * 64, "preprocess": "seed", "tta": "seed", "decode": "exact"}
+DICOMS = ["cxr/WG04_RG1_J2KI.dcm", "cxr/WG04_RG1_JLSN.dcm", "cxr/orthanc_Issue44_Monochrome1-Jpeg.dcm",
+          "cxr/barre_CR-MONO1-10-chest_acrnema", "derived/RG1_reencoded_RLELossless.dcm"]
+
+
+def manifest(uris: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"row_id": range(len(uris)), "image_id": [Path(u).name for u in uris], "uri": uris})
+
+
+@pytest.fixture(scope="module")
+def films(cxr_sample: Path, dicom_sample: Path, tmp_path_factory) -> pd.DataFrame:
+    tmp = tmp_path_factory.mktemp("films")
+    upright = np.asarray(Image.open(cxr_sample / "images" / "nih_00030654_000.png").convert("L"))
+    Image.fromarray(np.rot90(upright, k=-1)).save(tmp / "turned.png")  # lying 90 degrees clockwise
+    (tmp / "sixteen.png").write_bytes(pillow_bytes(radiograph(700, 560, seed=2, border=9, dtype=np.uint16), "PNG"))
+    (tmp / "broken.dcm").write_bytes((dicom_sample / DICOMS[0]).read_bytes()[:5000])
+    images = sorted((cxr_sample / "images").iterdir())
+    alpha = [p for p in images if p.name in ("nih_00002578_000.png", "ieee_000001-3.png")]
+    uris = [str(p) for p in images[:3] + alpha] + [str(dicom_sample / d) for d in DICOMS]
+    uris += [str(tmp / "sixteen.png"), str(tmp / "turned.png"), str(tmp / "broken.dcm"), str(tmp / "missing.png")]
+    return manifest(uris)
+
+
+def plain(column: pd.Series) -> list:
+    """Values without the dtype (object vs float columns): nulls as None, whole floats as ints."""
+    return [None if pd.isna(v) else int(v) if isinstance(v, float) and v.is_integer() else v for v in column]
+
+
+def score_both(rows: pd.DataFrame, orient: OrientConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    settings = PrepareSettings(storage=StorageConfig(), orient=orient)
+    state = [random_state_dict(seed=5)]
+    config = PredictorConfig(device="cpu", batch_size=20)
+    cpu = PredictStage(state, config, {**LABELS, "decode_device": "cpu", "preprocess_engine": "exact"})(
+        prepare_batch(rows, settings))
+    encoded = prepare_encoded_batch(rows, settings)
+    assert "pixels" not in encoded and set(encoded["payload_kind"]) >= {"codestream", "grey8", "q16"}
+    device = DeviceScoreStage(state, config, LABELS, orient=orient)(encoded)
+    return cpu.set_index("image_id"), device.set_index("image_id")
+
+
+def test_device_itinerary_scores_every_film_like_the_cpu_itinerary(films: pd.DataFrame) -> None:
+    cpu, device = score_both(films, OrientConfig(mode="auto", rotation_list={"turned.png": 270}))
+    assert len(device) == len(films) and list(device.index) == list(cpu.index)
+    assert (device["status"] == cpu["status"]).all()
+    ok = device["status"] == "ok"
+    assert ok.sum() == len(films) - 2
+    np.testing.assert_array_equal(device.loc[ok, "cxr_age"].to_numpy(), cpu.loc[ok, "cxr_age"].to_numpy())
+    np.testing.assert_array_equal(device.loc[ok, "raw_sd"].to_numpy(), cpu.loc[ok, "raw_sd"].to_numpy())
+    for column in ("orientation", "rotation_source", "modality", "chronological_age"):
+        assert plain(device[column]) == plain(cpu[column]), column
+    assert [list(q) for q in device["qc"]] == [list(q) for q in cpu["qc"]]
+    assert device.loc["turned.png", "orientation"] == 90
+    assert device.loc["broken.dcm", "error"].startswith("DecodeError")
+    assert device.loc["missing.png", "error"].startswith("ReadError")
+    # no GPU here: every frame, the J2K and JPEG codestreams included, took the CPU fallback — and says so
+    assert set(device.loc[ok, "decode_device"]) == {"cpu"}
+    assert set(device["preprocess_engine"]) == {"tensor"} and set(cpu["preprocess_engine"]) == {"exact"}
+    assert not {"payload", "payload_kind", "alpha", "meta_json"} & set(device.columns)
