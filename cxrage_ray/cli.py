@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retry only error rows of these comma-separated kinds, e.g. ReadError,DecodeError "
                    "(implies --retry-errors)")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--gpu-preprocess", choices=["auto", "on", "off"], default="auto",
+                   help="on: send bytes to GPU actors that decode (nvImageCodec), run the seed chain and score; "
+                   "off: decode and seed chain on CPU tasks; auto (default): on when the cluster has a GPU and "
+                   "nvImageCodec is installed (pip install 'cxrage-ray[gpu]')")
     _add_decode(s)
     _add_storage(s)
 
@@ -85,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("outdir")
     pp.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     pp.add_argument("--decode", choices=["fast", "exact"], default="exact")
+    pp.add_argument("--engine", choices=["exact", "tensor"], default="exact",
+                    help="exact: the CPU seed chain (default); tensor: the GPU path's tensor code (on the GPU when "
+                    "there is one, else on the CPU), to compare both on your own archive")
     _add_storage(pp)
 
     w = sub.add_parser("weights", help="manage model weights")
@@ -156,6 +163,7 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         overwrite=args.overwrite,
         retry_errors=_retry_kinds(args),
         progress=not args.no_progress,
+        gpu_preprocess=args.gpu_preprocess,
     )
     summary = score(cfg, _weights_home(env))
     print(
@@ -205,7 +213,8 @@ def cmd_preprocess(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from cxrage_ray.export import export_seed_chain_pngs
 
     failures = export_seed_chain_pngs(args.input, args.outdir, _storage(args, env),
-                                      DecodeOptions(mode=args.decode, allow_any_modality=True), workers=args.workers)
+                                      DecodeOptions(mode=args.decode, allow_any_modality=True), workers=args.workers,
+                                      engine=args.engine)
     return EXIT_ROW_ERRORS if failures else EXIT_OK
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cxrage_ray.decode import DecodeOptions
 from cxrage_ray.orient import OrientConfig
@@ -44,6 +45,9 @@ class ScoreConfig:
         overwrite: discard an OUTPUT that holds another job's results instead of refusing.
         retry_errors: None keeps committed error rows (a rerun only scores missing rows); a tuple of error
             kinds (`ReadError`, ...) rescores the error rows of those kinds, the empty tuple every error row.
+        gpu_preprocess: "on" sends bytes to GPU actors that decode, preprocess and score (the device
+            itinerary); "off" keeps decode and the seed chain on CPU tasks; "auto" is on when the cluster has
+            a GPU and nvImageCodec is installed (see `cxrage_ray.pipeline.choose_itinerary`).
     """
 
     input: str
@@ -62,3 +66,4 @@ class ScoreConfig:
     overwrite: bool = False
     retry_errors: tuple[str, ...] | None = None
     progress: bool = True
+    gpu_preprocess: Literal["auto", "on", "off"] = "auto"

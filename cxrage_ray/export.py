@@ -5,7 +5,8 @@ Out: OUTDIR/<image_id without extension>.png for each decodable input (grey when
      as ImageMagick writes it); the number of inputs that failed (each reported on stderr by image_id).
 
 Runs in a local process pool, not on Ray: it is a conversion tool for inspecting and comparing the
-pixels the model sees, not an archive-scale job.
+pixels the model sees, not an archive-scale job. `engine="tensor"` writes the GPU path's pictures instead
+(`cxrage_ray.preprocess.tensor`, GPU decode where it applies), in this process, on the GPU when there is one.
 """
 
 from __future__ import annotations
@@ -40,16 +41,71 @@ def export_one(uri: str, dest: Path, storage: StorageConfig, options: DecodeOpti
     return None
 
 
+class TensorExporter:
+    """`export_one` for the tensor engine: one decoder and seed chain on this process's device."""
+
+    def __init__(self) -> None:
+        import torch
+
+        from cxrage_ray.decode.gpu import FrameDecoder
+        from cxrage_ray.preprocess.tensor import TensorSeedChain
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.decoder = FrameDecoder(device)
+        self.chain = TensorSeedChain(device)
+
+    def __call__(self, uri: str, dest: Path, storage: StorageConfig, options: DecodeOptions) -> str | None:
+        import torch
+
+        from cxrage_ray.decode import is_dicom
+        from cxrage_ray.preprocess.seed_chain import encode_png
+        from cxrage_ray.preprocess.tensor import dicom_q16_tensor
+
+        try:
+            data = read_bytes(uri, storage)
+            alpha = None
+            if is_dicom(data, uri):
+                from cxrage_ray.decode.dicom import encoded_first_frame
+
+                frame = encoded_first_frame(data, options)
+                if frame.codec in ("j2k", "jpeg"):
+                    stored = self.decoder.decode([frame])[0]
+                    if isinstance(stored, BaseException):
+                        raise stored
+                    q16 = dicom_q16_tensor(stored.values, frame.params)
+                else:
+                    q16 = torch.from_numpy(decode_image(data, uri, options).pixels.astype("int32"))
+            else:
+                decoded = decode_image(data, uri, options)
+                q16 = torch.from_numpy(decoded.pixels.astype("int32"))
+                alpha = None if decoded.alpha is None else torch.from_numpy(decoded.alpha.astype("int32"))
+            pixels, alpha8 = self.chain.picture(q16, alpha)
+            png = encode_png(pixels.cpu().numpy(), None if alpha8 is None else alpha8.cpu().numpy())
+        except Exception as exc:  # report and go on: one bad file must not stop the conversion
+            return error_text(exc)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(".png.tmp")
+        tmp.write_bytes(png)
+        tmp.replace(dest)
+        return None
+
+
 def export_seed_chain_pngs(
-    input: str, outdir: str, storage: StorageConfig, options: DecodeOptions, workers: int = 1
+    input: str, outdir: str, storage: StorageConfig, options: DecodeOptions, workers: int = 1,
+    engine: str = "exact",
 ) -> int:
-    """Convert every input; returns the number of failures."""
+    """Convert every input with the `exact` (CPU process pool) or `tensor` engine; returns the number of failures."""
     manifest = build_manifest(input, storage)
     out = Path(outdir)
     jobs = [(row.uri, out / png_name(row.image_id)) for row in manifest.itertuples()]
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(export_one, [u for u, _ in jobs], [d for _, d in jobs],
-                           [storage] * len(jobs), [options] * len(jobs), chunksize=8)
+        if engine == "tensor":
+            convert = TensorExporter()
+            results = map(convert, [u for u, _ in jobs], [d for _, d in jobs], [storage] * len(jobs),
+                          [options] * len(jobs))
+        else:
+            results = pool.map(export_one, [u for u, _ in jobs], [d for _, d in jobs],
+                               [storage] * len(jobs), [options] * len(jobs), chunksize=8)
         failures = 0
         for (uri, dest), error in zip(jobs, results):
             if error is not None:

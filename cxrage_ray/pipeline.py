@@ -5,6 +5,12 @@
       -> predict      actor pool, one actor per GPU or CPU actors: fastai views + TTA + calibration
       -> write        driver: whole Parquet parts under OUTPUT/parts, then summary.json
 
+or, on GPU clusters (the device itinerary, `choose_itinerary`):
+
+      -> prepare      CPU tasks: fetch bytes, parse DICOM headers / decode rasters  (device_stages.prepare_encoded_batch)
+      -> score        one actor per GPU: batch decode, mapping, seed chain, orientation, model  (DeviceScoreStage)
+      -> write        as above
+
 Every stage named here lives in its own module and runs without Ray; this file only wires them.
 """
 
@@ -16,9 +22,9 @@ import os
 import platform
 import time
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import pandas as pd
 import pyarrow as pa
@@ -41,6 +47,7 @@ from cxrage_ray.sink import (
     write_json,
     write_original_csv,
 )
+from cxrage_ray.device_stages import DeviceScoreStage, prepare_encoded_batch
 from cxrage_ray.stages import PrepareSettings, PredictStage, prepare_batch
 from cxrage_ray.storage import filesystem_for
 
@@ -56,6 +63,7 @@ GPU_BATCH_VIEWS, CPU_BATCH_VIEWS = 640, 64
 def score(cfg: ScoreConfig, weights_home: Path) -> dict[str, Any]:
     """Run a scoring job to completion (or resume one); returns the summary written to summary.json."""
     started = time.perf_counter()
+    check_gpu_request(cfg, local_cuda=torch_cuda_available())
     manifest = build_manifest(cfg.input, cfg.storage)
     weights = resolve_weights(cfg.weights, weights_home, cfg.allow_fetch)
     state_dict = load_state_dict(weights.path)
@@ -67,11 +75,14 @@ def score(cfg: ScoreConfig, weights_home: Path) -> dict[str, Any]:
               "decode": cfg.decode.mode}
 
     scored = 0
+    itinerary = Itinerary("cpu", "nothing left to score")
     if len(todo):
         with ray_session(cfg.ray), _progress(len(todo), len(manifest), cfg.progress) as bar:
+            itinerary = choose_itinerary(cfg, cluster_gpus=_cluster_gpus(), nvimgcodec=nvimgcodec_installed())
+            log.info("itinerary: %s (%s)", itinerary.path, itinerary.reason)
             try:
-                for table in _dataset(todo, cfg, state_dict, labels).iter_batches(batch_format="pyarrow",
-                                                                                 batch_size=None):
+                for table in _dataset(todo, cfg, state_dict, labels, itinerary).iter_batches(
+                        batch_format="pyarrow", batch_size=None):
                     writer.add(table)
                     scored += len(table)
                     bar.update(len(table))
@@ -90,13 +101,76 @@ def score(cfg: ScoreConfig, weights_home: Path) -> dict[str, Any]:
                 ) from exc
             writer.flush()
     summary = _summary(cfg, manifest, weights.sha256, scored, time.perf_counter() - started)
+    summary["itinerary"] = {"path": itinerary.path, "reason": itinerary.reason}
     write_json(cfg.output, "summary.json", summary, cfg.storage)
     if cfg.csv:
         write_original_csv(read_output(cfg.output, cfg.storage), cfg.csv, cfg.storage)
     return summary
 
 
-def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dict[str, str]):
+@dataclass(frozen=True)
+class Itinerary:
+    """Which way the films go: "cpu" (decode + seed chain on CPU tasks) or "device" (bytes to GPU actors)."""
+
+    path: Literal["cpu", "device"]
+    reason: str
+
+
+def check_gpu_request(cfg: ScoreConfig, local_cuda: bool) -> None:
+    """Refuse `--gpu-preprocess on` that cannot be honoured, before Ray starts or OUTPUT is touched."""
+    if cfg.gpu_preprocess != "on":
+        return
+    if cfg.preprocess != "seed":
+        raise InputError("--gpu-preprocess on runs the seed chain on the GPU; it cannot be combined with "
+                         "--preprocess none")
+    if cfg.decode.mode != "exact":
+        raise InputError("--gpu-preprocess on decodes full-resolution frames; it cannot be combined with --decode fast")
+    if cfg.predictor.device == "cpu":
+        raise InputError("--gpu-preprocess on needs a GPU, but --device cpu was given")
+    if not cfg.ray.address and not local_cuda:
+        raise InputError("--gpu-preprocess on, but this machine has no CUDA GPU (torch sees none); use "
+                         "--gpu-preprocess auto or off, or run on a GPU node / cluster (--ray-address)")
+
+
+def choose_itinerary(cfg: ScoreConfig, cluster_gpus: int, nvimgcodec: bool) -> Itinerary:
+    """The device itinerary when asked for (`on`), or under `auto` when the cluster has GPUs and nvImageCodec is
+    installed; the CPU itinerary otherwise, with the reason (it goes into summary.json)."""
+    if cfg.gpu_preprocess == "on":
+        if not cluster_gpus:
+            raise InputError("--gpu-preprocess on, but the Ray cluster has no GPU resources")
+        return Itinerary("device", "--gpu-preprocess on")
+    if cfg.gpu_preprocess == "off":
+        return Itinerary("cpu", "--gpu-preprocess off")
+    for blocked, reason in ((cfg.preprocess != "seed", "--preprocess none"), (cfg.decode.mode != "exact", "--decode fast"),
+                            (cfg.predictor.device == "cpu", "--device cpu"), (not cluster_gpus, "no GPU in the cluster"),
+                            (not nvimgcodec, "nvImageCodec is not installed (pip install 'cxrage-ray[gpu]')")):
+        if blocked:
+            return Itinerary("cpu", f"auto: {reason}")
+    return Itinerary("device", "auto: GPU and nvImageCodec present")
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def nvimgcodec_installed() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.nvimgcodec") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dict[str, str], itinerary: Itinerary):
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -109,19 +183,35 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
     predictor = cfg.predictor
     if predictor.batch_size <= 0:  # auto: large batches keep a GPU busy; a CPU gains nothing beyond ~64 views
         predictor = replace(predictor, batch_size=GPU_BATCH_VIEWS if gpus else CPU_BATCH_VIEWS)
+    images_per_batch = max(1, predictor.batch_size // (5 if predictor.tta == "seed" else 1))
+    state_ref = [ray.put(state_dict)]
+    rows = ray.data.from_pandas(blocks)
+    if itinerary.path == "device":
+        return (
+            rows.map_batches(prepare_encoded_batch, fn_kwargs={"settings": settings}, batch_format="pandas",
+                             batch_size=None, num_cpus=1)
+            .map_batches(
+                DeviceScoreStage,
+                fn_constructor_kwargs={"state_dict_ref": state_ref, "predictor_config": predictor, "labels": labels,
+                                       "orient": cfg.orient, "saliency": cfg.saliency},
+                batch_format="pandas", batch_size=images_per_batch,
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, gpus)), num_gpus=1, num_cpus=1,
+            )
+        )
     actors = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus) if gpus else ray.data.ActorPoolStrategy(
         size=cfg.ray.predict_actors
     )
+    engine = "exact" if cfg.preprocess == "seed" else "none"
     return (
-        ray.data.from_pandas(blocks)
-        .map_batches(prepare_batch, fn_kwargs={"settings": settings}, batch_format="pandas", batch_size=None,
-                     num_cpus=1)
+        rows.map_batches(prepare_batch, fn_kwargs={"settings": settings}, batch_format="pandas", batch_size=None,
+                         num_cpus=1)
         .map_batches(
             PredictStage,
-            fn_constructor_kwargs={"state_dict_ref": [ray.put(state_dict)], "predictor_config": predictor,
-                                   "labels": labels, "saliency": cfg.saliency},
+            fn_constructor_kwargs={"state_dict_ref": state_ref, "predictor_config": predictor,
+                                   "labels": {**labels, "decode_device": "cpu", "preprocess_engine": engine},
+                                   "saliency": cfg.saliency},
             batch_format="pandas",
-            batch_size=max(1, predictor.batch_size // (5 if predictor.tta == "seed" else 1)),
+            batch_size=images_per_batch,
             compute=actors,
             num_gpus=1 if gpus else 0,
             num_cpus=1 if gpus else _cpu_predictor_cpus(),

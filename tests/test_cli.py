@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -79,3 +81,35 @@ def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def test_preprocess_tensor_engine_writes_the_same_pictures(tmp_path, cxr_sample, dicom_sample):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("nih_00002578_000.png", "ieee_000001-24.jpg"):  # an RGBA PNG and a JPEG
+        (src / name).write_bytes((cxr_sample / "images" / name).read_bytes())
+    (src / "j2k.dcm").write_bytes((dicom_sample / "cxr" / "WG04_RG1_J2KI.dcm").read_bytes())
+    (src / "broken.png").write_bytes(b"not an image")
+    assert main(["preprocess", str(src), str(tmp_path / "exact"), "--workers", "1"]) == EXIT_ROW_ERRORS
+    assert main(["preprocess", str(src), str(tmp_path / "tensor"), "--engine", "tensor"]) == EXIT_ROW_ERRORS
+    written = sorted(p.name for p in (tmp_path / "tensor").iterdir())
+    assert written == ["ieee_000001-24.png", "j2k.png", "nih_00002578_000.png"]
+    for name in written:
+        with Image.open(tmp_path / "exact" / name) as a, Image.open(tmp_path / "tensor" / name) as b:
+            assert a.mode == b.mode and np.array_equal(np.asarray(a), np.asarray(b)), name
+
+
+def test_gpu_preprocess_on_without_a_gpu_is_a_usage_error_before_anything_starts(tmp_path):
+    import time
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    Image.fromarray(np.full((64, 64), 9, np.uint8)).save(tmp_path / "film.png")
+    started = time.perf_counter()
+    code = main(["score", str(tmp_path / "film.png"), str(tmp_path / "out"), "--weights", "demo",
+                 "--gpu-preprocess", "on"], env={**os.environ, "CXRAGE_HOME": str(tmp_path / "home")})
+    assert code == 2
+    assert time.perf_counter() - started < 30  # refused before Ray starts (Ray alone takes longer here)
+    assert not (tmp_path / "out").exists()  # nothing left behind

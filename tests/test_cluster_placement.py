@@ -1,4 +1,5 @@
-"""On a two-node cluster (head + a node declaring one GPU) the predictor lands on the GPU node and decode elsewhere.
+"""On a two-node cluster (head + a node declaring one GPU) the predictor lands on the GPU node and decode elsewhere,
+and `--gpu-preprocess on` (the device itinerary) scores the same films to the same ages there.
 
 Runs in a subprocess because the test session already holds an embedded Ray. The "GPU" node has no CUDA
 device here, so the predictor must also fall back to CPU there (environment.md).
@@ -31,7 +32,8 @@ SCRIPT = textwrap.dedent(
     from cxrage_ray.pipeline import score
     from cxrage_ray.predict import PredictorConfig
 
-    films, weights, out = sys.argv[1:4]
+    from dataclasses import replace
+    films, weights, out, out_device = sys.argv[1:5]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
     # the GPU node's only CPU is taken by the predictor actor, so CPU tasks cannot run there
     gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
@@ -41,7 +43,15 @@ SCRIPT = textwrap.dedent(
     summary = score(cfg, Path(out) / "home")
     actors = [a for a in ray._private.state.actors().values() if "MapWorker" in a["ActorClassName"]]
     rows = pq.read_table(Path(out) / "parts").to_pandas()
+    device_summary = score(replace(cfg, output=out_device, gpu_preprocess="on"), Path(out) / "home")
+    device_rows = pq.read_table(Path(out_device) / "parts").to_pandas()
+    actors = [a for a in ray._private.state.actors().values() if "MapWorker" in a["ActorClassName"]]
+    pair = rows.merge(device_rows, on="row_id", suffixes=("", "_device"))
     print(json.dumps({
+        "device_summary": device_summary,
+        "max_age_diff": float((pair["cxr_age"] - pair["cxr_age_device"]).abs().max()),
+        "device_columns": sorted(set(zip(device_rows["decode_device"], device_rows["preprocess_engine"]))),
+        "cpu_columns": sorted(set(zip(rows["decode_device"], rows["preprocess_engine"]))),
         "summary": summary,
         "actor_nodes": [a["Address"]["NodeID"] for a in actors],
         "gpu_node": gpu_node.node_id,
@@ -63,7 +73,8 @@ def test_predictor_on_gpu_node_decode_elsewhere(tmp_path):
     weights = tmp_path / "w.pth"
     save_fastai_checkpoint(weights, random_state_dict(seed=2), legacy=False, with_opt=False)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(films), str(weights), str(tmp_path / "out")],
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(films), str(weights), str(tmp_path / "out"),
+                             str(tmp_path / "out-device")],
                             env=env, capture_output=True, text=True, timeout=500)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -72,3 +83,11 @@ def test_predictor_on_gpu_node_decode_elsewhere(tmp_path):
     assert set(report["actor_nodes"]) == {report["gpu_node"]}  # the predictor, and only it, on the GPU node
     assert report["gpu_node_cpus"] == [1.0]
     assert report["devices"] == ["cpu/float32"]  # no CUDA there: CPU fallback
+    # auto without nvImageCodec keeps the CPU itinerary and says why; `on` takes the device itinerary
+    assert report["summary"]["itinerary"]["path"] == "cpu"
+    assert "nvImageCodec" in report["summary"]["itinerary"]["reason"]
+    assert report["device_summary"]["itinerary"]["path"] == "device"
+    assert report["device_summary"]["rows_ok"] == 6
+    assert report["max_age_diff"] == 0.0  # same pictures, same CPU fp32 network
+    assert report["cpu_columns"] == [["cpu", "exact"]]
+    assert report["device_columns"] == [["cpu", "tensor"]]  # no GPU decoder here: the CPU decoded the bytes
