@@ -143,7 +143,7 @@ class DeviceScoreStage:
             state_dict = ray.get(state_dict)
         self.predictor = AgePredictor(state_dict, predictor_config)
         device = self.predictor.device
-        self.decoder = FrameDecoder(device, use_gpu=gpu_decode)
+        self.decoder = FrameDecoder(device, use_nvimgcodec=gpu_decode)
         self.chain = TensorSeedChain(device)
         self.orient = orient
         precision = str(self.predictor.dtype).removeprefix("torch.")
@@ -164,14 +164,13 @@ class DeviceScoreStage:
         self._qc: dict[int, list[str]] = {}
         q16 = self._decode(batch)
         pictures: dict[int, torch.Tensor] = {}
-        for i, picture in q16.items():
+        for i, (pixels, alpha) in q16.items():
             try:
-                pictures[i] = self._picture(batch, i, *picture)
-            except CxrAgeError as exc:
+                pictures[i] = self.chain(pixels, alpha)
+            except Exception as exc:  # one film's failure must not cost its neighbours
                 _fail(batch, i, exc)
-            except Exception as exc:  # an unexpected failure on one film must not cost its neighbours
-                log.warning("unexpected %s while preprocessing row %s", type(exc).__name__, batch.at[i, "row_id"])
-                _fail(batch, i, exc)
+        if self.orient is not None:
+            pictures = self._orient(batch, pictures, q16)
         self._score(batch, pictures)
         batch["qc"] = [self._qc.get(i, []) for i in range(len(batch))]
         age = pd.to_numeric(batch["chronological_age"], errors="coerce")
@@ -217,26 +216,36 @@ class DeviceScoreStage:
             out[i] = (pixels * 257 if kind == "grey8" else pixels, alpha)
         return out
 
-    def _picture(self, batch: pd.DataFrame, i: int, q16: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
-        """The seed-chain picture on the device, orientation corrected before the chain as the CPU path does."""
-        picture = self.chain(q16, alpha)
-        if self.orient is None:
-            return picture
-        from cxrage_ray.orient import orient
+    def _orient(self, batch: pd.DataFrame, pictures: dict[int, torch.Tensor],
+                q16: dict[int, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[int, torch.Tensor]:
+        """Orientation on the batch's pictures (the classifier batched, as `orient_batch` runs it); a turned
+        film is corrected before the seed chain and the chain rerun, as the CPU itinerary does."""
+        from cxrage_ray.orient import orient_batch
 
-        meta = json.loads(batch.at[i, "meta_json"] or "{}")
-        age = batch.at[i, "chronological_age"]
-        result = orient(picture.cpu().numpy(), image_id=str(batch.at[i, "image_id"]), uri=str(batch.at[i, "uri"]),
-                        meta=meta, chronological_age=None if pd.isna(age) else float(age), config=self.orient)
-        batch.at[i, "orientation"] = result.orientation
-        batch.at[i, "rotation_source"] = result.rotation_source
-        self._qc[i] = list(result.qc)
-        if result.skip:
-            raise FlaggedSkipped(f"not scored because of --skip-flagged (qc: {', '.join(result.qc)})")
-        if not result.corrects:
-            return picture
-        return self.chain(turn(q16, result.applied, result.mirrored),
-                          None if alpha is None else turn(alpha, result.applied, result.mirrored))
+        positions = list(pictures)
+        ages = [batch.at[i, "chronological_age"] for i in positions]
+        results = orient_batch(
+            [pictures[i].cpu().numpy() for i in positions],  # 512 px uint8: the classifier's thumbnails are tiny
+            image_ids=[str(batch.at[i, "image_id"]) for i in positions],
+            uris=[str(batch.at[i, "uri"]) for i in positions],
+            metas=[json.loads(batch.at[i, "meta_json"] or "{}") for i in positions],
+            chronological_ages=[None if pd.isna(a) else float(a) for a in ages],
+            config=self.orient,
+        )
+        kept: dict[int, torch.Tensor] = {}
+        for i, result in zip(positions, results):
+            batch.at[i, "orientation"] = result.orientation
+            batch.at[i, "rotation_source"] = result.rotation_source
+            self._qc[i] = list(result.qc)
+            if result.skip:
+                _fail(batch, i, FlaggedSkipped(f"not scored because of --skip-flagged (qc: {', '.join(result.qc)})"))
+            elif not result.corrects:
+                kept[i] = pictures[i]
+            else:
+                pixels, alpha = q16[i]
+                kept[i] = self.chain(turn(pixels, result.applied, result.mirrored),
+                                     None if alpha is None else turn(alpha, result.applied, result.mirrored))
+        return kept
 
     def _score(self, batch: pd.DataFrame, pictures: dict[int, torch.Tensor]) -> None:
         """Score the prepared pictures; a failing batch is retried film by film to isolate the bad one."""

@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent(
     # the GPU node's only CPU is taken by the predictor actor, so CPU tasks cannot run there
     gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
     ray.init(address=cluster.address)
-    cfg = ScoreConfig(input=films, output=out, weights=weights, progress=False,
+    cfg = ScoreConfig(input=films, output=out, weights=weights, progress=False, gpu_preprocess="off",
                       predictor=PredictorConfig(tta="none"), ray=RayConfig(address=cluster.address))
     summary = score(cfg, Path(out) / "home")
     actors = [a for a in ray._private.state.actors().values() if "MapWorker" in a["ActorClassName"]]
@@ -83,9 +83,7 @@ def test_predictor_on_gpu_node_decode_elsewhere(tmp_path):
     assert set(report["actor_nodes"]) == {report["gpu_node"]}  # the predictor, and only it, on the GPU node
     assert report["gpu_node_cpus"] == [1.0]
     assert report["devices"] == ["cpu/float32"]  # no CUDA there: CPU fallback
-    # auto without nvImageCodec keeps the CPU itinerary and says why; `on` takes the device itinerary
-    assert report["summary"]["itinerary"]["path"] == "cpu"
-    assert "nvImageCodec" in report["summary"]["itinerary"]["reason"]
+    assert report["summary"]["itinerary"] == {"path": "cpu", "reason": "--gpu-preprocess off"}
     assert report["device_summary"]["itinerary"]["path"] == "device"
     assert report["device_summary"]["rows_ok"] == 6
     assert report["max_age_diff"] == 0.0  # same pictures, same CPU fp32 network

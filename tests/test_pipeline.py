@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -243,3 +244,33 @@ def test_retry_errors_rescores_only_error_rows(ray_local, archive, weights, tmp_
     assert main(base + ["--retry-errors"]) == EXIT_ROW_ERRORS  # every kind: the corrupt row is scored again
     assert pd.read_json(out / "summary.json", typ="series")["rows_scored_this_run"] == 1
     assert sorted(_read(out)["row_id"]) == [0, 1, 2]
+
+
+def test_choose_itinerary_auto_needs_a_gpu_and_nvimgcodec_and_says_why():
+    from cxrage_ray.config import ScoreConfig
+    from cxrage_ray.decode import DecodeOptions
+    from cxrage_ray.errors import InputError
+    from cxrage_ray.pipeline import check_gpu_request, choose_itinerary
+    from cxrage_ray.predict import PredictorConfig
+
+    auto = ScoreConfig(input="in", output="out")
+    assert choose_itinerary(auto, cluster_gpus=2, nvimgcodec=True).path == "device"
+    assert choose_itinerary(auto, cluster_gpus=0, nvimgcodec=True).reason == "auto: no GPU in the cluster"
+    assert "nvImageCodec" in choose_itinerary(auto, cluster_gpus=1, nvimgcodec=False).reason
+    for changed, reason in ((dict(preprocess="none"), "--preprocess none"),
+                            (dict(decode=DecodeOptions(mode="fast")), "--decode fast"),
+                            (dict(predictor=PredictorConfig(device="cpu")), "--device cpu")):
+        chosen = choose_itinerary(replace(auto, **changed), cluster_gpus=1, nvimgcodec=True)
+        assert (chosen.path, chosen.reason) == ("cpu", f"auto: {reason}")
+    assert choose_itinerary(replace(auto, gpu_preprocess="off"), cluster_gpus=1, nvimgcodec=True).path == "cpu"
+    on = replace(auto, gpu_preprocess="on")
+    assert choose_itinerary(on, cluster_gpus=1, nvimgcodec=False).path == "device"  # decodes on CPUs if it must
+    with pytest.raises(InputError, match="no GPU resources"):
+        choose_itinerary(on, cluster_gpus=0, nvimgcodec=True)
+    check_gpu_request(on, local_cuda=True)
+    with pytest.raises(InputError, match="no CUDA GPU"):
+        check_gpu_request(on, local_cuda=False)
+    for changed in (dict(preprocess="none"), dict(decode=DecodeOptions(mode="fast")),
+                    dict(predictor=PredictorConfig(device="cpu"))):
+        with pytest.raises(InputError):
+            check_gpu_request(replace(on, **changed), local_cuda=True)

@@ -32,56 +32,63 @@ GPU_CODECS = frozenset({"j2k", "jpeg"})
 
 @dataclass(slots=True)
 class StoredFrame:
-    """A decoded frame: stored values (int32 tensor) and the path that decoded it ("gpu" or "cpu")."""
+    """A decoded frame: stored values (int32 tensor), where it was decoded ("gpu" or "cpu") and by what
+    ("nvimgcodec", or "pydicom" for the exact CPU path)."""
 
     values: torch.Tensor
     device: str
+    decoder: str = "pydicom"
 
 
 def load_nvimgcodec() -> Any | None:
-    """The `nvidia.nvimgcodec` module when it is installed and a CUDA device is usable, else None."""
-    if not torch.cuda.is_available():
-        return None
+    """The `nvidia.nvimgcodec` module when it is installed (`pip install 'cxrage-ray[gpu]'`), else None."""
     try:
         from nvidia import nvimgcodec
-    except Exception:  # not installed, or its CUDA libraries are missing
+    except Exception:  # not installed, or its libraries are missing
         return None
     return nvimgcodec
 
 
 class FrameDecoder:
-    """Decodes batches of `EncodedFrame`s on `device`: nvImageCodec where it applies, else the CPU.
+    """Decodes batches of `EncodedFrame`s on `device`: nvImageCodec where it applies, else pydicom on the CPU.
 
     Args:
         device: where the stored values end up (the device the seed chain and the model run on).
-        use_gpu: try nvImageCodec (ignored when it or a CUDA device is missing: everything goes to the CPU).
+        use_nvimgcodec: batch-decode with nvImageCodec on the GPU when `device` is a CUDA device and it is
+            installed (otherwise every frame takes the CPU path).
+        nvimgcodec_on_cpu: use nvImageCodec's CPU back ends instead (no GPU needed; what the tests run, since
+            they exercise the same batch API, results and refusals as the GPU back ends).
     """
 
-    def __init__(self, device: torch.device, use_gpu: bool = True):
+    def __init__(self, device: torch.device, use_nvimgcodec: bool = True, nvimgcodec_on_cpu: bool = False):
         self.device = device
-        self._codec = load_nvimgcodec() if use_gpu and device.type == "cuda" else None
         self._decoder = None
-        if self._codec is not None:
+        self._on_gpu = device.type == "cuda" and not nvimgcodec_on_cpu
+        codec = load_nvimgcodec() if use_nvimgcodec and (self._on_gpu or nvimgcodec_on_cpu) else None
+        if codec is not None:
             try:
-                self._decoder = self._codec.Decoder()
-                self._params = self._codec.DecodeParams(color_spec=self._codec.ColorSpec.UNCHANGED,
-                                                        allow_any_depth=True)
+                if self._on_gpu:
+                    self._decoder = codec.Decoder(device_id=device.index or 0)
+                else:
+                    self._decoder = codec.Decoder(device_id=codec.NVIMGCODEC_DEVICE_CPU_ONLY,
+                                                  backends=[codec.Backend(codec.BackendKind.CPU_ONLY)])
+                self._params = codec.DecodeParams(color_spec=codec.ColorSpec.UNCHANGED, allow_any_depth=True)
             except Exception as exc:
                 log.warning("nvImageCodec could not start (%s): decoding on the CPU", type(exc).__name__)
                 self._decoder = None
 
     @property
-    def on_gpu(self) -> bool:
+    def uses_nvimgcodec(self) -> bool:
         return self._decoder is not None
 
     def decode(self, frames: Sequence[EncodedFrame]) -> list[StoredFrame | BaseException]:
         """Decode each frame; a frame that no path can decode is returned as its exception (in place)."""
         results: list[StoredFrame | BaseException | None] = [None] * len(frames)
-        gpu_positions = [i for i, f in enumerate(frames) if self.on_gpu and gpu_decodable(f)]
-        if gpu_positions:
-            for i, values in zip(gpu_positions, self._decode_gpu([frames[i] for i in gpu_positions])):
+        batch_positions = [i for i, f in enumerate(frames) if self.uses_nvimgcodec and gpu_decodable(f)]
+        if batch_positions:
+            for i, values in zip(batch_positions, self._decode_batch([frames[i] for i in batch_positions])):
                 if values is not None:
-                    results[i] = StoredFrame(values, "gpu")
+                    results[i] = StoredFrame(values, "gpu" if self._on_gpu else "cpu", "nvimgcodec")
         for i, frame in enumerate(frames):
             if results[i] is None:
                 try:
@@ -91,7 +98,7 @@ class FrameDecoder:
                     results[i] = exc
         return results  # type: ignore[return-value]
 
-    def _decode_gpu(self, frames: Sequence[EncodedFrame]) -> list[torch.Tensor | None]:
+    def _decode_batch(self, frames: Sequence[EncodedFrame]) -> list[torch.Tensor | None]:
         """nvImageCodec on a batch; None where it refused a stream or returned something unexpected."""
         try:
             images = self._decoder.decode([f.codestream for f in frames], params=self._params)
@@ -101,23 +108,26 @@ class FrameDecoder:
             return [None] * len(frames)
         out: list[torch.Tensor | None] = []
         for frame, image in zip(frames, images):
-            out.append(None if image is None else _stored_values(torch.as_tensor(image, device=self.device), frame))
+            if image is None:
+                out.append(None)
+            elif self._on_gpu:  # stays on the GPU (__cuda_array_interface__)
+                out.append(_stored_values(torch.as_tensor(image, device=self.device), frame))
+            else:
+                out.append(_stored_values(torch.from_numpy(np.asarray(image.cpu())).to(self.device), frame))
         return out
 
 
 def gpu_decodable(frame: EncodedFrame) -> bool:
-    """nvImageCodec's share: J2K/HTJ2K and JPEG streams of 1 or 3 samples, up to 16 bits."""
-    return (frame.codec in GPU_CODECS and bool(frame.codestream) and frame.samples in (1, 3)
+    """nvImageCodec's share: greyscale J2K/HTJ2K and JPEG streams up to 16 bits (colour DICOM, rare for chest
+    films, stays on the CPU path, whose YBR handling is pydicom's)."""
+    return (frame.codec in GPU_CODECS and bool(frame.codestream) and frame.samples == 1
             and 1 <= frame.params.bits_stored <= 16)
 
 
 def _stored_values(image: torch.Tensor, frame: EncodedFrame) -> torch.Tensor | None:
-    """A decoded image (H, W[, C]) -> stored values like pydicom's, or None when its shape is not the header's."""
+    """A decoded grey image (H, W[, 1]) -> stored values like pydicom's, or None when its shape is not the header's."""
     if image.dim() == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
-    expected = (frame.rows, frame.columns) if frame.samples == 1 else (frame.rows, frame.columns, 3)
-    if tuple(image.shape) != expected:
+    if tuple(image.shape) != (frame.rows, frame.columns):
         return None  # e.g. a codestream whose size disagrees with the header: the CPU path reports it
-    if frame.samples == 3:
-        return image.to(torch.int32)
     return sign_extend(image, frame.params.bits_stored, frame.params.signed)
