@@ -9,6 +9,7 @@ from cxrage_ray.orient import OrientConfig
 from cxrage_ray.predict import PredictorConfig
 from cxrage_ray.stages import PreprocessMode, SaliencySettings
 from cxrage_ray.storage import StorageConfig
+from cxrage_ray.writeback import WriteBackConfig
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class ScoreConfig:
         overwrite: discard an OUTPUT that holds another job's results instead of refusing.
         retry_errors: None keeps committed error rows (a rerun only scores missing rows); a tuple of error
             kinds (`ReadError`, ...) rescores the error rows of those kinds, the empty tuple every error row.
+        write_back: store a CXR-Age Structured Report per ok DICOMweb row (see cxrage_ray.writeback), or None.
     """
 
     input: str
@@ -62,3 +64,4 @@ class ScoreConfig:
     overwrite: bool = False
     retry_errors: tuple[str, ...] | None = None
     progress: bool = True
+    write_back: WriteBackConfig | None = None
