@@ -21,7 +21,7 @@ exception types that `storage.is_transient` classifies.
 from __future__ import annotations
 
 import functools
-import io
+import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ import pandas as pd
 
 from cxrage_ray.errors import InputError
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SCHEMES = frozenset({"dicomweb+http", "dicomweb+https"})
@@ -39,6 +40,8 @@ SCHEMES = frozenset({"dicomweb+http", "dicomweb+https"})
 PAGE_SIZE = 500
 #: Per-request timeout (connect, read) in seconds: an archive that stops answering becomes a retryable error.
 REQUEST_TIMEOUT_S = (10.0, 120.0)
+#: WADO-RS Accept header for an instance in whatever transfer syntax the archive stored it in.
+ACCEPT_STORED_SYNTAX = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 #: Storage options read here (and kept out of every fsspec filesystem's keyword arguments).
 OPTION_PREFIX = "dicomweb_"
 #: Query parameters that steer QIDO-RS itself rather than match attributes.
@@ -222,11 +225,19 @@ def iter_pages(search: Callable[[int, int], list[dict]], page_size: int = PAGE_S
     The offset advances by what each page held, not by `page_size`: an archive that caps pages below
     `page_size` (Orthanc's LimitFindInstances, a 2,000-row cap elsewhere) is still listed whole.
     """
-    offset = 0
+    offset, short_page_at = 0, None
     while True:
         page = search(offset, page_size)
         if not page:
             return
+        if short_page_at is not None:
+            log.warning("the archive answered %d result(s) after a short page at offset %d: it caps QIDO-RS "
+                        "answers; paging continues, but an archive that caps whole queries (Orthanc with "
+                        "LimitFindInstances/LimitFindResults set) may hide results: narrow the query or lift the cap",
+                        len(page), short_page_at)
+            short_page_at = None
+        elif len(page) < page_size:
+            short_page_at = offset
         yield page
         offset += len(page)
 
@@ -315,12 +326,21 @@ def retrieve_instance_bytes(uri: str, storage: Any) -> bytes:
     """
     ref = parse_instance_uri(uri)
     client = client_for(ref.root, DicomwebAuth.from_options(storage.options))
-    ds = translated(lambda: client.retrieve_instance(
-        ref.study_instance_uid, ref.series_instance_uid, ref.sop_instance_uid,
-        media_types=(("application/dicom", "*"),)), "WADO-RS retrieve")
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    url = f"{ref.root}/studies/{ref.study_instance_uid}/series/{ref.series_instance_uid}/instances/{ref.sop_instance_uid}"
+
+    def get() -> bytes:
+        # The stored bytes, unparsed: `DICOMwebClient.retrieve_instance` parses each part with pydicom, which
+        # refuses archived ACR-NEMA files (no preamble/File Meta) that our decoder reads. Same GET, same
+        # multipart decoder, no parse.
+        response = client._http_get(url, headers={"Accept": ACCEPT_STORED_SYNTAX})
+        if response.headers.get("Content-Type", "").startswith("application/dicom"):
+            return response.content  # a single non-encapsulated part (some archives)
+        parts = list(client._decode_multipart_message(response, stream=False))
+        if len(parts) != 1:
+            raise DicomwebHTTPError(response.status_code, f"WADO-RS retrieve ({len(parts)} parts, expected 1)")
+        return parts[0]
+
+    return translated(get, "WADO-RS retrieve")
 
 
 def retrieve_instance_metadata(ref: InstanceRef, storage: Any) -> Any:
