@@ -334,11 +334,11 @@ def retrieve_instance_bytes(uri: str, storage: Any) -> bytes:
         # multipart decoder, no parse.
         response = client._http_get(url, headers={"Accept": ACCEPT_STORED_SYNTAX})
         if response.headers.get("Content-Type", "").startswith("application/dicom"):
-            return response.content  # a single non-encapsulated part (some archives)
+            return bytes(response.content)  # a single non-encapsulated part (some archives)
         parts = list(client._decode_multipart_message(response, stream=False))
         if len(parts) != 1:
             raise DicomwebHTTPError(response.status_code, f"WADO-RS retrieve ({len(parts)} parts, expected 1)")
-        return parts[0]
+        return bytes(parts[0])  # the decoder yields bytearrays
 
     return translated(get, "WADO-RS retrieve")
 

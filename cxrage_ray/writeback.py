@@ -115,6 +115,7 @@ def build_report(source: Any, cxr_age: float, sd_years: float | None, weights_sh
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
+    source = _with_type2_patient_study(source)
     cxr_age_code = hd.sr.CodedConcept("CXRAGE", "99CXRAGE", "CXR-Age")
     sd_code = hd.sr.CodedConcept("386136009", "SCT", "Standard Deviation")
     years = hd.sr.CodedConcept("a", "UCUM", "year")
@@ -149,6 +150,24 @@ def build_report(source: Any, cxr_age: float, sd_years: float | None, weights_sh
         sop_instance_uid=sop_uid, instance_number=1,
         manufacturer="cxrage-ray", is_complete=True, series_description="CXR-Age",
     )
+
+
+#: Patient/study attributes highdicom copies from the source; Type 2 (may be empty, must be present).
+_PATIENT_STUDY_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+                        "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+def _with_type2_patient_study(source: Any) -> Any:
+    """`source`, or a copy of it with absent Type 2 patient/study attributes present and empty (old files lack them)."""
+    missing = [k for k in _PATIENT_STUDY_TYPE2 if k not in source]
+    if not missing:
+        return source
+    import copy
+
+    source = copy.deepcopy(source)
+    for keyword in missing:
+        setattr(source, keyword, None)
+    return source
 
 
 def _uid(*entropy: str) -> str:
