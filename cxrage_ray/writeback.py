@@ -16,6 +16,7 @@ rows already recorded under OUTPUT/sr are skipped. A row whose report could not 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import uuid
@@ -78,16 +79,12 @@ class WriteBackSummary:
 
 def sr_instance_uid(source_sop_instance_uid: str, weights_sha256: str) -> str:
     """The report's SOP Instance UID: a ``2.25.`` UID derived from the source instance and the weights."""
-    from pydicom.uid import generate_uid
-
-    return generate_uid(prefix=None, entropy_srcs=["cxrage-sr", source_sop_instance_uid, weights_sha256])
+    return _uid("cxrage-sr", source_sop_instance_uid, weights_sha256)
 
 
 def sr_series_uid(study_instance_uid: str, weights_sha256: str) -> str:
     """The reports' Series Instance UID: one series per source study and weights."""
-    from pydicom.uid import generate_uid
-
-    return generate_uid(prefix=None, entropy_srcs=["cxrage-sr-series", study_instance_uid, weights_sha256])
+    return _uid("cxrage-sr-series", study_instance_uid, weights_sha256)
 
 
 def sd_in_years(raw: float, raw_sd: float) -> float | None:
@@ -171,9 +168,10 @@ def _with_type2_patient_study(source: Any) -> Any:
 
 
 def _uid(*entropy: str) -> str:
-    from pydicom.uid import generate_uid
-
-    return generate_uid(prefix=None, entropy_srcs=list(entropy))
+    """A deterministic ``2.25.<128-bit integer>`` UID (PS3.5 B.2) from `entropy`. (pydicom's generate_uid
+    ignores its entropy sources when the prefix is None and returns a random UUID UID.)"""
+    digest = hashlib.sha256("\x00".join(entropy).encode("utf-8")).digest()[:16]
+    return f"2.25.{int.from_bytes(digest, 'big')}"
 
 
 def write_back(output: str, config: WriteBackConfig, storage: StorageConfig, weights_sha256: str) -> WriteBackSummary:
