@@ -115,3 +115,65 @@ class OrthancServer:
         response = requests.get(f"{self.rest}/dicom-web/instances", params=filters, timeout=60)
         response.raise_for_status()
         return response.json() if response.content else []
+
+
+class ArchiveOutage:
+    """A loopback HTTP proxy in front of a real `OrthancServer` that stops Orthanc after `retrieves_before_stop`
+    WADO-RS instance retrieves have been answered: the archive going down in the middle of a job, at a
+    deterministic point. Requests that reach the stopped archive get their connection dropped, as a client of
+    a dead server sees it. `root` is the DICOMweb root to give cxrage.
+    """
+
+    def __init__(self, orthanc: OrthancServer, retrieves_before_stop: int) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.orthanc = orthanc
+        self.remaining = retrieves_before_stop
+        self.lock = threading.Lock()
+        outage = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:
+                outage.forward(self, "GET")
+
+            def do_POST(self) -> None:
+                outage.forward(self, "POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def root(self) -> str:
+        return f"dicomweb+http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+
+    def forward(self, handler, method: str) -> None:
+        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0)) if method == "POST" else None
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "content-length")}
+        try:
+            upstream = requests.request(method, self.orthanc.rest + handler.path, data=body, headers=headers,
+                                        timeout=60)
+        except requests.ConnectionError:
+            handler.close_connection = True  # no answer at all: the archive is down
+            return
+        handler.send_response(upstream.status_code)
+        for key, value in upstream.headers.items():
+            if key.lower() not in ("transfer-encoding", "connection", "content-length", "content-encoding"):
+                handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(upstream.content)))
+        handler.end_headers()
+        handler.wfile.write(upstream.content)
+        handler.wfile.flush()
+        if method == "GET" and "/instances/" in handler.path and not handler.path.endswith("/metadata"):
+            with self.lock:
+                self.remaining -= 1
+                if self.remaining == 0:
+                    self.orthanc.stop()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
