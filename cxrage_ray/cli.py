@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "it came from (STOW-RS; reruns never duplicate a report)")
     s.add_argument("--write-back-to", metavar="URL",
                    help="store the reports in this archive instead (dicomweb+https://host/prefix; implies --write-back sr)")
+    s.add_argument("--write-back-saliency", action="store_true",
+                   help="also store each film's saliency overlay as a Secondary Capture (needs --saliency DIR; "
+                   "use --saliency-method gradcam for Grad-CAM)")
     _add_decode(s)
     _add_storage(s)
 
@@ -179,15 +182,19 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EXIT_ROW_ERRORS if summary["rows_error"] or (sr and sr["failed"]) else EXIT_OK
 
 
-def _write_back(args: argparse.Namespace):
+def _write_back(args: argparse.Namespace) -> "WriteBackConfig | None":  # noqa: F821 - imported lazily
     """--write-back sr / --write-back-to URL -> a WriteBackConfig, or None."""
     from cxrage_ray.dicomweb import parse_query
     from cxrage_ray.writeback import WriteBackConfig
 
+    if args.write_back_saliency and not args.saliency:
+        raise InputError("--write-back-saliency stores the maps of --saliency DIR: give --saliency DIR too")
     if args.write_back_to:
         parse_query(args.write_back_to)  # a malformed URL is a usage error before anything is scored
-        return WriteBackConfig(target=args.write_back_to)
-    return WriteBackConfig() if args.write_back == "sr" else None
+        return WriteBackConfig(target=args.write_back_to, saliency=args.write_back_saliency)
+    if args.write_back == "sr" or args.write_back_saliency:
+        return WriteBackConfig(saliency=args.write_back_saliency)
+    return None
 
 
 def _demo_weights(home: Path) -> Path:

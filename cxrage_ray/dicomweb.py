@@ -49,8 +49,11 @@ _CONTROL_PARAMS = frozenset({"limit", "offset", "includefield", "fuzzymatching"}
 _UID = r"[0-9][0-9.]*"
 _INSTANCE_PATH = re.compile(rf"^(?P<root>.*?)/studies/(?P<study>{_UID})/series/(?P<series>{_UID})"
                             rf"/instances/(?P<sop>{_UID})/?$")
-# QIDO-RS JSON tags of the three UIDs
-_STUDY_TAG, _SERIES_TAG, _SOP_TAG = "0020000D", "0020000E", "00080018"
+# QIDO-RS JSON tags of the three UIDs and the SOP Class UID
+_STUDY_TAG, _SERIES_TAG, _SOP_TAG, _SOP_CLASS_TAG = "0020000D", "0020000E", "00080018", "00080016"
+#: SOP Classes of structured reports (PS3.4 B.5): never listed for scoring, so a broad query rerun after
+#: `--write-back sr` lists the same instances as before.
+SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
 
 def is_dicomweb(url: str) -> bool:
@@ -264,17 +267,23 @@ def list_instances(url: str, storage: Any, page_size: int = PAGE_SIZE) -> list[I
     def search(offset: int, limit: int) -> list[dict]:
         return with_retries(lambda: translated(lambda: client.search_for_instances(
             limit=limit, offset=offset, search_filters=filters, additional_params=extra or None,
-            fields=["StudyInstanceUID", "SeriesInstanceUID"]), "QIDO-RS search"), url, storage, "list")
+            fields=["StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"]), "QIDO-RS search"), url, storage, "list")
 
     seen: set[str] = set()
     found: list[InstanceRef] = []
+    reports = 0
     for page in iter_pages(search, page_size):
         for item in page:
             uids = [_first_value(item, tag) for tag in (_STUDY_TAG, _SERIES_TAG, _SOP_TAG)]
             if None in uids or uids[2] in seen:
                 continue
             seen.add(uids[2])
+            if (_first_value(item, _SOP_CLASS_TAG) or "").startswith(SR_SOP_CLASS_PREFIX):
+                reports += 1  # structured reports (ours included) have no image to score
+                continue
             found.append(InstanceRef(query.root, *uids))
+    if reports:
+        log.info("left %d structured report(s) out of the listing", reports)
     return found
 
 

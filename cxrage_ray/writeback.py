@@ -6,7 +6,9 @@ Out: one Comprehensive 3D SR per ok row (TID 1500 Measurement Report: CXR-Age in
      TTA gave one, the model and weights sha256 as the algorithm identification, a reference to the source
      image; patient and study modules copied from the source, so the archive files it in the source's study),
      plus OUTPUT/sr/records-<run>.parquet listing what was stored (row_id, sop_instance_uid,
-     sr_sop_instance_uid, archive).
+     sr_sop_instance_uid, archive, sc_sop_instance_uid). With `saliency`, each row's saliency overlay is also
+     stored as an RGB Secondary Capture in the source's study (upright films whose source states its
+     PatientOrientation; others are counted in `saliency_skipped`).
 
 Reruns and resumes never duplicate a report: the SR's SOP Instance UID is derived from the source SOP
 Instance UID and the weights sha256 (`sr_instance_uid`), so storing it again names the same instance, and
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 RECORDS_DIR = "sr"
 #: SR Series Number of the reports (one series per source study and weights).
 SR_SERIES_NUMBER = 9901
+#: Series Number of the saliency Secondary Captures.
+SALIENCY_SERIES_NUMBER = 9902
 #: Reports stored per records file, so an interrupted pass loses little bookkeeping (never reports).
 RECORD_BATCH = 500
 
@@ -57,10 +61,13 @@ class WriteBackConfig:
         target: the archive to store into, as ``dicomweb+http(s)://host[:port]/prefix``; None stores each
             report in the archive its source came from.
         workers: concurrent metadata-fetch + STOW-RS requests.
+        saliency: also store each row's saliency overlay (the `saliency_uri` PNG of `--saliency DIR`) as a
+            Secondary Capture in the source's study (`build_saliency_capture`).
     """
 
     target: str | None = None
     workers: int = 4
+    saliency: bool = False
 
 
 @dataclass
@@ -71,6 +78,8 @@ class WriteBackSummary:
     already: int = 0
     failed: int = 0
     skipped_not_dicomweb: int = 0
+    saliency_stored: int = 0
+    saliency_skipped: int = 0
     failures_by_kind: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -149,6 +158,31 @@ def build_report(source: Any, cxr_age: float, sd_years: float | None, weights_sh
     )
 
 
+def build_saliency_capture(source: Any, png: bytes, weights_sha256: str) -> Any | None:
+    """A highdicom Secondary Capture (RGB) of the saliency overlay PNG, in `source`'s study; None when the
+    source gives no PatientOrientation to state (a Secondary Capture in patient coordinates requires one).
+
+    Its SOP Instance UID is derived from the source instance and the weights, like the report's.
+    """
+    import highdicom as hd
+    from PIL import Image
+
+    orientation = [str(v) for v in (source.get("PatientOrientation") or [])]
+    if len(orientation) != 2 or not all(orientation):
+        return None
+    with Image.open(io.BytesIO(png)) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    source = _with_type2_patient_study(source)
+    return hd.sc.SCImage.from_ref_dataset(
+        source, rgb, "RGB", 8, "PATIENT",
+        series_instance_uid=_uid("cxrage-saliency-series", source.StudyInstanceUID, weights_sha256),
+        series_number=SALIENCY_SERIES_NUMBER,
+        sop_instance_uid=_uid("cxrage-saliency", source.SOPInstanceUID, weights_sha256),
+        instance_number=1, manufacturer="cxrage-ray", patient_orientation=tuple(orientation),
+        series_description="CXR-Age saliency",
+    )
+
+
 #: Patient/study attributes highdicom copies from the source; Type 2 (may be empty, must be present).
 _PATIENT_STUDY_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
                         "StudyDate", "StudyTime", "ReferringPhysicianName")
@@ -184,7 +218,8 @@ def write_back(output: str, config: WriteBackConfig, storage: StorageConfig, wei
 
     summary = WriteBackSummary()
     target_root = parse_query(config.target).root if config.target else None
-    table = read_output(output, storage).select(["row_id", "uri", "status", "cxr_age", "raw", "raw_sd"]).to_pandas()
+    table = read_output(output, storage).select(["row_id", "uri", "status", "cxr_age", "raw", "raw_sd",
+                                                 "saliency_uri", "orientation"]).to_pandas()
     ok = table[table["status"] == "ok"]
     dicomweb = ok["uri"].map(lambda u: is_instance_uri(str(u)))
     summary.skipped_not_dicomweb = int((~dicomweb).sum())
@@ -206,8 +241,14 @@ def write_back(output: str, config: WriteBackConfig, storage: StorageConfig, wei
                               cxrage_ray.__version__)
             root = target_root or ref.root
             _stow(sr, root, storage)
-            return {"row_id": int(row.row_id), "sop_instance_uid": ref.sop_instance_uid,
-                    "sr_sop_instance_uid": sr_uid, "archive": root}
+            record = {"row_id": int(row.row_id), "sop_instance_uid": ref.sop_instance_uid,
+                      "sr_sop_instance_uid": sr_uid, "archive": root, "sc_sop_instance_uid": None}
+            if config.saliency and isinstance(row.saliency_uri, str) and not (row.orientation or 0):
+                capture = build_saliency_capture(source, read_bytes(row.saliency_uri, storage), weights_sha256)
+                if capture is not None:
+                    _stow(capture, root, storage)
+                    record["sc_sop_instance_uid"] = capture.SOPInstanceUID
+            return record
         except Exception as exc:  # counted and retried by the next run; the job's scores stand
             return exc
 
@@ -222,6 +263,11 @@ def write_back(output: str, config: WriteBackConfig, storage: StorageConfig, wei
                 continue
             batch.append(result)
             summary.stored += 1
+            if config.saliency:
+                if result["sc_sop_instance_uid"]:
+                    summary.saliency_stored += 1
+                else:
+                    summary.saliency_skipped += 1
             if len(batch) >= RECORD_BATCH:
                 _write_records(output, storage, run_id, summary.stored, batch)
                 batch = []
@@ -251,7 +297,9 @@ def _write_records(output: str, storage: StorageConfig, run_id: str, seq: int, r
     if not rows:
         return
     sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), sink, compression="zstd")
+    schema = pa.schema([("row_id", pa.int64()), ("sop_instance_uid", pa.string()), ("sr_sop_instance_uid", pa.string()),
+                        ("archive", pa.string()), ("sc_sop_instance_uid", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, compression="zstd")
     write_bytes(f"{output.rstrip('/')}/{RECORDS_DIR}/records-{run_id}-{seq:08d}.parquet", sink.getvalue(), storage)
 
 

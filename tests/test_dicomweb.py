@@ -133,7 +133,8 @@ def scored(orthanc, loaded, weights, dicom_sample, ray_local, tmp_path_factory) 
     common = ["--weights", str(weights), "--no-progress", "--rotation", "off", "--tta", "seed",
               "--keep-patient-id", "pepper"]
     query = orthanc.dicomweb_root + "/" + CHEST_QUERY
-    code_web = main(["score", query, str(work / "web"), "--write-back", "sr", *common])
+    code_web = main(["score", query, str(work / "web"), "--write-back", "sr", *common,
+                     "--saliency", str(work / "saliency"), "--saliency-method", "gradcam", "--write-back-saliency"])
     disk = work / "disk"
     for name in _chest(loaded)["file"]:
         (disk / name).parent.mkdir(parents=True, exist_ok=True)
@@ -202,14 +203,42 @@ def test_reports_are_stored_with_value_units_and_references(scored, orthanc, loa
         assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source_ref
 
 
+def test_saliency_overlays_are_stored_as_secondary_captures(scored, orthanc):
+    """--write-back-saliency: the Grad-CAM overlay PNG of each upright film whose source states its
+    PatientOrientation becomes an RGB Secondary Capture in the source's study."""
+    from PIL import Image
+
+    from cxrage_ray.writeback import read_records
+
+    web = scored["web"].set_index("sop_instance_uid")
+    records = read_records(str(scored["work"] / "web"), StorageConfig()).to_pandas()
+    summary = pd.read_json(scored["work"] / "web" / "summary.json", typ="series")["write_back"]
+    captures = records.dropna(subset=["sc_sop_instance_uid"])
+    assert summary["saliency_stored"] == len(captures) >= 4  # the four RG1 chest films say ["L", "F"]
+    assert summary["saliency_stored"] + summary["saliency_skipped"] == summary["stored"]
+    for rec in captures.itertuples():
+        found = orthanc.qido_instances(SOPInstanceUID=rec.sc_sop_instance_uid)
+        assert len(found) == 1 and found[0]["0020000D"]["Value"][0] == web.loc[rec.sop_instance_uid, "study_instance_uid"]
+        ref = InstanceRef(orthanc.dicomweb_root.removeprefix("dicomweb+"), found[0]["0020000D"]["Value"][0],
+                          found[0]["0020000E"]["Value"][0], rec.sc_sop_instance_uid)
+        ds = pydicom.dcmread(io.BytesIO(retrieve_instance_bytes(ref.uri, StorageConfig())))
+        with Image.open(web.loc[rec.sop_instance_uid, "saliency_uri"]) as png:
+            np.testing.assert_array_equal(ds.pixel_array, np.asarray(png.convert("RGB")))
+
+
 def test_rerun_adds_no_second_report(scored, orthanc):
     before = len(orthanc.qido_instances(Modality="SR"))
-    code = main(["score", scored["query"], str(scored["work"] / "web"), "--write-back", "sr", *scored["common"]])
+    code = main(["score", scored["query"], str(scored["work"] / "web"), "--write-back", "sr", *scored["common"],
+                 "--saliency", str(scored["work"] / "saliency"), "--saliency-method", "gradcam"])
     assert code == EXIT_ROW_ERRORS  # the corrupt film's error row stands
     summary = pd.read_json(scored["work"] / "web" / "summary.json", typ="series")
     assert summary["rows_scored_this_run"] == 0
     assert summary["write_back"]["stored"] == 0 and summary["write_back"]["already"] == before
     assert len(orthanc.qido_instances(Modality="SR")) == before
+    # a query broad enough to match the reports still lists only the images
+    out = scored["work"] / "all-cr-dx-sr.parquet"
+    assert main(["manifest", orthanc.dicomweb_root + "/?Modality=CR,DX,SR", str(out)]) == EXIT_OK
+    assert len(pq.read_table(out)) == len(orthanc.qido_instances(Modality="CR,DX"))
 
 
 def test_archive_stopped_mid_job_then_resume_completes(scored, orthanc, weights, tmp_path):
