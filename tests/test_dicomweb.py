@@ -34,6 +34,11 @@ from orthanc_fixtures import ArchiveOutage, OrthancServer, orthanc_binary
 
 pytestmark = [pytest.mark.timeout(300)]
 
+
+def RAY_SLOW(test):  # noqa: N802 - reads as a mark
+    """Marks a test that scores through the shared local Ray (`ray`, `slow`)."""
+    return pytest.mark.ray(pytest.mark.slow(test))
+
 #: What a PACS can tell a chest radiograph by: CR/DX with BodyPartExamined CHEST.
 CHEST_QUERY = "?Modality=CR,DX&BodyPartExamined=CHEST"
 
@@ -145,6 +150,7 @@ def scored(orthanc, loaded, weights, dicom_sample, ray_local, tmp_path_factory) 
             "disk": pq.read_table(work / "out-disk" / "parts").to_pandas()}
 
 
+@RAY_SLOW
 def test_scoring_via_dicomweb_equals_scoring_from_disk(scored, loaded):
     web, disk = scored["web"], scored["disk"]
     chest = _chest(loaded).set_index("file")
@@ -173,6 +179,7 @@ def _stored_reports(orthanc: OrthancServer) -> list[pydicom.Dataset]:
     return reports
 
 
+@RAY_SLOW
 def test_reports_are_stored_with_value_units_and_references(scored, orthanc, loaded, dicom_sample):
     import highdicom as hd
 
@@ -203,6 +210,7 @@ def test_reports_are_stored_with_value_units_and_references(scored, orthanc, loa
         assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source_ref
 
 
+@RAY_SLOW
 def test_saliency_overlays_are_stored_as_secondary_captures(scored, orthanc):
     """--write-back-saliency: the Grad-CAM overlay PNG of each upright film whose source states its
     PatientOrientation becomes an RGB Secondary Capture in the source's study."""
@@ -226,6 +234,7 @@ def test_saliency_overlays_are_stored_as_secondary_captures(scored, orthanc):
             np.testing.assert_array_equal(ds.pixel_array, np.asarray(png.convert("RGB")))
 
 
+@RAY_SLOW
 def test_rerun_adds_no_second_report(scored, orthanc):
     before = len(orthanc.qido_instances(Modality="SR"))
     code = main(["score", scored["query"], str(scored["work"] / "web"), "--write-back", "sr", *scored["common"],
@@ -241,6 +250,7 @@ def test_rerun_adds_no_second_report(scored, orthanc):
     assert len(pq.read_table(out)) == len(orthanc.qido_instances(Modality="CR,DX"))
 
 
+@RAY_SLOW
 def test_archive_stopped_mid_job_then_resume_completes(scored, orthanc, weights, tmp_path):
     """Orthanc stops after answering 3 of the 9 retrieves: the other rows retry, then become ReadError rows;
     after a restart the resume (--retry-kinds ReadError) completes with one row per instance, equal to the
@@ -290,7 +300,7 @@ def test_archive_stopped_mid_job_then_resume_completes(scored, orthanc, weights,
     assert len(orthanc.qido_instances(Modality="SR")) == reports_before
 
 
-def test_manifest_pages_through_2000_instances(orthanc, loaded, tmp_path):
+def test_manifest_pages_through_2000_instances(orthanc, tmp_path):
     """2,000 small synthetic instances (new UIDs) in one study, uploaded in parallel by REST: `cxrage manifest`
     pages through them (limit 500 / offset) and lists each exactly once."""
     from pydicom.uid import generate_uid
