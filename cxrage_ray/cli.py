@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on: send bytes to GPU actors that decode (nvImageCodec), run the seed chain and score; "
                    "off: decode and seed chain on CPU tasks; auto (default): on when the cluster has a GPU and "
                    "nvImageCodec is installed (pip install 'cxrage-ray[gpu]')")
+    s.add_argument("--write-back", choices=["sr"],
+                   help="sr: store a DICOM Structured Report with CXR-Age for each ok row in the DICOMweb archive "
+                   "it came from (STOW-RS; reruns never duplicate a report)")
+    s.add_argument("--write-back-to", metavar="URL",
+                   help="store the reports in this archive instead (dicomweb+https://host/prefix; implies --write-back sr)")
+    s.add_argument("--write-back-saliency", action="store_true",
+                   help="also store each film's saliency overlay as a Secondary Capture (needs --saliency DIR; "
+                   "use --saliency-method gradcam for Grad-CAM)")
     _add_decode(s)
     _add_storage(s)
 
@@ -106,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     wsub.add_parser("where", help="print the weights cache folder")
 
     m = sub.add_parser("manifest", help="list a folder/prefix once into a reusable Parquet manifest")
-    m.add_argument("prefix")
+    m.add_argument("prefix", help="folder/prefix, or a DICOMweb query dicomweb+https://host/prefix/?Modality=CR,DX&…")
     m.add_argument("out")
     _add_storage(m)
 
@@ -164,6 +172,7 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         retry_errors=_retry_kinds(args),
         progress=not args.no_progress,
         gpu_preprocess=args.gpu_preprocess,
+        write_back=_write_back(args),
     )
     summary = score(cfg, _weights_home(env))
     print(
@@ -174,7 +183,26 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     )
     if summary["errors_by_kind"]:
         print(f"cxrage: errors by kind: {json.dumps(summary['errors_by_kind'])}", file=sys.stderr)
-    return EXIT_ROW_ERRORS if summary["rows_error"] else EXIT_OK
+    sr = summary.get("write_back")
+    if sr is not None:
+        print(f"cxrage: write-back: {sr['stored']} report(s) stored, {sr['already']} already stored, "
+              f"{sr['failed']} failed (rerun to retry)", file=sys.stderr)
+    return EXIT_ROW_ERRORS if summary["rows_error"] or (sr and sr["failed"]) else EXIT_OK
+
+
+def _write_back(args: argparse.Namespace) -> "WriteBackConfig | None":  # noqa: F821 - imported lazily
+    """--write-back sr / --write-back-to URL -> a WriteBackConfig, or None."""
+    from cxrage_ray.dicomweb import parse_query
+    from cxrage_ray.writeback import WriteBackConfig
+
+    if args.write_back_saliency and not args.saliency:
+        raise InputError("--write-back-saliency stores the maps of --saliency DIR: give --saliency DIR too")
+    if args.write_back_to:
+        parse_query(args.write_back_to)  # a malformed URL is a usage error before anything is scored
+        return WriteBackConfig(target=args.write_back_to, saliency=args.write_back_saliency)
+    if args.write_back == "sr" or args.write_back_saliency:
+        return WriteBackConfig(saliency=args.write_back_saliency)
+    return None
 
 
 def _demo_weights(home: Path) -> Path:

@@ -10,6 +10,7 @@ from cxrage_ray.orient import OrientConfig
 from cxrage_ray.predict import PredictorConfig
 from cxrage_ray.stages import PreprocessMode, SaliencySettings
 from cxrage_ray.storage import StorageConfig
+from cxrage_ray.writeback import WriteBackConfig
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class ScoreConfig:
         gpu_preprocess: "on" sends bytes to GPU actors that decode, preprocess and score (the device
             itinerary); "off" keeps decode and the seed chain on CPU tasks; "auto" is on when the cluster has
             a GPU and nvImageCodec is installed (see `cxrage_ray.pipeline.choose_itinerary`).
+        write_back: store a CXR-Age Structured Report per ok DICOMweb row (see cxrage_ray.writeback), or None.
     """
 
     input: str
@@ -67,3 +69,4 @@ class ScoreConfig:
     retry_errors: tuple[str, ...] | None = None
     progress: bool = True
     gpu_preprocess: Literal["auto", "on", "off"] = "auto"
+    write_back: WriteBackConfig | None = None

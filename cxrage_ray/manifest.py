@@ -6,6 +6,8 @@ In:  INPUT and a `StorageConfig`.
        else (.csv, .parquet, .json, .md, .txt, ...) are skipped.
      - A ``.csv`` / ``.parquet`` manifest needs a ``uri`` column (relative uris are resolved against the
        manifest's folder); ``image_id`` is optional; every other column is carried through unchanged.
+     - A DICOMweb query (``dicomweb+https://host/prefix/?Modality=CR,DX&…``) is paged through once by QIDO-RS
+       (cxrage_ray.dicomweb); its rows carry ``study_instance_uid``, ``series_instance_uid``, ``sop_instance_uid``.
 Out: a pandas DataFrame with ``row_id`` (int64, 0..n-1 in manifest order), ``image_id`` (string, unique),
      ``uri`` (string, absolute path or URL), then the manifest's extra columns.
 
@@ -23,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cxrage_ray.dicomweb import is_dicomweb, query_manifest, with_uid_columns
 from cxrage_ray.errors import InputError, ReadError
 from cxrage_ray.sink import CONTRACT_NAMES
 from cxrage_ray.storage import (
@@ -59,8 +62,10 @@ def build_manifest(input: str, storage: StorageConfig) -> pd.DataFrame:
         InputError: INPUT missing; a folder without images; a manifest that is empty, lacks ``uri``, has blank
             uris/image_ids, duplicate image_ids, or reserved column names.
     """
+    if is_dicomweb(input):  # a QIDO-RS query: listed once, page by page
+        return _finish(query_manifest(input, storage))
     if input.lower().endswith(MANIFEST_EXTENSIONS):
-        return _from_manifest_file(input, storage)
+        return with_uid_columns(_from_manifest_file(input, storage))
     return _from_folder(input, storage)
 
 

@@ -4,6 +4,7 @@
       -> prepare      CPU tasks: fetch bytes, decode, seed chain, orientation  (cxrage_ray.stages.prepare_batch)
       -> predict      actor pool, one actor per GPU or CPU actors: fastai views + TTA + calibration
       -> write        driver: whole Parquet parts under OUTPUT/parts, then summary.json
+      -> write-back   driver, optional: a DICOM SR per ok DICOMweb row, stored by STOW-RS (cxrage_ray.writeback)
 
 or, on GPU clusters (the device itinerary, `choose_itinerary`):
 
@@ -102,6 +103,10 @@ def score(cfg: ScoreConfig, weights_home: Path) -> dict[str, Any]:
             writer.flush()
     summary = _summary(cfg, manifest, weights.sha256, scored, time.perf_counter() - started)
     summary["itinerary"] = {"path": itinerary.path, "reason": itinerary.reason}
+    if cfg.write_back is not None:  # after scoring, over every ok row of OUTPUT (resumes included)
+        from cxrage_ray.writeback import write_back
+
+        summary["write_back"] = write_back(cfg.output, cfg.write_back, cfg.storage, weights.sha256).as_dict()
     write_json(cfg.output, "summary.json", summary, cfg.storage)
     if cfg.csv:
         write_original_csv(read_output(cfg.output, cfg.storage), cfg.csv, cfg.storage)

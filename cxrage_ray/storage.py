@@ -37,6 +37,8 @@ T = TypeVar("T")
 LOCAL_PROTOCOLS = frozenset({"file", "local"})
 #: Protocols that take `endpoint_url` (the S3-compatible ones s3fs serves).
 S3_PROTOCOLS = frozenset({"s3", "s3a"})
+#: DICOMweb instance URIs (``dicomweb+https://host/prefix/studies/…/instances/<uid>``), read by WADO-RS.
+DICOMWEB_PROTOCOLS = frozenset({"dicomweb+http", "dicomweb+https"})
 #: Option names whose values are never shown (s3fs: key/secret/token; others: password, credentials ...).
 _SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential|session", re.IGNORECASE)
 #: HTTP statuses and S3 error codes worth retrying: throttling and server-side trouble.
@@ -114,7 +116,13 @@ class StorageConfig:
         instance profile) and never travel inside the config.
         """
         endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
-        return cls.from_pairs(pairs, endpoint_url=endpoint, **kwargs)
+        config = cls.from_pairs(pairs, endpoint_url=endpoint, **kwargs)
+        # DICOMweb has no standard credential chain: CXRAGE_DICOMWEB_TOKEN / _USERNAME / _PASSWORD travel as
+        # (redacted) options so workers on other nodes authenticate too; an explicit --storage-option wins.
+        given = dict(config.options)
+        found = {f"dicomweb_{name.lower()}": env[f"CXRAGE_DICOMWEB_{name}"] for name in ("TOKEN", "USERNAME", "PASSWORD")
+                 if env.get(f"CXRAGE_DICOMWEB_{name}") and f"dicomweb_{name.lower()}" not in given}
+        return cls(options={**given, **found}, endpoint_url=endpoint, **kwargs) if found else config
 
     def fs_options(self, protocol: str) -> dict[str, Any]:
         """The keyword arguments for `protocol`'s filesystem (nested dicts rebuilt from dotted keys)."""
@@ -124,6 +132,8 @@ class StorageConfig:
         if self.endpoint_url and protocol in S3_PROTOCOLS:
             kwargs["endpoint_url"] = self.endpoint_url
         for key, value in self.options:
+            if key.startswith("dicomweb_"):  # read by cxrage_ray.dicomweb, not by any filesystem
+                continue
             node = kwargs
             *parents, leaf = key.split(".")
             for part in parents:
@@ -187,6 +197,10 @@ def read_bytes(uri: str, storage: StorageConfig) -> bytes:
             errors that outlasted `storage.retries`.
         EmptyFileError: the object exists but has zero bytes.
     """
+    if protocol_of(uri) in DICOMWEB_PROTOCOLS:  # a PACS instance: WADO-RS retrieve (cxrage_ray.dicomweb)
+        from cxrage_ray.dicomweb import retrieve_instance_bytes
+
+        return _with_retries(lambda: retrieve_instance_bytes(uri, storage), uri, storage, "read")
     fs, path = filesystem_for(uri, storage)
     # s3fs would first HEAD the object to decide on concurrent range reads (useful only far above image
     # sizes); one GET per object halves requests and latency at archive scale.
@@ -305,6 +319,11 @@ def _causes(exc: BaseException) -> list[BaseException]:
 def backoff_delay(attempt: int, storage: StorageConfig) -> float:
     """Seconds before retry `attempt` (0-based): backoff_s * 2**attempt, capped, times a jitter in [0.5, 1)."""
     return min(MAX_BACKOFF_S, storage.backoff_s * (2**attempt)) * (0.5 + random.random() / 2)
+
+
+def with_retries(op: Callable[[], T], uri: str, storage: StorageConfig, what: str) -> T:
+    """`op` with this module's retries and backoff, for other transports (DICOMweb); see `_with_retries`."""
+    return _with_retries(op, uri, storage, what)
 
 
 def _with_retries(op: Callable[[], T], uri: str, storage: StorageConfig, what: str) -> T:

@@ -1,0 +1,310 @@
+"""Write-back: CXR-Age of each ok DICOMweb row -> a DICOM Structured Report stored in the archive (STOW-RS).
+
+In:  OUTPUT (committed parts of a `cxrage score` run whose rows came from DICOMweb instance URIs), a
+     `WriteBackConfig` and the weights' sha256.
+Out: one Comprehensive 3D SR per ok row (TID 1500 Measurement Report: CXR-Age in years, its SD in years when
+     TTA gave one, the model and weights sha256 as the algorithm identification, a reference to the source
+     image; patient and study modules copied from the source, so the archive files it in the source's study),
+     plus OUTPUT/sr/records-<run>.parquet listing what was stored (row_id, sop_instance_uid,
+     sr_sop_instance_uid, archive, sc_sop_instance_uid). With `saliency`, each row's saliency overlay is also
+     stored as an RGB Secondary Capture in the source's study (upright films whose source states its
+     PatientOrientation; others are counted in `saliency_skipped`).
+
+Reruns and resumes never duplicate a report: the SR's SOP Instance UID is derived from the source SOP
+Instance UID and the weights sha256 (`sr_instance_uid`), so storing it again names the same instance, and
+rows already recorded under OUTPUT/sr are skipped. A row whose report could not be stored is counted in
+`failed` and left unrecorded, so the next run tries it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cxrage_ray.dicomweb import (
+    DicomwebAuth,
+    InstanceRef,
+    client_for,
+    is_instance_uri,
+    parse_instance_uri,
+    parse_query,
+    retrieve_instance_metadata,
+    translated,
+)
+from cxrage_ray.storage import StorageConfig, list_files, read_bytes, with_retries, write_bytes
+
+log = logging.getLogger(__name__)
+
+RECORDS_DIR = "sr"
+#: SR Series Number of the reports (one series per source study and weights).
+SR_SERIES_NUMBER = 9901
+#: Series Number of the saliency Secondary Captures.
+SALIENCY_SERIES_NUMBER = 9902
+#: Reports stored per records file, so an interrupted pass loses little bookkeeping (never reports).
+RECORD_BATCH = 500
+
+
+@dataclass(frozen=True)
+class WriteBackConfig:
+    """Where and how to store the reports.
+
+    Args:
+        target: the archive to store into, as ``dicomweb+http(s)://host[:port]/prefix``; None stores each
+            report in the archive its source came from.
+        workers: concurrent metadata-fetch + STOW-RS requests.
+        saliency: also store each row's saliency overlay (the `saliency_uri` PNG of `--saliency DIR`) as a
+            Secondary Capture in the source's study (`build_saliency_capture`).
+    """
+
+    target: str | None = None
+    workers: int = 4
+    saliency: bool = False
+
+
+@dataclass
+class WriteBackSummary:
+    """Counts of one write-back pass (`stored` this run, `already` recorded before, `failed` to retry)."""
+
+    stored: int = 0
+    already: int = 0
+    failed: int = 0
+    skipped_not_dicomweb: int = 0
+    saliency_stored: int = 0
+    saliency_skipped: int = 0
+    failures_by_kind: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sr_instance_uid(source_sop_instance_uid: str, weights_sha256: str) -> str:
+    """The report's SOP Instance UID: a ``2.25.`` UID derived from the source instance and the weights."""
+    return _uid("cxrage-sr", source_sop_instance_uid, weights_sha256)
+
+
+def sr_series_uid(study_instance_uid: str, weights_sha256: str) -> str:
+    """The reports' Series Instance UID: one series per source study and weights."""
+    return _uid("cxrage-sr-series", study_instance_uid, weights_sha256)
+
+
+def sd_in_years(raw: float, raw_sd: float) -> float | None:
+    """The TTA spread `raw_sd` (standardised units) as years at `raw`, through the calibration's slope."""
+    from cxrage_ray.model import AGE_MEAN, AGE_SD, CALIB_A, CALIB_B
+
+    if raw_sd is None or raw is None or not np.isfinite(raw_sd) or not np.isfinite(raw):
+        return None
+    age_uncalibrated = raw * AGE_SD + AGE_MEAN
+    slope = AGE_SD * (CALIB_A - 2 * CALIB_B * age_uncalibrated)
+    return float(abs(slope) * raw_sd)
+
+
+def build_report(source: Any, cxr_age: float, sd_years: float | None, weights_sha256: str,
+                 tool_version: str) -> Any:
+    """A highdicom Comprehensive3DSR holding CXR-Age for `source` (a pydicom Dataset; header is enough).
+
+    Args:
+        source: the scored instance (its patient, study and SOP identity are referenced/copied).
+        cxr_age: CXR-Age in years.
+        sd_years: its standard deviation in years, or None (no TTA).
+        weights_sha256: sha256 of the weights file (algorithm parameter; part of the report's UID).
+        tool_version: cxrage-ray version (algorithm version).
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    source = _with_type2_patient_study(source)
+    cxr_age_code = hd.sr.CodedConcept("CXRAGE", "99CXRAGE", "CXR-Age")
+    sd_code = hd.sr.CodedConcept("386136009", "SCT", "Standard Deviation")
+    years = hd.sr.CodedConcept("a", "UCUM", "year")
+    algorithm = hd.sr.AlgorithmIdentification(name="CXR-Age (Raghu et al. 2021)", version=tool_version,
+                                             parameters=[f"weights_sha256={weights_sha256}"])
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_uid("cxrage-device", weights_sha256), name="cxrage-ray", model_name="CXR-Age"),
+    )
+    measurements = [hd.sr.Measurement(
+        name=cxr_age_code, value=float(cxr_age), unit=years, algorithm_id=algorithm,
+        referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(source)])]
+    if sd_years is not None:
+        measurements.append(hd.sr.Measurement(name=sd_code, value=float(sd_years), unit=years,
+                                              algorithm_id=algorithm))
+    sop_uid = sr_instance_uid(source.SOPInstanceUID, weights_sha256)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid("cxrage-tracking", sop_uid), identifier="CXR-Age"),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=hd.sr.CodedConcept("168731009", "SCT", "Chest X-ray"),
+        imaging_measurements=[group],
+    )
+    return hd.sr.Comprehensive3DSR(
+        evidence=[source], content=report,
+        series_instance_uid=sr_series_uid(source.StudyInstanceUID, weights_sha256), series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sop_uid, instance_number=1,
+        manufacturer="cxrage-ray", is_complete=True, series_description="CXR-Age",
+    )
+
+
+def build_saliency_capture(source: Any, png: bytes, weights_sha256: str) -> Any | None:
+    """A highdicom Secondary Capture (RGB) of the saliency overlay PNG, in `source`'s study; None when the
+    source gives no PatientOrientation to state (a Secondary Capture in patient coordinates requires one).
+
+    Its SOP Instance UID is derived from the source instance and the weights, like the report's.
+    """
+    import highdicom as hd
+    from PIL import Image
+
+    orientation = [str(v) for v in (source.get("PatientOrientation") or [])]
+    if len(orientation) != 2 or not all(orientation):
+        return None
+    with Image.open(io.BytesIO(png)) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    source = _with_type2_patient_study(source)
+    return hd.sc.SCImage.from_ref_dataset(
+        source, rgb, "RGB", 8, "PATIENT",
+        series_instance_uid=_uid("cxrage-saliency-series", source.StudyInstanceUID, weights_sha256),
+        series_number=SALIENCY_SERIES_NUMBER,
+        sop_instance_uid=_uid("cxrage-saliency", source.SOPInstanceUID, weights_sha256),
+        instance_number=1, manufacturer="cxrage-ray", patient_orientation=tuple(orientation),
+        series_description="CXR-Age saliency",
+    )
+
+
+#: Patient/study attributes highdicom copies from the source; Type 2 (may be empty, must be present).
+_PATIENT_STUDY_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+                        "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+def _with_type2_patient_study(source: Any) -> Any:
+    """`source`, or a copy of it with absent Type 2 patient/study attributes present and empty (old files lack them)."""
+    missing = [k for k in _PATIENT_STUDY_TYPE2 if k not in source]
+    if not missing:
+        return source
+    import copy
+
+    source = copy.deepcopy(source)
+    for keyword in missing:
+        setattr(source, keyword, None)
+    return source
+
+
+def _uid(*entropy: str) -> str:
+    """A deterministic ``2.25.<128-bit integer>`` UID (PS3.5 B.2) from `entropy`. (pydicom's generate_uid
+    ignores its entropy sources when the prefix is None and returns a random UUID UID.)"""
+    digest = hashlib.sha256("\x00".join(entropy).encode("utf-8")).digest()[:16]
+    return f"2.25.{int.from_bytes(digest, 'big')}"
+
+
+def write_back(output: str, config: WriteBackConfig, storage: StorageConfig, weights_sha256: str) -> WriteBackSummary:
+    """Store a report for every ok DICOMweb row of OUTPUT not yet recorded under OUTPUT/sr (see module docstring).
+
+    Failures (archive down, rejected report) are counted per kind, never raised, and never name patients.
+    """
+    import cxrage_ray
+    from cxrage_ray.sink import read_output
+
+    summary = WriteBackSummary()
+    target_root = parse_query(config.target).root if config.target else None
+    table = read_output(output, storage).select(["row_id", "uri", "status", "cxr_age", "raw", "raw_sd",
+                                                 "saliency_uri", "orientation"]).to_pandas()
+    ok = table[table["status"] == "ok"]
+    dicomweb = ok["uri"].map(lambda u: is_instance_uri(str(u)))
+    summary.skipped_not_dicomweb = int((~dicomweb).sum())
+    recorded = _recorded(output, storage)
+    todo = []
+    for row in ok[dicomweb].itertuples(index=False):
+        ref = parse_instance_uri(str(row.uri))
+        sr_uid = sr_instance_uid(ref.sop_instance_uid, weights_sha256)
+        if (sr_uid, target_root or ref.root) in recorded:
+            summary.already += 1
+        else:
+            todo.append((row, ref, sr_uid))
+
+    def store(item: tuple[Any, InstanceRef, str]) -> dict[str, Any] | BaseException:
+        row, ref, sr_uid = item
+        try:
+            source = retrieve_instance_metadata(ref, storage)
+            sr = build_report(source, row.cxr_age, sd_in_years(row.raw, row.raw_sd), weights_sha256,
+                              cxrage_ray.__version__)
+            root = target_root or ref.root
+            _stow(sr, root, storage)
+            record = {"row_id": int(row.row_id), "sop_instance_uid": ref.sop_instance_uid,
+                      "sr_sop_instance_uid": sr_uid, "archive": root, "sc_sop_instance_uid": None}
+            if config.saliency and isinstance(row.saliency_uri, str) and not (row.orientation or 0):
+                capture = build_saliency_capture(source, read_bytes(row.saliency_uri, storage), weights_sha256)
+                if capture is not None:
+                    _stow(capture, root, storage)
+                    record["sc_sop_instance_uid"] = capture.SOPInstanceUID
+            return record
+        except Exception as exc:  # counted and retried by the next run; the job's scores stand
+            return exc
+
+    run_id = uuid.uuid4().hex[:8]
+    batch: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
+        for result in pool.map(store, todo):
+            if isinstance(result, BaseException):
+                summary.failed += 1
+                kind = type(result).__name__
+                summary.failures_by_kind[kind] = summary.failures_by_kind.get(kind, 0) + 1
+                continue
+            batch.append(result)
+            summary.stored += 1
+            if config.saliency:
+                if result["sc_sop_instance_uid"]:
+                    summary.saliency_stored += 1
+                else:
+                    summary.saliency_skipped += 1
+            if len(batch) >= RECORD_BATCH:
+                _write_records(output, storage, run_id, summary.stored, batch)
+                batch = []
+    _write_records(output, storage, run_id, summary.stored, batch)
+    if summary.failed:
+        log.warning("write-back: %d report(s) not stored (%s); rerun the same command to retry them",
+                    summary.failed, ", ".join(f"{k}: {v}" for k, v in sorted(summary.failures_by_kind.items())))
+    return summary
+
+
+def _stow(sr: Any, root: str, storage: StorageConfig) -> None:
+    client = client_for(root, DicomwebAuth.from_options(storage.options))
+    with_retries(lambda: translated(lambda: client.store_instances([sr]), "STOW-RS store"), root, storage, "read")
+
+
+def _recorded(output: str, storage: StorageConfig) -> set[tuple[str, str]]:
+    """(sr_sop_instance_uid, archive) pairs already stored by earlier runs."""
+    done: set[tuple[str, str]] = set()
+    for uri in list_files(f"{output.rstrip('/')}/{RECORDS_DIR}", storage):
+        if uri.endswith(".parquet"):
+            t = pq.read_table(io.BytesIO(read_bytes(uri, storage)), columns=["sr_sop_instance_uid", "archive"])
+            done.update(zip(t.column("sr_sop_instance_uid").to_pylist(), t.column("archive").to_pylist()))
+    return done
+
+
+def _write_records(output: str, storage: StorageConfig, run_id: str, seq: int, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    sink = io.BytesIO()
+    schema = pa.schema([("row_id", pa.int64()), ("sop_instance_uid", pa.string()), ("sr_sop_instance_uid", pa.string()),
+                        ("archive", pa.string()), ("sc_sop_instance_uid", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, compression="zstd")
+    write_bytes(f"{output.rstrip('/')}/{RECORDS_DIR}/records-{run_id}-{seq:08d}.parquet", sink.getvalue(), storage)
+
+
+def read_records(output: str, storage: StorageConfig) -> pa.Table | None:
+    """Every report recorded under OUTPUT/sr (None before the first), e.g. to join `sr_sop_instance_uid` onto rows."""
+    tables = [pq.read_table(io.BytesIO(read_bytes(u, storage)))
+              for u in list_files(f"{output.rstrip('/')}/{RECORDS_DIR}", storage) if u.endswith(".parquet")]
+    return pa.concat_tables(tables) if tables else None
