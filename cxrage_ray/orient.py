@@ -42,6 +42,27 @@ QC_LATERAL = "lateral"
 QC_BLANK = "blank"
 QC_PAEDIATRIC = "paediatric"
 QC_ORIENTATION_UNCERTAIN = "orientation_uncertain"
+QC_NON_CHEST = "non_chest"
+QC_AGE_IMPLAUSIBLE = "age_implausible"
+#: Chronological ages outside this range (years) are data errors (e.g. a placeholder birth date): nulled + flagged.
+PLAUSIBLE_AGE = (0.0, 110.0)
+#: Words in BodyPartExamined / Study / Series Description / Protocol Name / anatomic region that say "chest"
+#: (English and the common European spellings seen in headers).
+CHEST_WORDS = frozenset({"CHEST", "THORAX", "THORACIC", "THORAXES", "LUNG", "LUNGS", "CXR", "TORAX", "TORACE",
+                         "TORACICO", "THORAKS", "BRUST", "BRUSTKORB", "POUMON", "POUMONS", "PULMONARY", "HEART",
+                         "PORTCHEST", "CHESTPA", "CHESTAP", "CHESTLAT"})
+#: Words that name another body part: a film described only by these is not a chest radiograph.
+NON_CHEST_WORDS = frozenset({
+    "EXTREMITY", "EXTREMITIES", "HAND", "HANDS", "FINGER", "FINGERS", "THUMB", "WRIST", "FOREARM", "ELBOW", "ARM",
+    "HUMERUS", "SHOULDER", "CLAVICLE", "SCAPULA", "HIP", "HIPS", "PELVIS", "SACRUM", "COCCYX", "FEMUR", "KNEE",
+    "KNEES", "PATELLA", "LEG", "LEGS", "TIBIA", "FIBULA", "ANKLE", "FOOT", "FEET", "TOE", "TOES", "HEEL",
+    "CALCANEUS", "SKULL", "HEAD", "BRAIN", "FACE", "FACIAL", "SINUS", "SINUSES", "ORBIT", "MANDIBLE", "JAW",
+    "DENTAL", "TEETH", "TOOTH", "PANORAMIC", "NECK", "SPINE", "CSPINE", "LSPINE", "LUMBAR", "CERVICAL", "SACRAL",
+    "ABDOMEN", "ABDOMINAL", "KUB", "BREAST", "MAMMO", "MAMMOGRAPHY",
+})
+#: Anatomic region codes (SNOMED CT, and the older SNOMED-RT `T-` codes) for the chest / thorax.
+CHEST_CODES = frozenset({"43799004", "51185008", "T-D3000", "T-D3100", "39607008", "T-28000"})
+_WORD = re.compile(r"[A-Z]+")
 #: DICOM View Position (0018,5101) values that mean a lateral projection (LL/RL are the defined terms;
 #: the others are seen in the wild). Decubitus (RLD/LLD) and obliques are frontal-ish and not flagged.
 LATERAL_VIEW_POSITIONS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLAT", "RLAT", "XTABLE LATERAL"})
@@ -490,7 +511,7 @@ class OrientResult:
         image: the corrected (upright) picture, same dtype and channels as the input.
         orientation: detected clockwise rotation of the INPUT, degrees (0/90/180/270).
         rotation_source: "list", "dicom", "model" or "none".
-        qc: flags, in a fixed order: lateral, blank, paediatric, orientation_uncertain.
+        qc: flags, in a fixed order: non_chest, lateral, blank, paediatric, orientation_uncertain.
         mirrored: a left-right flip was undone too (DICOM Patient Orientation only).
         skip: the config says flagged rows are not scored and this row has a flag.
         applied: the clockwise rotation actually undone (0 when an uncertain model verdict was not applied).
@@ -520,6 +541,34 @@ def correct_orientation(array: np.ndarray, applied: int, mirrored: bool) -> np.n
     if mirrored:
         corrected = np.fliplr(corrected)
     return np.ascontiguousarray(corrected)
+
+
+def dicom_non_chest(meta: Mapping[str, Any]) -> bool:
+    """True when the DICOM header says the film shows something other than the chest.
+
+    Reads BodyPartExamined, Study/Series Description, Protocol Name and the anatomic region code. A film is
+    non-chest when some field names another body part (`NON_CHEST_WORDS`, e.g. EXTREMITY, HIP, HAND) or a
+    non-chest region code, and no field names the chest (`CHEST_WORDS`, `CHEST_CODES`): "CHEST + ABDOMEN"
+    stays a chest film. A header that says nothing gives no verdict (False here; the picture may still tell).
+    """
+    fields = [meta.get(k) for k in ("body_part", "study_description", "series_description", "protocol_name",
+                                    "anatomic_region")]
+    texts = [str(v).upper() for v in fields if v]
+    if not texts:
+        return False
+    words = {w for text in texts for w in _WORD.findall(text.replace("_", " "))}
+    codes = set(str(meta.get("anatomic_region") or "").split()[:1])
+    if words & CHEST_WORDS or codes & CHEST_CODES:
+        return False
+    return bool(words & NON_CHEST_WORDS)
+
+
+def plausible_age(age: float | None) -> tuple[float | None, bool]:
+    """(age, False) for an age within `PLAUSIBLE_AGE` or unknown; (None, True) for an implausible one."""
+    if age is None or not np.isfinite(age):
+        return None, False
+    low, high = PLAUSIBLE_AGE
+    return (float(age), False) if low <= age <= high else (None, True)
 
 
 def is_blank(image_u8: np.ndarray) -> bool:
@@ -559,7 +608,7 @@ def orient(
     if prediction is None and (needs_rotation_model or config.use_view_model):
         prediction = (classifiers or default_classifier()).predict([image])[0]
 
-    qc: list[str] = []
+    qc: list[str] = [QC_NON_CHEST] if dicom_non_chest(meta) else []
     rotation, source, mirrored, uncertain = 0, "none", False, False
     if listed is not None:
         rotation, source = (-listed) % 360, "list"

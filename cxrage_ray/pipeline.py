@@ -28,13 +28,14 @@ from cxrage_ray.checkpoint import load_state_dict
 from cxrage_ray.config import RayConfig, ScoreConfig
 from cxrage_ray.errors import InputError, StalledError, error_kind
 from cxrage_ray.manifest import build_manifest
-from cxrage_ray.registry import resolve_weights
+from cxrage_ray.registry import DEFAULT_MODEL, resolve_weights
 from cxrage_ray.sink import (
     PARTS_DIR,
     PartWriter,
     committed_parts,
     completed_row_ids,
     drop_error_rows,
+    move_legacy_records,
     output_schema,
     read_json,
     read_output,
@@ -53,18 +54,23 @@ MIN_LOCAL_LOGICAL_CPUS = 4
 GPU_BATCH_VIEWS, CPU_BATCH_VIEWS = 640, 64
 
 
-def score(cfg: ScoreConfig, weights_home: Path) -> dict[str, Any]:
-    """Run a scoring job to completion (or resume one); returns the summary written to summary.json."""
+def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Run a scoring job to completion (or resume one); returns the summary written to summary.json.
+
+    `manifest`: INPUT's rows when the caller built them already (the CLI does, before importing torch).
+    """
     started = time.perf_counter()
-    manifest = build_manifest(cfg.input, cfg.storage)
+    if manifest is None:
+        manifest = build_manifest(cfg.input, cfg.storage, uri_column=cfg.uri_column)
     weights = resolve_weights(cfg.weights, weights_home, cfg.allow_fetch)
     state_dict = load_state_dict(weights.path)
+    weights_name = cfg.weights_name or (DEFAULT_MODEL if weights.source != "explicit" else weights.path.name)
     job = _job_record(manifest, cfg, weights.sha256)
-    todo = _rows_to_score(manifest, job, cfg)
+    todo = _rows_to_score(manifest, {**job, "weights_name": weights_name}, cfg)
     schema = output_schema(pa.Schema.from_pandas(manifest, preserve_index=False))
     writer = PartWriter(cfg.output, schema, cfg.storage, part_rows=cfg.part_rows)
-    labels = {"weights_sha256": weights.sha256, "preprocess": cfg.preprocess, "tta": cfg.predictor.tta,
-              "decode": cfg.decode.mode}
+    labels = {"weights_sha256": weights.sha256, "weights_name": weights_name, "preprocess": cfg.preprocess,
+              "tta": cfg.predictor.tta, "decode": cfg.decode.mode}
 
     scored = 0
     if len(todo):
@@ -75,8 +81,10 @@ def score(cfg: ScoreConfig, weights_home: Path) -> dict[str, Any]:
                     writer.add(table)
                     scored += len(table)
                     bar.update(len(table))
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:
                 writer.flush()  # whole rows already scored are worth keeping
+                exc.kept = (f"{scored} rows scored this run were written to {cfg.output} "
+                            f"({len(manifest) - len(todo) + scored} of {len(manifest)} in all)")
                 raise
             except Exception as exc:
                 if type(exc).__name__ != "ExecutionTimeoutError":
@@ -90,9 +98,11 @@ def score(cfg: ScoreConfig, weights_home: Path) -> dict[str, Any]:
                 ) from exc
             writer.flush()
     summary = _summary(cfg, manifest, weights.sha256, scored, time.perf_counter() - started)
+    summary["weights_name"] = weights_name
     write_json(cfg.output, "summary.json", summary, cfg.storage)
     if cfg.csv:
-        write_original_csv(read_output(cfg.output, cfg.storage), cfg.csv, cfg.storage)
+        write_original_csv(read_output(cfg.output, cfg.storage), cfg.csv, cfg.storage,
+                           weights_name=weights_name)
     return summary
 
 
@@ -193,11 +203,17 @@ def _job_record(manifest: pd.DataFrame, cfg: ScoreConfig, weights_sha256: str) -
     }
 
 
+#: job.json keys that describe a job without defining it: older outputs lack them, and resume still applies.
+JOB_INFO_KEYS = ("weights_name",)
+
+
 def _rows_to_score(manifest: pd.DataFrame, job: dict[str, Any], cfg: ScoreConfig) -> pd.DataFrame:
+    move_legacy_records(cfg.output, cfg.storage)  # job.json/summary.json of older outputs -> OUTPUT/_cxrage/
     previous = read_json(cfg.output, "job.json", cfg.storage)
-    if previous is not None and previous != job:
+    defining = [k for k in job if k not in JOB_INFO_KEYS]
+    if previous is not None and any(previous.get(k) != job[k] for k in defining):
         if not cfg.overwrite:
-            changed = sorted(k for k in job if previous.get(k) != job[k])
+            changed = sorted(k for k in defining if previous.get(k) != job[k])
             raise InputError(
                 f"{cfg.output} holds results of a different job (differs in: {', '.join(changed)}); "
                 "choose another OUTPUT or pass --overwrite to discard them"
@@ -217,9 +233,10 @@ def _rows_to_score(manifest: pd.DataFrame, job: dict[str, Any], cfg: ScoreConfig
 
 
 def _summary(cfg: ScoreConfig, manifest: pd.DataFrame, sha: str, scored: int, elapsed: float) -> dict[str, Any]:
-    table = read_output(cfg.output, cfg.storage).select(["row_id", "status", "error"]).to_pandas()
+    table = read_output(cfg.output, cfg.storage).select(["row_id", "status", "error", "qc"]).to_pandas()
     errors = table.loc[table["status"] == "error", "error"].fillna("Error: ?")
     kinds = Counter(errors.map(error_kind))
+    flags = Counter(flag for qc in table["qc"] if qc is not None for flag in qc)
     import numpy
     import ray
     import torch
@@ -233,6 +250,7 @@ def _summary(cfg: ScoreConfig, manifest: pd.DataFrame, sha: str, scored: int, el
         "rows_ok": int((table["status"] == "ok").sum()),
         "rows_error": int((table["status"] == "error").sum()),
         "errors_by_kind": dict(sorted(kinds.items())),
+        "qc_flags": dict(sorted(flags.items())),
         "complete": int(table["row_id"].nunique()) == len(manifest),
         # every part listed here is whole: parts only appear by atomic rename / single PUT
         "parts": sorted(u.rsplit("/", 1)[-1] for u in committed_parts(cfg.output, cfg.storage)),
