@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show our INFO logs and Ray's own log lines on the terminal")
     parser.add_argument("--version", action="version", version=f"cxrage {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 
     s = _subparser(sub, "score", "score a folder or manifest into Parquet under OUTPUT")
     s.add_argument("input", help="folder/prefix (recursive) or CSV/Parquet manifest with a path column (--uri-column)")
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(pp)
 
     w = _subparser(sub, "weights", "manage model weights")
-    wsub = w.add_subparsers(dest="weights_command", required=True)
+    wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION", help="what to do with weights")
     f = _subparser(wsub, "fetch", "download and verify the published weights into the cache")
     f.add_argument("--url", help="alternative download URL (e.g. an internal mirror)")
     c = _subparser(wsub, "convert", "convert any supported checkpoint to .safetensors")

@@ -115,7 +115,7 @@ def _finish_and_check(cmd: list[str], out: Path, done_before: int) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _committed_rows(out)
     assert sorted(rows) == list(range(N_FILMS)), "every manifest row exactly once"
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_cxrage" / "summary.json").read_text())
     assert summary["complete"] and summary["rows_written"] == N_FILMS
     assert summary["rows_scored_this_run"] == N_FILMS - done_before
 
