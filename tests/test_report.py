@@ -286,3 +286,34 @@ def test_report_reads_and_writes_object_storage(scored, s3_env):
     assert remote == json.loads(json.dumps(local))  # every number identical
     page = s3_env.get(f"s3://{bucket}/job/_cxrage/report.html").decode()
     assert "<html" in page.lower() and "Content-Security-Policy" in page
+
+
+def test_demo_weights_banner_is_seen_in_headless_chromium(scored, tmp_path):
+    """Rows scored with `--weights demo` make the rendered page open with a red banner that says so."""
+    import pyarrow as pa
+
+    root, _ = scored
+    demo = tmp_path / "demo"
+    (demo / "parts").mkdir(parents=True)
+    for part in sorted((root / "parts").glob("*.parquet")):
+        table = pq.read_table(part)
+        pq.write_table(table.append_column("weights_name", pa.array(["demo"] * len(table))), demo / "parts" / part.name)
+    analysis = write_report(demo)
+    assert analysis["demo_weights"] is True and analysis["provenance"]["weights_name"] == ["demo"]
+    page = demo / "_cxrage" / "report.html"
+    png, console, status = render(page, tmp_path)
+    assert console == [] and status == "ok"
+    dom = chromium(page, tmp_path, "--dump-dom").stdout
+    assert 'id="demo-weights-banner"' in dom and "DEMO WEIGHTS" in dom
+    assert dom.index("demo-weights-banner") < dom.index("<h1>")
+    from PIL import Image
+
+    top = np.asarray(Image.open(png).convert("RGB"), dtype=float)[:150]
+    red = (top[..., 0] > 150) & (top[..., 1] < 60) & (top[..., 2] < 80)
+    assert red.mean() > 0.1  # the banner is on screen, at the top
+
+
+def test_report_without_demo_rows_has_no_banner(scored):
+    root, analysis = scored
+    assert analysis["demo_weights"] is False
+    assert "demo-weights-banner" not in (root / "_cxrage" / "report.html").read_text()
