@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 from s3_fixtures import s3_server, s3_env  # noqa: F401
@@ -41,6 +43,18 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed (CI installs it: see .ci/run)")
     return path
+
+
+def run_reference(cmd: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a reference tool (ImageMagick, DCMTK); a failing run is retried once (they have failed for load
+    reasons on a busy CI box), and a second failure fails the test as the tool's failure, not as a wrong
+    answer from our code."""
+    for attempt in (1, 2):
+        result = subprocess.run(list(cmd), capture_output=True, timeout=timeout)
+        if result.returncode == 0:
+            return result
+    pytest.fail(f"reference tool failed twice (exit {result.returncode}): {' '.join(map(str, cmd[:3]))} ...: "
+                f"{result.stderr.decode(errors='replace')[-500:]}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
