@@ -26,6 +26,7 @@ import pyarrow as pa
 import cxrage_ray
 from cxrage_ray.checkpoint import load_state_dict
 from cxrage_ray.config import RayConfig, ScoreConfig
+from cxrage_ray.console import progress_bar, quiet_ray_console, ray_init_options
 from cxrage_ray.errors import InputError, StalledError, error_kind
 from cxrage_ray.manifest import build_manifest
 from cxrage_ray.registry import DEFAULT_MODEL, resolve_weights
@@ -74,7 +75,7 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
 
     scored = 0
     if len(todo):
-        with ray_session(cfg.ray), _progress(len(todo), len(manifest), cfg.progress) as bar:
+        with ray_session(cfg.ray), progress_bar(len(todo), len(manifest), cfg.progress) as bar:
             try:
                 for table in _dataset(todo, cfg, state_dict, labels).iter_batches(batch_format="pyarrow",
                                                                                  batch_size=None):
@@ -169,24 +170,17 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    kwargs: dict[str, Any] = {"include_dashboard": False, **ray_init_options(rc.verbose)}
     if rc.address:
         ray.init(address=rc.address, **kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=rc.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS), **kwargs)
+    quiet_ray_console(rc.verbose)
     try:
         yield
     finally:
         ray.shutdown()
-
-
-@contextlib.contextmanager
-def _progress(todo: int, total: int, enabled: bool):
-    from tqdm import tqdm
-
-    with tqdm(total=total, initial=total - todo, unit="img", disable=not enabled, dynamic_ncols=True) as bar:
-        yield bar
 
 
 def _job_record(manifest: pd.DataFrame, cfg: ScoreConfig, weights_sha256: str) -> dict[str, Any]:
