@@ -222,8 +222,9 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if summary["errors_by_kind"]:
         print(f"cxrage: errors by kind: {json.dumps(summary['errors_by_kind'])}", file=sys.stderr)
     if summary.get("qc_flags"):
-        print(f"cxrage: QC flags: {json.dumps(summary['qc_flags'])} (`cxrage report` leaves non_chest rows out "
-              "of its statistics)", file=sys.stderr)
+        excluded = " (`cxrage report` leaves non_chest rows out of its statistics)" \
+            if "non_chest" in summary["qc_flags"] else ""
+        print(f"cxrage: QC flags: {json.dumps(summary['qc_flags'])}{excluded}", file=sys.stderr)
     return EXIT_ROW_ERRORS if summary["rows_error"] else EXIT_OK
 
 

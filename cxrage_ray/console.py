@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 from typing import Any, Iterator
 
 #: Loggers whose terminal handlers are silenced (their file handlers are left alone).
@@ -42,3 +44,38 @@ def progress_bar(todo: int, total: int, enabled: bool) -> Iterator[Any]:
               smoothing=0.1, desc="cxrage", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
               "[{elapsed}<{remaining}, {rate_fmt}]") as bar:
         yield bar
+
+
+@contextlib.contextmanager
+def native_stderr_to_session_log(verbose: bool) -> Iterator[None]:
+    """While Ray runs, send what writes to file descriptor 2 directly (the driver's C++ core worker, e.g. an
+    error-level `core_worker.cc ... max_restarts > 0` line) to `cxrage-driver-stderr.log` in Ray's session log
+    folder; Python's `sys.stderr` (our bar and messages) keeps the terminal. No-op when verbose, or when fd 2
+    is not available (embedded use, odd platforms)."""
+    if verbose:
+        yield
+        return
+    try:
+        import ray
+
+        logs = ray._private.worker._global_node.get_logs_dir_path()  # the session's log folder
+        log_fd = os.open(os.path.join(logs, "cxrage-driver-stderr.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                         0o644)
+        sys.stderr.flush()
+        terminal_fd = os.dup(2)
+    except Exception:  # noqa: BLE001 - keeping the terminal noisy is better than failing the job
+        yield
+        return
+    python_stderr = sys.stderr
+    sys.stderr = os.fdopen(os.dup(terminal_fd), "w", buffering=1, encoding=getattr(python_stderr, "encoding", None)
+                           or "utf-8", errors="replace")
+    os.dup2(log_fd, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal_fd, 2)
+        sys.stderr.close()
+        sys.stderr = python_stderr
+        os.close(terminal_fd)
+        os.close(log_fd)

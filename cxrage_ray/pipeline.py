@@ -26,7 +26,7 @@ import pyarrow as pa
 import cxrage_ray
 from cxrage_ray.checkpoint import load_state_dict
 from cxrage_ray.config import RayConfig, ScoreConfig
-from cxrage_ray.console import progress_bar, quiet_ray_console, ray_init_options
+from cxrage_ray.console import native_stderr_to_session_log, progress_bar, quiet_ray_console, ray_init_options
 from cxrage_ray.errors import InputError, StalledError, error_kind
 from cxrage_ray.manifest import build_manifest
 from cxrage_ray.registry import DEFAULT_MODEL, resolve_weights
@@ -178,7 +178,8 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
         ray.init(num_cpus=rc.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS), **kwargs)
     quiet_ray_console(rc.verbose)
     try:
-        yield
+        with native_stderr_to_session_log(rc.verbose):
+            yield
     finally:
         ray.shutdown()
 
