@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the original's list (one file name per line = rotate 90 clockwise) or `file,degrees`")
     s.add_argument("--skip-flagged", action="store_true",
                    help="do not score films with QC flags (non_chest, lateral, blank, paediatric, "
-                   "orientation_uncertain, age_implausible)")
+                   "orientation_uncertain); age_implausible only nulls the age")
     s.add_argument("--keep-patient-id", metavar="SALT",
                    help="add patient_id_hash = sha256(SALT + PatientID) for DICOM rows (never the raw ID)")
     s.add_argument("--no-progress-timeout", type=float, default=600.0, metavar="SECONDS",

@@ -505,7 +505,8 @@ class OrientConfig:
     uncertain_threshold: float = 0.8
     lateral_threshold: float = 0.5
     use_view_model: bool = True
-    non_chest_likeness: float | None = NON_CHEST_LIKENESS
+    # repr=False: the job record holds repr(OrientConfig), and outputs written before this field must resume
+    non_chest_likeness: float | None = field(default=NON_CHEST_LIKENESS, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "list", "off"):

@@ -16,6 +16,7 @@ import os
 import platform
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -64,7 +65,6 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
     if manifest is None:
         manifest = build_manifest(cfg.input, cfg.storage, uri_column=cfg.uri_column)
     weights = resolve_weights(cfg.weights, weights_home, cfg.allow_fetch)
-    state_dict = load_state_dict(weights.path)
     weights_name = cfg.weights_name or (DEFAULT_MODEL if weights.source != "explicit" else weights.path.name)
     job = _job_record(manifest, cfg, weights.sha256)
     todo = _rows_to_score(manifest, {**job, "weights_name": weights_name}, cfg)
@@ -74,11 +74,20 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
               "tta": cfg.predictor.tta, "decode": cfg.decode.mode}
 
     scored = 0
+    startup: dict[str, float] = {"before_ray_s": time.perf_counter() - started}
     if len(todo):
+        # the weights are read (torch imported, ~85 MB parsed) on a thread while Ray starts
+        loading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrage-weights")
+        state_dict_future = loading.submit(load_state_dict, weights.path)
+        loading.shutdown(wait=False)
         with ray_session(cfg.ray), progress_bar(len(todo), len(manifest), cfg.progress) as bar:
+            startup["ray_started_s"] = time.perf_counter() - started
+            state_dict = state_dict_future.result()
+            startup["weights_loaded_s"] = time.perf_counter() - started
             try:
                 for table in _dataset(todo, cfg, state_dict, labels).iter_batches(batch_format="pyarrow",
                                                                                  batch_size=None):
+                    startup.setdefault("first_film_s", time.perf_counter() - started)
                     writer.add(table)
                     scored += len(table)
                     bar.update(len(table))
@@ -100,6 +109,8 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
             writer.flush()
     summary = _summary(cfg, manifest, weights.sha256, scored, time.perf_counter() - started)
     summary["weights_name"] = weights_name
+    summary["startup"] = {k: round(v, 3) for k, v in startup.items()}  # seconds since score() began
+    log.info("start-up: %s", summary["startup"])
     write_json(cfg.output, "summary.json", summary, cfg.storage)
     if cfg.csv:
         write_original_csv(read_output(cfg.output, cfg.storage), cfg.csv, cfg.storage,
@@ -206,7 +217,8 @@ def _rows_to_score(manifest: pd.DataFrame, job: dict[str, Any], cfg: ScoreConfig
     move_legacy_records(cfg.output, cfg.storage)  # job.json/summary.json of older outputs -> OUTPUT/_cxrage/
     previous = read_json(cfg.output, "job.json", cfg.storage)
     defining = [k for k in job if k not in JOB_INFO_KEYS]
-    if previous is not None and any(previous.get(k) != job[k] for k in defining):
+    conflict = previous is not None and any(previous.get(k) != job[k] for k in defining)
+    if conflict and committed_parts(cfg.output, cfg.storage):  # a record without rows binds nothing
         if not cfg.overwrite:
             changed = sorted(k for k in defining if previous.get(k) != job[k])
             raise InputError(
