@@ -181,15 +181,19 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict[str, Any] = {"include_dashboard": False, **ray_init_options(rc.verbose)}
+    # a cluster job keeps Ray's worker output in its job log; the embedded Ray keeps it off the terminal
+    loud = rc.verbose or bool(rc.address)
+    kwargs: dict[str, Any] = {"include_dashboard": False, **ray_init_options(loud)}
     if rc.address:
         ray.init(address=rc.address, **kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=rc.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS), **kwargs)
-    quiet_ray_console(rc.verbose)
+        # address="local": always a new embedded instance, never a cluster another process on this machine
+        # advertised in /tmp/ray/ray_current_cluster (`ray start`, ray.cluster_utils.Cluster)
+        ray.init(address="local", num_cpus=rc.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS), **kwargs)
+    quiet_ray_console(loud)
     try:
-        with native_stderr_to_session_log(rc.verbose):
+        with native_stderr_to_session_log(loud):
             yield
     finally:
         ray.shutdown()

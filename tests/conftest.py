@@ -66,7 +66,8 @@ def ray_local():
 
     if not ray.is_initialized():
         # more logical than physical CPUs: on 2-core CI machines an actor holding every CPU starves tasks
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+        # address="local": never join a cluster another process on a shared machine advertised in /tmp/ray
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_no_progress_timeout_s = 120  # fail a wedged test instead of hanging for 30 min
