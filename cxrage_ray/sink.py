@@ -78,12 +78,24 @@ def output_schema(carried: pa.Schema) -> pa.Schema:
     return pa.schema(CONTRACT_FIELDS + extra)
 
 
+def _as_type(column: pa.ChunkedArray, type_: pa.DataType) -> pa.ChunkedArray | pa.Array:
+    """`column` cast to `type_`. A column Ray Data could only carry as pickled Python objects (a manifest
+    column of text in some blocks and all nulls in others, e.g. metadata.csv's `nih_*` columns) is rebuilt
+    from its Python values, NaN as null."""
+    try:
+        return column.cast(type_)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        if not isinstance(column.type, pa.ExtensionType):
+            raise
+        return pa.array(column.to_pylist(), type=type_, from_pandas=True)
+
+
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """Order/cast a batch to the output schema; absent columns become nulls."""
     columns = []
     for f in schema:
         if f.name in table.column_names:
-            columns.append(table.column(f.name).cast(f.type))
+            columns.append(_as_type(table.column(f.name), f.type))
         else:
             columns.append(pa.nulls(len(table), f.type))
     return pa.Table.from_arrays(columns, schema=schema)

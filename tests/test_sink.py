@@ -10,6 +10,7 @@ import pytest
 from cxrage_ray.errors import InputError
 from cxrage_ray.sink import (
     PartWriter,
+    conform,
     completed_row_ids,
     drop_error_rows,
     output_schema,
@@ -136,3 +137,17 @@ def test_records_live_under_cxrage_and_old_top_level_records_are_moved(tmp_path)
     write_json(str(out), "job.json", {"new": True}, StorageConfig())
     assert read_json(str(out), "job.json", StorageConfig()) == {"new": True}
     assert sorted(pd.read_parquet(out)["row_id"]) == [0, 1]
+
+
+def test_conform_rebuilds_columns_ray_carried_as_pickled_objects():
+    """The quick start's metadata.csv has text columns that are all null in some blocks: Ray Data then carries
+    them as pickled Python objects, which a plain cast cannot turn into text ("Invalid UTF8 payload")."""
+    from ray.data._internal.object_extensions.arrow import ArrowPythonObjectArray
+
+    pickled = ArrowPythonObjectArray.from_objects(["00012975_000.png", float("nan"), None])
+    table = pa.table({"row_id": [0, 1, 2], "site": pickled})
+    with pytest.raises(pa.ArrowInvalid):
+        table.column("site").cast(pa.string())
+    conformed = conform(table, SCHEMA)
+    assert conformed.column("site").to_pylist() == ["00012975_000.png", None, None]
+    assert conformed.schema == SCHEMA
