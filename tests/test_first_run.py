@@ -125,3 +125,26 @@ def test_an_output_in_the_older_layout_resumes(first_run, tmp_path):
     assert summary["rows_scored_this_run"] == 0 and summary["complete"]
     assert sorted(p.name for p in old.iterdir()) == ["_cxrage", "parts"]
     assert len(pd.read_parquet(old)) == len(CHEST) + len(NON_CHEST)
+
+
+def test_quick_start_manifest_with_uri_column_and_relative_paths(ray_local, cxr_sample, tmp_path):
+    """README's first command on a slice of the real metadata.csv: `--uri-column file`, paths relative to the
+    manifest's folder, the `age` column as chronological age, and text columns that are empty for a whole Ray
+    block (the `nih_*` columns of the IEEE rows: they once crashed the writer), then `cxrage report`."""
+    meta = pd.read_csv(cxr_sample / "metadata.csv")
+    ieee = meta[meta["file"].str.startswith("images/ieee")].head(17)
+    nih = meta[meta["file"].str.startswith("images/nih")].head(7)
+    manifest = pd.concat([ieee, nih])  # the first 16-row block has no nih_* value at all
+    manifest["file"] = [os.path.relpath(cxr_sample / f, tmp_path) for f in manifest["file"]]
+    manifest.to_csv(tmp_path / "metadata.csv", index=False)
+    out = tmp_path / "out"
+    env = {**os.environ, "CXRAGE_HOME": str(tmp_path / "home")}
+    assert main(["score", str(tmp_path / "metadata.csv"), str(out), "--uri-column", "file", "--weights", "demo",
+                 "--no-progress", "--tta", "none"], env=env) == EXIT_OK
+    df = pd.read_parquet(out)
+    assert len(df) == len(manifest) and (df["status"] == "ok").all()
+    assert df["nih_Image Index"].notna().sum() == len(nih)
+    assert df["chronological_age"].notna().sum() >= len(manifest) - 2  # ages come from the manifest's `age`
+    assert main(["report", str(out)]) == EXIT_OK
+    analysis = json.loads((out / "_cxrage" / "analysis.json").read_text())
+    assert analysis["vs_chronological"]["mae"] is not None  # the report shows CXR-Age vs age
