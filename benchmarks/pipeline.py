@@ -330,7 +330,7 @@ def run_ours(label: str, manifest: Path, weights: Path, out: Path, score_args: l
                      *shlex.split(args.score_args))
     result = run_measured(label, command, args.interval, child_env())
     check(result)
-    result.extra = json.loads((out / "summary.json").read_text())
+    result.extra = json.loads((out / "_cxrage" / "summary.json").read_text())
     return result
 
 

@@ -20,6 +20,15 @@ from cxrage_ray.errors import CxrAgeError, InputError
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 3, 2, 130
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help lines with their defaults; options without a meaningful default say nothing about it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _add_storage(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec/s3fs option, e.g. endpoint_url=http://127.0.0.1:9000 or anon=true (repeatable)")
@@ -27,44 +36,60 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
 
 def _add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", choices=["fast", "exact"], default="exact",
-                   help="fast: reduced-resolution JPEG 2000 / JPEG decode (see docs/dicom.md); default exact")
+                   help="fast: reduced-resolution JPEG 2000 / JPEG decode (see docs/dicom.md); exact: full resolution")
     p.add_argument("--allow-any-modality", action="store_true",
                    help="score DICOM modalities that are not radiographs (CT, MR, ...) instead of refusing them")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxrage", description="CXR-Age for every chest radiograph in an archive.")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _subparser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
 
-    s = sub.add_parser("score", help="score a folder or manifest into Parquet under OUTPUT")
-    s.add_argument("input", help="folder/prefix (recursive) or CSV/Parquet manifest with a `uri` column")
-    s.add_argument("output", help="output folder (local or s3://) that receives Parquet parts and summary.json")
-    s.add_argument("--weights", help="weights file (fastai .pth, state_dict, .safetensors) or `demo`; "
-                   "default: the published PLCO_Fine_Tuned_120419 model, fetched on first use")
+
+def build_parser() -> argparse.ArgumentParser:
+    from cxrage_ray import __version__
+
+    parser = argparse.ArgumentParser(prog="cxrage", description="CXR-Age for every chest radiograph in an archive.",
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show our INFO logs and Ray's own log lines on the terminal")
+    parser.add_argument("--version", action="version", version=f"cxrage {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
+
+    s = _subparser(sub, "score", "score a folder or manifest into Parquet under OUTPUT")
+    s.add_argument("input", help="folder/prefix (recursive) or CSV/Parquet manifest with a path column (--uri-column)")
+    s.add_argument("output", help="output folder (local or s3://): Parquet parts under parts/, records under _cxrage/")
+    s.add_argument("--uri-column", default="uri", metavar="NAME",
+                   help="the manifest column holding each image's path or URL; relative paths resolve against "
+                   "the manifest's folder")
+    s.add_argument("--weights", help="weights file (fastai .pth, state_dict, .safetensors) or `demo` (random, NOT "
+                   "a model); without it: the published PLCO_Fine_Tuned_120419 model, fetched on first use")
     s.add_argument("--no-fetch", action="store_true", help="never download weights")
-    s.add_argument("--tta", choices=["seed", "none"], default="seed")
+    s.add_argument("--tta", choices=["seed", "none"], default="seed",
+                   help="seed: the original's centre + 4 corner views; none: the centre view only")
     s.add_argument("--preprocess", choices=["seed", "none"], default="seed",
                    help="seed: apply the original ImageMagick chain; none: inputs are seed-chain PNGs already")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model runs; auto: a GPU when the cluster has one")
     s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16/fp16 autocast on GPU, fp32 on CPU")
     s.add_argument("--batch-size", type=int, default=0,
-                   help="model views per forward pass (5 per image with TTA); default: 640 on GPU, 64 on CPU")
+                   help="model views per forward pass (5 per image with TTA); 0: 640 on GPU, 64 on CPU")
     s.add_argument("--saliency", metavar="DIR", help="write a saliency map per film as DIR/<stem>.png (local or s3://)")
     s.add_argument("--saliency-method", choices=["grad", "gradcam"], default="grad",
                    help="grad: the original's input-gradient map; gradcam: Grad-CAM on the last conv stage")
-    s.add_argument("--csv", help="also write the original tool's CSV (File, SD_Prediction, CXR_Age)")
+    s.add_argument("--csv", metavar="PATH", help="also write the original tool's CSV (File, SD_Prediction, CXR_Age)")
     s.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
                    help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray)")
-    s.add_argument("--num-cpus", type=int, help="logical CPUs for the embedded local Ray")
+    s.add_argument("--num-cpus", type=int, help="logical CPUs for the embedded local Ray (default: this machine's, "
+                   "at least 4)")
     s.add_argument("--predict-actors", type=int, default=1, help="predictor actors when running on CPU")
     s.add_argument("--rotation", choices=["auto", "list", "off"], default="auto",
                    help="auto: rotation list, then DICOM orientation, then our orientation model; list: the list only")
     s.add_argument("--rotation-list", metavar="CSV",
                    help="the original's list (one file name per line = rotate 90 clockwise) or `file,degrees`")
     s.add_argument("--skip-flagged", action="store_true",
-                   help="do not score films with QC flags (lateral, blank, paediatric, orientation_uncertain)")
+                   help="do not score films with QC flags (non_chest, lateral, blank, paediatric, "
+                   "orientation_uncertain); age_implausible only nulls the age")
     s.add_argument("--keep-patient-id", metavar="SALT",
                    help="add patient_id_hash = sha256(SALT + PatientID) for DICOM rows (never the raw ID)")
     s.add_argument("--no-progress-timeout", type=float, default=600.0, metavar="SECONDS",
@@ -76,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--retry-kinds", metavar="KINDS",
                    help="retry only error rows of these comma-separated kinds, e.g. ReadError,DecodeError "
                    "(implies --retry-errors)")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (the final summary still prints)")
     s.add_argument("--gpu-preprocess", choices=["auto", "on", "off"], default="auto",
                    help="on: send bytes to GPU actors that decode (nvImageCodec), run the seed chain and score; "
                    "off: decode and seed chain on CPU tasks; auto (default): on when the cluster has a GPU and "
@@ -92,36 +117,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode(s)
     _add_storage(s)
 
-    pp = sub.add_parser("preprocess", help="write the seed-chain PNG the original fed to fastai, per input")
-    pp.add_argument("input")
-    pp.add_argument("outdir")
-    pp.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    pp.add_argument("--decode", choices=["fast", "exact"], default="exact")
+    pp = _subparser(sub, "preprocess", "write the seed-chain PNG the original fed to fastai, per input")
+    pp.add_argument("input", help="folder/prefix or CSV/Parquet manifest")
+    pp.add_argument("outdir", help="folder that receives one PNG per input (same relative path)")
+    pp.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
+    pp.add_argument("--decode", choices=["fast", "exact"], default="exact",
+                    help="fast: reduced-resolution JPEG 2000 / JPEG decode; exact: full resolution")
     pp.add_argument("--engine", choices=["exact", "tensor"], default="exact",
                     help="exact: the CPU seed chain (default); tensor: the GPU path's tensor code (on the GPU when "
                     "there is one, else on the CPU), to compare both on your own archive")
     _add_storage(pp)
 
-    w = sub.add_parser("weights", help="manage model weights")
-    wsub = w.add_subparsers(dest="weights_command", required=True)
-    f = wsub.add_parser("fetch", help="download and verify the published weights into the cache")
+    w = _subparser(sub, "weights", "manage model weights")
+    wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION", help="what to do with weights")
+    f = _subparser(wsub, "fetch", "download and verify the published weights into the cache")
     f.add_argument("--url", help="alternative download URL (e.g. an internal mirror)")
-    c = wsub.add_parser("convert", help="convert any supported checkpoint to .safetensors")
-    c.add_argument("src")
-    c.add_argument("dst")
-    d = wsub.add_parser("demo", help="write seeded random weights in the published format (NOT a real model)")
-    d.add_argument("dst")
-    wsub.add_parser("where", help="print the weights cache folder")
+    c = _subparser(wsub, "convert", "convert any supported checkpoint to .safetensors")
+    c.add_argument("src", help="checkpoint to read (.pth, state_dict, .safetensors)")
+    c.add_argument("dst", help=".safetensors file to write")
+    d = _subparser(wsub, "demo", "write seeded random weights in the published format (NOT a real model)")
+    d.add_argument("dst", help=".pth file to write")
+    _subparser(wsub, "where", "print the weights cache folder")
 
-    m = sub.add_parser("manifest", help="list a folder/prefix once into a reusable Parquet manifest")
-    m.add_argument("prefix", help="folder/prefix, or a DICOMweb query dicomweb+https://host/prefix/?Modality=CR,DX&…")
-    m.add_argument("out")
+    m = _subparser(sub, "manifest", "list a folder/prefix once into a reusable Parquet manifest")
+    m.add_argument("prefix", help="folder/prefix to list (recursive), or a DICOMweb query dicomweb+https://host/prefix/?Modality=CR,DX&…")
+    m.add_argument("out", help="manifest to write (.parquet, or .csv)")
     _add_storage(m)
 
-    r = sub.add_parser("report", help="write OUTPUT/report.html and OUTPUT/analysis.json")
-    r.add_argument("output")
-    r.add_argument("--time-col")
-    r.add_argument("--event-col")
+    r = _subparser(sub, "report", "write OUTPUT/_cxrage/report.html and analysis.json")
+    r.add_argument("output", help="OUTPUT folder of `cxrage score`")
+    r.add_argument("--time-col", help="manifest column with follow-up time, for the Cox models")
+    r.add_argument("--event-col", help="manifest column with the event indicator (0/1), for the Cox models")
     _add_storage(r)
     return parser
 
@@ -138,7 +164,34 @@ def _weights_home(env: Mapping[str, str]) -> Path:
     return weights_home(env)
 
 
+def _preflight(args: argparse.Namespace, storage):
+    """Every check that needs neither torch nor Ray, in the order a user would fix them; returns the manifest.
+
+    Runs before the heavy imports so a mistake is answered in about a second and nothing is written.
+    """
+    from cxrage_ray import preflight
+    from cxrage_ray.manifest import build_manifest
+
+    preflight.check_limits(preflight.Limits(batch_size=args.batch_size, part_rows=args.part_rows,
+                                            predict_actors=args.predict_actors, num_cpus=args.num_cpus,
+                                            no_progress_timeout_s=args.no_progress_timeout))
+    _retry_kinds(args)
+    preflight.check_output_folder(args.output)
+    if args.csv:
+        preflight.check_output_file(args.csv, option="--csv")
+    if args.saliency:
+        preflight.check_output_folder(args.saliency, option="--saliency")
+    preflight.check_input_file(args.rotation_list, option="--rotation-list")
+    if args.weights not in (None, "demo"):
+        preflight.check_input_file(args.weights, option="--weights")
+    preflight.check_device(args.device, args.ray_address)
+    return build_manifest(args.input, storage, uri_column=args.uri_column)
+
+
 def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    storage = _storage(args, env)
+    manifest = _preflight(args, storage)
+
     from cxrage_ray.config import RayConfig, ScoreConfig
     from cxrage_ray.decode import DecodeOptions
     from cxrage_ray.pipeline import score
@@ -146,7 +199,6 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from cxrage_ray.orient import OrientConfig, load_rotation_list
     from cxrage_ray.stages import SaliencySettings
 
-    storage = _storage(args, env)
     weights = args.weights
     if weights == "demo":
         weights = str(_demo_weights(_weights_home(env)))
@@ -154,6 +206,7 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         input=args.input,
         output=args.output,
         weights=weights,
+        weights_name="demo" if args.weights == "demo" else None,
         allow_fetch=not args.no_fetch,
         storage=storage,
         decode=DecodeOptions(mode=args.decode, allow_any_modality=args.allow_any_modality,
@@ -162,7 +215,7 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         predictor=PredictorConfig(device=args.device, precision=args.precision, tta=args.tta,
                                   batch_size=args.batch_size),
         ray=RayConfig(address=args.ray_address, num_cpus=args.num_cpus, predict_actors=args.predict_actors,
-                      no_progress_timeout_s=args.no_progress_timeout),
+                      no_progress_timeout_s=args.no_progress_timeout, verbose=args.verbose),
         orient=OrientConfig(mode=args.rotation, skip_flagged=args.skip_flagged,
                             rotation_list=load_rotation_list(args.rotation_list) if args.rotation_list else None),
         saliency=SaliencySettings(args.saliency, args.saliency_method, storage) if args.saliency else None,
@@ -173,11 +226,13 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         progress=not args.no_progress,
         gpu_preprocess=args.gpu_preprocess,
         write_back=_write_back(args),
+        uri_column=args.uri_column,
     )
-    summary = score(cfg, _weights_home(env))
+    summary = score(cfg, _weights_home(env), manifest=manifest)
+    demo = " with DEMO weights (ages are meaningless)" if summary.get("weights_name") == "demo" else ""
     print(
         f"cxrage: {summary['rows_ok']} ok, {summary['rows_error']} error of {summary['rows_total']} rows "
-        f"({summary['rows_scored_this_run']} scored this run, {summary['images_per_s'] or 0:.1f} images/s) "
+        f"({summary['rows_scored_this_run']} scored this run, {summary['images_per_s'] or 0:.1f} images/s){demo} "
         f"-> {args.output}",
         file=sys.stderr,
     )
@@ -187,6 +242,10 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if sr is not None:
         print(f"cxrage: write-back: {sr['stored']} report(s) stored, {sr['already']} already stored, "
               f"{sr['failed']} failed (rerun to retry)", file=sys.stderr)
+    if summary.get("qc_flags"):
+        excluded = " (`cxrage report` leaves non_chest rows out of its statistics)" \
+            if "non_chest" in summary["qc_flags"] else ""
+        print(f"cxrage: QC flags: {json.dumps(summary['qc_flags'])}{excluded}", file=sys.stderr)
     return EXIT_ROW_ERRORS if summary["rows_error"] or (sr and sr["failed"]) else EXIT_OK
 
 
@@ -272,7 +331,9 @@ def cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from cxrage_ray.report import write_report
 
     write_report(args.output, time_col=args.time_col, event_col=args.event_col, storage=_storage(args, env))
-    print(f"cxrage: wrote {args.output}/report.html and analysis.json", file=sys.stderr)
+    from cxrage_ray.sink import record_uri
+
+    print(f"cxrage: wrote {record_uri(args.output, 'report.html')} and analysis.json", file=sys.stderr)
     return EXIT_OK
 
 
@@ -288,8 +349,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except CxrAgeError as exc:
         print(f"cxrage: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("cxrage: interrupted; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        kept = getattr(exc, "kept", None)  # set by the pipeline: what reached OUTPUT before Ctrl-C
+        print(f"cxrage: interrupted; {kept or 'every part written so far is kept'}; rerun the same command to "
+              "resume (only missing rows are scored)", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -24,6 +24,8 @@ class RayConfig:
         predict_actors: predictor actors on CPU (GPU runs use one actor per GPU).
         rows_per_task: manifest rows per CPU task (one Ray block).
         no_progress_timeout_s: fail with an explanation when no row finishes for this long.
+        verbose: let Ray's and Ray Data's own log lines through to the terminal (they always reach the session
+            log under Ray's temp folder).
     """
 
     address: str | None = None
@@ -31,6 +33,7 @@ class RayConfig:
     predict_actors: int = 1
     rows_per_task: int = 16
     no_progress_timeout_s: float = 600.0
+    verbose: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,12 @@ class ScoreConfig:
         input: folder/prefix or manifest (CSV/Parquet), local or fsspec URL.
         output: OUTPUT folder (local or fsspec URL) that receives Parquet parts + summary.json.
         weights: explicit weights file, or None for the cached published model.
+        weights_name: what the weights are, written beside their sha256 in every row and record ("demo" for
+            `--weights demo`); None: the registry id for the published model, else the file's name.
         allow_fetch: download the published weights when they are not cached.
         csv: also write the original tool's CSV layout here.
+        uri_column: the manifest column that held the paths (recorded in job.json; the manifest is already
+            built with it).
         overwrite: discard an OUTPUT that holds another job's results instead of refusing.
         retry_errors: None keeps committed error rows (a rerun only scores missing rows); a tuple of error
             kinds (`ReadError`, ...) rescores the error rows of those kinds, the empty tuple every error row.
@@ -55,6 +62,7 @@ class ScoreConfig:
     input: str
     output: str
     weights: str | None = None
+    weights_name: str | None = None
     allow_fetch: bool = True
     storage: StorageConfig = field(default_factory=StorageConfig)
     decode: DecodeOptions = DecodeOptions()
@@ -70,3 +78,4 @@ class ScoreConfig:
     progress: bool = True
     gpu_preprocess: Literal["auto", "on", "off"] = "auto"
     write_back: WriteBackConfig | None = None
+    uri_column: str = "uri"

@@ -4,8 +4,9 @@ In:  INPUT and a `StorageConfig`.
      - A folder/prefix is listed once, recursively. Image-like files are kept (.png .jpg .jpeg .tif .tiff
        .dcm .dicom .dic, and extension-less files such as DICOM UIDs); hidden files/folders and everything
        else (.csv, .parquet, .json, .md, .txt, ...) are skipped.
-     - A ``.csv`` / ``.parquet`` manifest needs a ``uri`` column (relative uris are resolved against the
-       manifest's folder); ``image_id`` is optional; every other column is carried through unchanged.
+     - A ``.csv`` / ``.parquet`` manifest needs a ``uri`` column, or the column named by `uri_column`
+       (``--uri-column file``), which becomes ``uri``; relative paths are resolved against the manifest's
+       folder; ``image_id`` is optional; every other column is carried through unchanged.
      - A DICOMweb query (``dicomweb+https://host/prefix/?Modality=CR,DX&…``) is paged through once by QIDO-RS
        (cxrage_ray.dicomweb); its rows carry ``study_instance_uid``, ``series_instance_uid``, ``sop_instance_uid``.
 Out: a pandas DataFrame with ``row_id`` (int64, 0..n-1 in manifest order), ``image_id`` (string, unique),
@@ -51,12 +52,13 @@ RESERVED_COLUMNS = tuple(c for c in CONTRACT_NAMES if c not in ("image_id", "uri
 _NUMERIC_SUFFIX = re.compile(r"^\.\d+$")
 
 
-def build_manifest(input: str, storage: StorageConfig) -> pd.DataFrame:
+def build_manifest(input: str, storage: StorageConfig, uri_column: str = "uri") -> pd.DataFrame:
     """Rows to score for INPUT (see the module docstring).
 
     Args:
         input: folder/prefix, or a ``.csv`` / ``.parquet`` manifest; local path or fsspec URL.
         storage: how to reach remote storage.
+        uri_column: the manifest column with each image's path/URL (ignored for folders).
 
     Raises:
         InputError: INPUT missing; a folder without images; a manifest that is empty, lacks ``uri``, has blank
@@ -65,7 +67,7 @@ def build_manifest(input: str, storage: StorageConfig) -> pd.DataFrame:
     if is_dicomweb(input):  # a QIDO-RS query: listed once, page by page
         return _finish(query_manifest(input, storage))
     if input.lower().endswith(MANIFEST_EXTENSIONS):
-        return with_uid_columns(_from_manifest_file(input, storage))
+        return with_uid_columns(_from_manifest_file(input, storage, uri_column))
     return _from_folder(input, storage)
 
 
@@ -127,7 +129,7 @@ def _folder_prefix(input: str) -> str:
 # ---------------------------------------------------------------- manifest file
 
 
-def _from_manifest_file(input: str, storage: StorageConfig) -> pd.DataFrame:
+def _from_manifest_file(input: str, storage: StorageConfig, uri_column: str = "uri") -> pd.DataFrame:
     try:
         data = read_bytes(input, storage)
     except ReadError as e:
@@ -136,9 +138,16 @@ def _from_manifest_file(input: str, storage: StorageConfig) -> pd.DataFrame:
         if "empty" in str(e):
             raise InputError(f"manifest {input} is empty (0 bytes)") from e
         raise InputError(f"cannot read manifest {input}: {e}") from e
-    df = _parse(data, input)
-    if "uri" not in df.columns:
-        raise InputError(f"manifest {input} has no `uri` column (columns: {', '.join(map(str, df.columns)) or 'none'})")
+    df = _parse(data, input, uri_column)
+    if uri_column not in df.columns:
+        columns = ", ".join(map(str, df.columns[:12])) + (", ..." if len(df.columns) > 12 else "")
+        hint = "" if uri_column != "uri" else "; name the column that holds the paths with --uri-column NAME"
+        raise InputError(f"manifest {input} has no `{uri_column}` column (columns: {columns or 'none'}){hint}")
+    if uri_column != "uri":
+        if "uri" in df.columns:
+            raise InputError(f"manifest {input} has both `{uri_column}` and `uri` columns: rename `uri` or drop "
+                             "--uri-column")
+        df = df.rename(columns={uri_column: "uri"})
     reserved = [c for c in RESERVED_COLUMNS if c in df.columns]
     if reserved:
         raise InputError(
@@ -168,12 +177,12 @@ def _from_manifest_file(input: str, storage: StorageConfig) -> pd.DataFrame:
     return _finish(pd.concat([out, extra], axis=1), source=input)
 
 
-def _parse(data: bytes, input: str) -> pd.DataFrame:
+def _parse(data: bytes, input: str, uri_column: str = "uri") -> pd.DataFrame:
     try:
         if input.lower().endswith(".parquet"):
             return pq.read_table(io.BytesIO(data)).to_pandas()
         # uri/image_id stay text ("00012" is an id, not the number 12); other columns are inferred as usual
-        return pd.read_csv(io.BytesIO(data), dtype={"uri": str, "image_id": str}, keep_default_na=True)
+        return pd.read_csv(io.BytesIO(data), dtype={uri_column: str, "image_id": str}, keep_default_na=True)
     except pd.errors.EmptyDataError as e:
         raise InputError(f"manifest {input} is empty") from e
     except Exception as e:  # noqa: BLE001 - any parser failure is the user's file, not our bug

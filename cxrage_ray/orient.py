@@ -42,6 +42,35 @@ QC_LATERAL = "lateral"
 QC_BLANK = "blank"
 QC_PAEDIATRIC = "paediatric"
 QC_ORIENTATION_UNCERTAIN = "orientation_uncertain"
+QC_NON_CHEST = "non_chest"
+QC_AGE_IMPLAUSIBLE = "age_implausible"
+#: Chronological ages outside this range (years) are data errors (e.g. a placeholder birth date): nulled + flagged.
+PLAUSIBLE_AGE = (0.0, 110.0)
+#: Words in BodyPartExamined / Study / Series Description / Protocol Name / anatomic region that say "chest"
+#: (English and the common European spellings seen in headers).
+CHEST_WORDS = frozenset({"CHEST", "THORAX", "THORACIC", "THORAXES", "LUNG", "LUNGS", "CXR", "TORAX", "TORACE",
+                         "TORACICO", "THORAKS", "BRUST", "BRUSTKORB", "POUMON", "POUMONS", "PULMONARY", "HEART",
+                         "PORTCHEST", "CHESTPA", "CHESTAP", "CHESTLAT"})
+#: Words that name another body part: a film described only by these is not a chest radiograph.
+NON_CHEST_WORDS = frozenset({
+    "EXTREMITY", "EXTREMITIES", "HAND", "HANDS", "FINGER", "FINGERS", "THUMB", "WRIST", "FOREARM", "ELBOW", "ARM",
+    "HUMERUS", "SHOULDER", "CLAVICLE", "SCAPULA", "HIP", "HIPS", "PELVIS", "SACRUM", "COCCYX", "FEMUR", "KNEE",
+    "KNEES", "PATELLA", "LEG", "LEGS", "TIBIA", "FIBULA", "ANKLE", "FOOT", "FEET", "TOE", "TOES", "HEEL",
+    "CALCANEUS", "SKULL", "HEAD", "BRAIN", "FACE", "FACIAL", "SINUS", "SINUSES", "ORBIT", "MANDIBLE", "JAW",
+    "DENTAL", "TEETH", "TOOTH", "PANORAMIC", "NECK", "SPINE", "CSPINE", "LSPINE", "LUMBAR", "CERVICAL", "SACRAL",
+    "ABDOMEN", "ABDOMINAL", "KUB", "BREAST", "MAMMO", "MAMMOGRAPHY",
+})
+#: Anatomic region codes (SNOMED CT, and the older SNOMED-RT `T-` codes) for the chest / thorax.
+CHEST_CODES = frozenset({"43799004", "51185008", "T-D3000", "T-D3100", "39607008", "T-28000"})
+_WORD = re.compile(r"[A-Z]+")
+#: Side of the thumbnails compared with the mean chest films (`chest_likeness`).
+CHEST_TEMPLATE_SIZE = 32
+#: Mean frontal and mean lateral chest thumbnails of the 250 sample films (benchmarks/non_chest.py writes them).
+CHEST_TEMPLATES = "chest_templates.safetensors"
+#: Non-DICOM films whose `chest_likeness` is below this are flagged `non_chest`. Measured by
+#: benchmarks/non_chest.py (leave-one-out for the chest films): 2 of the 250 sample chest films flagged,
+#: 1 of the DICOM sample's 11 decodable non-chest radiographs (4 distinct pictures) missed.
+NON_CHEST_LIKENESS = 0.45
 #: DICOM View Position (0018,5101) values that mean a lateral projection (LL/RL are the defined terms;
 #: the others are seen in the wild). Decubitus (RLD/LLD) and obliques are frontal-ish and not flagged.
 LATERAL_VIEW_POSITIONS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLAT", "RLAT", "XTABLE LATERAL"})
@@ -466,6 +495,8 @@ class OrientConfig:
             still turned to the most likely orientation).
         lateral_threshold: the view head's probability above which a film is flagged `lateral`.
         use_view_model: run the classifier for the `lateral` flag even when the rotation came from elsewhere.
+        non_chest_likeness: non-DICOM films whose `chest_likeness` is below this are flagged `non_chest`
+            (None: never judge the picture; DICOM films are judged by their header).
     """
 
     mode: Mode = "auto"
@@ -474,6 +505,8 @@ class OrientConfig:
     uncertain_threshold: float = 0.8
     lateral_threshold: float = 0.5
     use_view_model: bool = True
+    # repr=False: the job record holds repr(OrientConfig), and outputs written before this field must resume
+    non_chest_likeness: float | None = field(default=NON_CHEST_LIKENESS, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "list", "off"):
@@ -490,7 +523,7 @@ class OrientResult:
         image: the corrected (upright) picture, same dtype and channels as the input.
         orientation: detected clockwise rotation of the INPUT, degrees (0/90/180/270).
         rotation_source: "list", "dicom", "model" or "none".
-        qc: flags, in a fixed order: lateral, blank, paediatric, orientation_uncertain.
+        qc: flags, in a fixed order: non_chest, lateral, blank, paediatric, orientation_uncertain.
         mirrored: a left-right flip was undone too (DICOM Patient Orientation only).
         skip: the config says flagged rows are not scored and this row has a flag.
         applied: the clockwise rotation actually undone (0 when an uncertain model verdict was not applied).
@@ -520,6 +553,70 @@ def correct_orientation(array: np.ndarray, applied: int, mirrored: bool) -> np.n
     if mirrored:
         corrected = np.fliplr(corrected)
     return np.ascontiguousarray(corrected)
+
+
+def dicom_non_chest(meta: Mapping[str, Any]) -> bool:
+    """True when the DICOM header says the film shows something other than the chest.
+
+    Reads BodyPartExamined, Study/Series Description, Protocol Name and the anatomic region code. A film is
+    non-chest when some field names another body part (`NON_CHEST_WORDS`, e.g. EXTREMITY, HIP, HAND) or a
+    non-chest region code, and no field names the chest (`CHEST_WORDS`, `CHEST_CODES`): "CHEST + ABDOMEN"
+    stays a chest film. A header that says nothing gives no verdict (False here; the picture may still tell).
+    """
+    fields = [meta.get(k) for k in ("body_part", "study_description", "series_description", "protocol_name",
+                                    "anatomic_region")]
+    texts = [str(v).upper() for v in fields if v]
+    if not texts:
+        return False
+    words = {w for text in texts for w in _WORD.findall(text.replace("_", " "))}
+    codes = set(str(meta.get("anatomic_region") or "").split()[:1])
+    if words & CHEST_WORDS or codes & CHEST_CODES:
+        return False
+    return bool(words & NON_CHEST_WORDS)
+
+
+
+
+def template_thumbnail(image_u8: np.ndarray, size: int = CHEST_TEMPLATE_SIZE) -> np.ndarray:
+    """Seed-chain picture -> (size, size) float64 thumbnail with zero mean and unit variance."""
+    thumb = thumbnail(image_u8, size).astype(np.float64)
+    return (thumb - thumb.mean()) / (thumb.std() + 1e-6)
+
+
+def chest_likeness_thumbs(thumb: np.ndarray, templates: Sequence[np.ndarray]) -> float:
+    """Best Pearson correlation of a `template_thumbnail` with any chest template, over the four quarter turns
+    and the mirror image (a film may lie turned or flipped; orientation is judged elsewhere)."""
+    best = -1.0
+    for template in templates:
+        t = (template - template.mean()) / (template.std() + 1e-6)
+        for view in (thumb, thumb[:, ::-1]):
+            best = max(best, *(float((np.rot90(view, k) * t).mean()) for k in range(4)))
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def chest_templates() -> tuple[np.ndarray, ...]:
+    """The committed chest templates (frontal, lateral), loaded once per process."""
+    from importlib.resources import as_file, files
+
+    from safetensors.numpy import load_file
+
+    with as_file(files("cxrage_ray.weights_data") / CHEST_TEMPLATES) as path:
+        loaded = load_file(str(path))
+    return tuple(loaded[key].astype(np.float64) for key in sorted(loaded))
+
+
+def picture_non_chest(image_u8: np.ndarray, threshold: float = NON_CHEST_LIKENESS) -> bool:
+    """True when a seed-chain picture looks like no chest film (`chest_likeness` below `threshold`)."""
+    return chest_likeness_thumbs(template_thumbnail(image_u8), chest_templates()) < threshold
+
+
+def plausible_age(age: float | None) -> tuple[float | None, bool]:
+    """(age, False) for an age within `PLAUSIBLE_AGE` or unknown; (None, True) for an implausible one."""
+    if age is None or not np.isfinite(age):
+        return None, False
+    low, high = PLAUSIBLE_AGE
+    return (float(age), False) if low <= age <= high else (None, True)
 
 
 def is_blank(image_u8: np.ndarray) -> bool:
@@ -559,7 +656,13 @@ def orient(
     if prediction is None and (needs_rotation_model or config.use_view_model):
         prediction = (classifiers or default_classifier()).predict([image])[0]
 
-    qc: list[str] = []
+    blank = is_blank(image)
+    if meta:  # DICOM: the header says what the film shows
+        non_chest = dicom_non_chest(meta)
+    else:  # a raster file says nothing: judge the picture (a blank one is flagged `blank`, which says more)
+        non_chest = (config.non_chest_likeness is not None and not blank
+                     and picture_non_chest(image, config.non_chest_likeness))
+    qc: list[str] = [QC_NON_CHEST] if non_chest else []
     rotation, source, mirrored, uncertain = 0, "none", False, False
     if listed is not None:
         rotation, source = (-listed) % 360, "list"
@@ -577,7 +680,7 @@ def orient(
     lateral = dicom_is_lateral(meta) or (prediction is not None and prediction.lateral_prob > config.lateral_threshold)
     if lateral:
         qc.append(QC_LATERAL)
-    if is_blank(image):
+    if blank:
         qc.append(QC_BLANK)
     if chronological_age is not None and np.isfinite(chronological_age) and chronological_age < ADULT_AGE:
         qc.append(QC_PAEDIATRIC)

@@ -23,6 +23,7 @@ import os
 import platform
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -33,15 +34,17 @@ import pyarrow as pa
 import cxrage_ray
 from cxrage_ray.checkpoint import load_state_dict
 from cxrage_ray.config import RayConfig, ScoreConfig
+from cxrage_ray.console import native_stderr_to_session_log, progress_bar, quiet_ray_console, ray_init_options
 from cxrage_ray.errors import InputError, StalledError, error_kind
 from cxrage_ray.manifest import build_manifest
-from cxrage_ray.registry import resolve_weights
+from cxrage_ray.registry import DEFAULT_MODEL, resolve_weights
 from cxrage_ray.sink import (
     PARTS_DIR,
     PartWriter,
     committed_parts,
     completed_row_ids,
     drop_error_rows,
+    move_legacy_records,
     output_schema,
     read_json,
     read_output,
@@ -61,34 +64,49 @@ MIN_LOCAL_LOGICAL_CPUS = 4
 GPU_BATCH_VIEWS, CPU_BATCH_VIEWS = 640, 64
 
 
-def score(cfg: ScoreConfig, weights_home: Path) -> dict[str, Any]:
-    """Run a scoring job to completion (or resume one); returns the summary written to summary.json."""
+def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Run a scoring job to completion (or resume one); returns the summary written to summary.json.
+
+    `manifest`: INPUT's rows when the caller built them already (the CLI does, before importing torch).
+    """
     started = time.perf_counter()
     check_gpu_request(cfg, local_cuda=torch_cuda_available())
-    manifest = build_manifest(cfg.input, cfg.storage)
+    if manifest is None:
+        manifest = build_manifest(cfg.input, cfg.storage, uri_column=cfg.uri_column)
     weights = resolve_weights(cfg.weights, weights_home, cfg.allow_fetch)
-    state_dict = load_state_dict(weights.path)
+    weights_name = cfg.weights_name or (DEFAULT_MODEL if weights.source != "explicit" else weights.path.name)
     job = _job_record(manifest, cfg, weights.sha256)
-    todo = _rows_to_score(manifest, job, cfg)
+    todo = _rows_to_score(manifest, {**job, "weights_name": weights_name}, cfg)
     schema = output_schema(pa.Schema.from_pandas(manifest, preserve_index=False))
     writer = PartWriter(cfg.output, schema, cfg.storage, part_rows=cfg.part_rows)
-    labels = {"weights_sha256": weights.sha256, "preprocess": cfg.preprocess, "tta": cfg.predictor.tta,
-              "decode": cfg.decode.mode}
+    labels = {"weights_sha256": weights.sha256, "weights_name": weights_name, "preprocess": cfg.preprocess,
+              "tta": cfg.predictor.tta, "decode": cfg.decode.mode}
 
     scored = 0
+    startup: dict[str, float] = {"before_ray_s": time.perf_counter() - started}
     itinerary = Itinerary("cpu", "nothing left to score")
     if len(todo):
-        with ray_session(cfg.ray), _progress(len(todo), len(manifest), cfg.progress) as bar:
+        # the weights are read (torch imported, ~85 MB parsed) on a thread while Ray starts
+        loading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrage-weights")
+        state_dict_future = loading.submit(load_state_dict, weights.path)
+        loading.shutdown(wait=False)
+        with ray_session(cfg.ray), progress_bar(len(todo), len(manifest), cfg.progress) as bar:
+            startup["ray_started_s"] = time.perf_counter() - started
+            state_dict = state_dict_future.result()
             itinerary = choose_itinerary(cfg, cluster_gpus=_cluster_gpus(), nvimgcodec=nvimgcodec_installed())
             log.info("itinerary: %s (%s)", itinerary.path, itinerary.reason)
+            startup["weights_loaded_s"] = time.perf_counter() - started
             try:
                 for table in _dataset(todo, cfg, state_dict, labels, itinerary).iter_batches(
                         batch_format="pyarrow", batch_size=None):
+                    startup.setdefault("first_film_s", time.perf_counter() - started)
                     writer.add(table)
                     scored += len(table)
                     bar.update(len(table))
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:
                 writer.flush()  # whole rows already scored are worth keeping
+                exc.kept = (f"{scored} rows scored this run were written to {cfg.output} "
+                            f"({len(manifest) - len(todo) + scored} of {len(manifest)} in all)")
                 raise
             except Exception as exc:
                 if type(exc).__name__ != "ExecutionTimeoutError":
@@ -107,9 +125,13 @@ def score(cfg: ScoreConfig, weights_home: Path) -> dict[str, Any]:
         from cxrage_ray.writeback import write_back
 
         summary["write_back"] = write_back(cfg.output, cfg.write_back, cfg.storage, weights.sha256).as_dict()
+    summary["weights_name"] = weights_name
+    summary["startup"] = {k: round(v, 3) for k, v in startup.items()}  # seconds since score() began
+    log.info("start-up: %s", summary["startup"])
     write_json(cfg.output, "summary.json", summary, cfg.storage)
     if cfg.csv:
-        write_original_csv(read_output(cfg.output, cfg.storage), cfg.csv, cfg.storage)
+        write_original_csv(read_output(cfg.output, cfg.storage), cfg.csv, cfg.storage,
+                           weights_name=weights_name)
     return summary
 
 
@@ -254,24 +276,22 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    # a cluster job keeps Ray's worker output in its job log; the embedded Ray keeps it off the terminal
+    loud = rc.verbose or bool(rc.address)
+    kwargs: dict[str, Any] = {"include_dashboard": False, **ray_init_options(loud)}
     if rc.address:
         ray.init(address=rc.address, **kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=rc.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS), **kwargs)
+        # address="local": always a new embedded instance, never a cluster another process on this machine
+        # advertised in /tmp/ray/ray_current_cluster (`ray start`, ray.cluster_utils.Cluster)
+        ray.init(address="local", num_cpus=rc.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS), **kwargs)
+    quiet_ray_console(loud)
     try:
-        yield
+        with native_stderr_to_session_log(loud):
+            yield
     finally:
         ray.shutdown()
-
-
-@contextlib.contextmanager
-def _progress(todo: int, total: int, enabled: bool):
-    from tqdm import tqdm
-
-    with tqdm(total=total, initial=total - todo, unit="img", disable=not enabled, dynamic_ncols=True) as bar:
-        yield bar
 
 
 def _job_record(manifest: pd.DataFrame, cfg: ScoreConfig, weights_sha256: str) -> dict[str, Any]:
@@ -288,11 +308,18 @@ def _job_record(manifest: pd.DataFrame, cfg: ScoreConfig, weights_sha256: str) -
     }
 
 
+#: job.json keys that describe a job without defining it: older outputs lack them, and resume still applies.
+JOB_INFO_KEYS = ("weights_name",)
+
+
 def _rows_to_score(manifest: pd.DataFrame, job: dict[str, Any], cfg: ScoreConfig) -> pd.DataFrame:
+    move_legacy_records(cfg.output, cfg.storage)  # job.json/summary.json of older outputs -> OUTPUT/_cxrage/
     previous = read_json(cfg.output, "job.json", cfg.storage)
-    if previous is not None and previous != job:
+    defining = [k for k in job if k not in JOB_INFO_KEYS]
+    conflict = previous is not None and any(previous.get(k) != job[k] for k in defining)
+    if conflict and committed_parts(cfg.output, cfg.storage):  # a record without rows binds nothing
         if not cfg.overwrite:
-            changed = sorted(k for k in job if previous.get(k) != job[k])
+            changed = sorted(k for k in defining if previous.get(k) != job[k])
             raise InputError(
                 f"{cfg.output} holds results of a different job (differs in: {', '.join(changed)}); "
                 "choose another OUTPUT or pass --overwrite to discard them"
@@ -312,9 +339,10 @@ def _rows_to_score(manifest: pd.DataFrame, job: dict[str, Any], cfg: ScoreConfig
 
 
 def _summary(cfg: ScoreConfig, manifest: pd.DataFrame, sha: str, scored: int, elapsed: float) -> dict[str, Any]:
-    table = read_output(cfg.output, cfg.storage).select(["row_id", "status", "error"]).to_pandas()
+    table = read_output(cfg.output, cfg.storage).select(["row_id", "status", "error", "qc"]).to_pandas()
     errors = table.loc[table["status"] == "error", "error"].fillna("Error: ?")
     kinds = Counter(errors.map(error_kind))
+    flags = Counter(flag for qc in table["qc"] if qc is not None for flag in qc)
     import numpy
     import ray
     import torch
@@ -328,6 +356,7 @@ def _summary(cfg: ScoreConfig, manifest: pd.DataFrame, sha: str, scored: int, el
         "rows_ok": int((table["status"] == "ok").sum()),
         "rows_error": int((table["status"] == "error").sum()),
         "errors_by_kind": dict(sorted(kinds.items())),
+        "qc_flags": dict(sorted(flags.items())),
         "complete": int(table["row_id"].nunique()) == len(manifest),
         # every part listed here is whole: parts only appear by atomic rename / single PUT
         "parts": sorted(u.rsplit("/", 1)[-1] for u in committed_parts(cfg.output, cfg.storage)),

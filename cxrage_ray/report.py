@@ -1,8 +1,11 @@
-"""Cohort report: a scored OUTPUT folder (local or fsspec URL) -> OUTPUT/analysis.json + OUTPUT/report.html.
+"""Cohort report: a scored OUTPUT folder (local or fsspec URL) -> OUTPUT/_cxrage/analysis.json + report.html.
 
 In:  the Parquet files `cxrage score` wrote anywhere under OUTPUT (the output contract: `status`, `error`,
      `cxr_age`, optional `chronological_age`/`age`, `patient_sex`/`sex`, `view_position`/`view`, `qc`, and
-     carried manifest columns such as follow-up time and event), plus OUTPUT/summary.json when present.
+     carried manifest columns such as follow-up time and event), plus OUTPUT/_cxrage/summary.json when present.
+     Rows flagged `non_chest` keep their score in the Parquet but are left out of every statistic here
+     (`excluded_from_statistics` says how many); rows scored with demo weights make the page open with a
+     banner and analysis.json carry `demo_weights: true`.
 Out: `analysis.json` — counts, error kinds, QC flags, the CXR-Age distribution, agreement with chronological
      age, the age gap by sex and view, throughput and provenance, and, given time/event columns, the paper's
      outcome analysis: Cox proportional-hazards models of CXR-Age alone and adjusted for chronological age
@@ -30,6 +33,7 @@ import pyarrow.parquet as pq
 
 import cxrage_ray
 from cxrage_ray.errors import CxrAgeError, InputError, error_kind
+from cxrage_ray.sink import read_json, record_uri
 from cxrage_ray.storage import StorageConfig, is_local, list_files, read_bytes, write_bytes
 
 #: The paper reports hazard ratios per 5 years of CXR-Age.
@@ -40,7 +44,11 @@ SEX_COLUMNS = ("patient_sex", "sex")
 VIEW_COLUMNS = ("view_position", "view")
 #: Columns the report reads besides the cohort variables and time/event (reading only these keeps a
 #: million-row output at a few hundred MB of memory).
-BASE_COLUMNS = ("image_id", "uri", "status", "error", "cxr_age", "qc", "weights_sha256", "preprocess", "tta")
+BASE_COLUMNS = ("image_id", "uri", "status", "error", "cxr_age", "qc", "weights_sha256", "weights_name",
+                "preprocess", "tta")
+#: QC flags whose rows are not chest radiographs: their CXR-Age means nothing, so no statistic includes them.
+STATS_EXCLUDED_FLAGS = ("non_chest",)
+DEMO_WEIGHTS_NAME = "demo"
 
 
 @dataclass(frozen=True)
@@ -118,9 +126,10 @@ def read_scored(output: str | Path, extra_columns: Iterable[str] = (),
 
 
 def read_summary(output: str | Path, storage: StorageConfig | None = None) -> dict[str, Any] | None:
-    """OUTPUT/summary.json as a dict, or None when absent or unreadable (the report does not need it)."""
+    """OUTPUT/_cxrage/summary.json (or an older output's OUTPUT/summary.json) as a dict, or None when absent
+    or unreadable (the report does not need it)."""
     try:
-        return json.loads(read_bytes(f"{str(output).rstrip('/')}/summary.json", storage or StorageConfig()))
+        return read_json(str(output), "summary.json", storage or StorageConfig())
     except (OSError, ValueError, CxrAgeError):  # absent (ReadError), unreadable or not JSON
         return None
 
@@ -192,7 +201,7 @@ def cohort(frame: pd.DataFrame, time_col: str | None = None, event_col: str | No
         Columns `cxr_age`, `chronological_age`, `gap` (= cxr_age - chronological_age), `sex` ('M'/'F'/other
         text), `view`, and `time`/`event` when their columns are named. Ages are float years (NaN if unknown).
     """
-    ok = frame[frame["status"] == "ok"]
+    ok = frame[(frame["status"] == "ok") & ~excluded_rows(frame)]
     cxr = pd.to_numeric(ok["cxr_age"], errors="coerce").astype(float) if "cxr_age" in ok.columns else \
         pd.Series(np.nan, index=ok.index)
     ok, cxr = ok[np.isfinite(cxr)], cxr[np.isfinite(cxr)]
@@ -285,6 +294,26 @@ def qc_counts(frame: pd.DataFrame) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def excluded_rows(frame: pd.DataFrame) -> pd.Series:
+    """True for rows carrying a flag in `STATS_EXCLUDED_FLAGS` (non-chest films)."""
+    if "qc" not in frame.columns:
+        return pd.Series(False, index=frame.index)
+    return frame["qc"].map(lambda flags: flags is not None and not isinstance(flags, float)
+                           and any(str(f) in STATS_EXCLUDED_FLAGS for f in flags)).astype(bool)
+
+
+def excluded_counts(frame: pd.DataFrame) -> dict[str, int]:
+    """Scored rows left out of the statistics, per excluding flag."""
+    counts = qc_counts(frame[frame["status"] == "ok"])
+    return {flag: counts[flag] for flag in STATS_EXCLUDED_FLAGS if counts.get(flag)}
+
+
+def uses_demo_weights(frame: pd.DataFrame, summary: dict[str, Any] | None) -> bool:
+    """True when any row (or the run's summary) was scored with the random demo weights."""
+    return DEMO_WEIGHTS_NAME in _distinct(frame, "weights_name") or (summary or {}).get("weights_name") == \
+        DEMO_WEIGHTS_NAME
+
+
 def _distinct(frame: pd.DataFrame, name: str) -> list[str]:
     if name not in frame.columns:
         return []
@@ -296,6 +325,7 @@ def provenance(frame: pd.DataFrame, summary: dict[str, Any] | None) -> dict[str,
     summary = summary or {}
     return {
         "weights_sha256": _distinct(frame, "weights_sha256"),
+        "weights_name": _distinct(frame, "weights_name"),
         "preprocess": _distinct(frame, "preprocess"),
         "tta": _distinct(frame, "tta"),
         "summary_weights_sha256": summary.get("weights_sha256"),
@@ -423,6 +453,8 @@ def analyze(frame: pd.DataFrame, summary: dict[str, Any] | None = None, *,
         "n_error": int((frame["status"] == "error").sum()),
         "errors_by_kind": errors_by_kind(frame),
         "qc_counts": qc_counts(frame),
+        "excluded_from_statistics": excluded_counts(frame),
+        "demo_weights": uses_demo_weights(frame, summary),
         "cxr_age": describe(c["cxr_age"]),
         "vs_chronological": vs_chronological(c),
         "gap_by_sex": gap_by(c, "sex"),
@@ -459,14 +491,14 @@ def to_json_ready(value: Any) -> Any:
 def write_report(output: str | Path, *, time_col: str | None = None, event_col: str | None = None,
                  out_html: str | None = None, out_json: str | None = None,
                  storage: StorageConfig | None = None) -> dict[str, Any]:
-    """Analyse a scored OUTPUT folder and write `report.html` and `analysis.json` (into OUTPUT by default).
+    """Analyse a scored OUTPUT folder and write `report.html` and `analysis.json` (into OUTPUT/_cxrage/ by default).
 
     Args:
         output: OUTPUT folder of `cxrage score`, local or fsspec URL.
         time_col: manifest column with follow-up time (any unit; shown as given) for the Cox models.
         event_col: manifest column with the event indicator (0/1 or true/false).
-        out_html: where to write the page (default OUTPUT/report.html; local or URL).
-        out_json: where to write the numbers (default OUTPUT/analysis.json; local or URL).
+        out_html: where to write the page (default OUTPUT/_cxrage/report.html; local or URL).
+        out_json: where to write the numbers (default OUTPUT/_cxrage/analysis.json; local or URL).
         storage: credentials/endpoint for remote locations.
 
     Returns:
@@ -477,7 +509,8 @@ def write_report(output: str | Path, *, time_col: str | None = None, event_col: 
     """
     storage = storage or StorageConfig()
     base = str(output).rstrip("/")
-    paths = ReportPaths(html=str(out_html or f"{base}/report.html"), json=str(out_json or f"{base}/analysis.json"))
+    paths = ReportPaths(html=str(out_html or record_uri(base, "report.html")),
+                        json=str(out_json or record_uri(base, "analysis.json")))
     if bool(time_col) != bool(event_col):
         raise InputError("the outcome analysis needs both --time-col and --event-col")
     frame = read_scored(output, [c for c in (time_col, event_col) if c], storage)

@@ -130,6 +130,8 @@ def plot_km(c: pd.DataFrame, time_label: str) -> str | None:
 # ---------------------------------------------------------------------------------------------- HTML
 
 _CSS = """
+.demo-banner{background:#b00020;color:#fff;padding:.8em 1em;font-size:1.15em;border-radius:4px;margin-bottom:1em}
+.demo-banner code{color:#fff}
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1100px;color:#222;
 padding:0 1em}
 h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
@@ -225,6 +227,20 @@ def _cox_section(cox: dict[str, Any] | None, columns: dict[str, Any]) -> str:
             f"HR = exp(5·coef), CI = exp(5·(coef ± 1.96·SE)).{note}</p>")
 
 
+def _demo_banner() -> str:
+    return ('<div class="demo-banner" role="alert" id="demo-weights-banner"><b>DEMO WEIGHTS</b> &mdash; these '
+            "rows were scored with seeded random weights (<code>--weights demo</code>), not the published CXR-Age "
+            "model: every age on this page is meaningless.</div>")
+
+
+def _excluded_note(excluded: dict[str, int]) -> str:
+    if not excluded:
+        return ""
+    what = ", ".join(f"{n} flagged <code>{html.escape(flag)}</code>" for flag, n in excluded.items())
+    return (f'<p class="muted" id="excluded-rows">Left out of every statistic below: {what} (their scores stay '
+            "in the Parquet).</p>")
+
+
 def render_html(analysis: dict[str, Any], frame: pd.DataFrame, c: pd.DataFrame) -> str:
     """The report page for `analysis` (from `analyze`), with plots drawn from the cohort `c`."""
     a = analysis
@@ -239,7 +255,9 @@ def render_html(analysis: dict[str, Any], frame: pd.DataFrame, c: pd.DataFrame) 
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
         "<title>CXR-Age cohort report</title>",
         f"<style>{_CSS}</style></head><body>",
+        _demo_banner() if a.get("demo_weights") else "",
         "<h1>CXR-Age cohort report</h1>",
+        _excluded_note(a.get("excluded_from_statistics") or {}),
         '<div class="cards">' + "".join(f"<div class='card'>{html.escape(k)}<b>{_fmt(v)}</b></div>"
                                         for k, v in cards) + "</div>",
         "<h2>CXR-Age distribution</h2>",

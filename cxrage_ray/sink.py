@@ -2,8 +2,13 @@
 
 In:  pyarrow tables of scored rows (the output contract below), streamed from the pipeline.
 Out: OUTPUT/parts/part-<run>-<seq>.parquet files, each written to a temporary name and renamed (local) or
-     PUT in one request (object stores), so a part either exists whole or not at all; OUTPUT/job.json
-     (what the job is: manifest fingerprint and scoring settings) and OUTPUT/summary.json.
+     PUT in one request (object stores), so a part either exists whole or not at all; OUTPUT/_cxrage/job.json
+     (what the job is: manifest fingerprint and scoring settings) and OUTPUT/_cxrage/summary.json.
+
+Everything that is not data lives under `OUTPUT/_cxrage/` (`RECORDS_DIR`): readers that treat a folder as a
+Parquet dataset (pandas, pyarrow.dataset, DuckDB, Spark) skip `_`-prefixed names, so `pd.read_parquet(OUTPUT)`
+reads the rows and nothing else. Outputs written before that layout kept job.json/summary.json at the top;
+`read_json` still finds them there and `move_legacy_records` moves them into `_cxrage/` on the next run.
 
 Resume reads the `row_id`s of the committed parts; a row is in exactly one committed part because the
 driver writes each row once and only whole parts become visible. `--retry-errors` first rewrites the parts
@@ -37,6 +42,7 @@ CONTRACT_FIELDS: list[pa.Field] = [
     pa.field("chronological_age", pa.float64()),
     pa.field("cxr_age_gap", pa.float64()),
     pa.field("weights_sha256", pa.string()),
+    pa.field("weights_name", pa.string()),
     pa.field("preprocess", pa.string()),
     pa.field("tta", pa.string()),
     pa.field("decode", pa.string()),
@@ -57,6 +63,15 @@ CONTRACT_FIELDS: list[pa.Field] = [
 ]
 CONTRACT_NAMES = [f.name for f in CONTRACT_FIELDS]
 PARTS_DIR = "parts"
+#: Job records, summary and report: `_`-prefixed so dataset readers skip them.
+RECORDS_DIR = "_cxrage"
+#: Record names that older outputs kept at OUTPUT's top level.
+LEGACY_RECORDS = ("job.json", "summary.json")
+
+
+def record_uri(output: str, name: str) -> str:
+    """Where a record (job.json, summary.json, report.html, analysis.json) of OUTPUT lives."""
+    return _join(output, RECORDS_DIR, name)
 
 
 def output_schema(carried: pa.Schema) -> pa.Schema:
@@ -65,12 +80,24 @@ def output_schema(carried: pa.Schema) -> pa.Schema:
     return pa.schema(CONTRACT_FIELDS + extra)
 
 
+def _as_type(column: pa.ChunkedArray, type_: pa.DataType) -> pa.ChunkedArray | pa.Array:
+    """`column` cast to `type_`. A column Ray Data could only carry as pickled Python objects (a manifest
+    column of text in some blocks and all nulls in others, e.g. metadata.csv's `nih_*` columns) is rebuilt
+    from its Python values, NaN as null."""
+    try:
+        return column.cast(type_)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        if not isinstance(column.type, pa.ExtensionType):
+            raise
+        return pa.array(column.to_pylist(), type=type_, from_pandas=True)
+
+
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """Order/cast a batch to the output schema; absent columns become nulls."""
     columns = []
     for f in schema:
         if f.name in table.column_names:
-            columns.append(table.column(f.name).cast(f.type))
+            columns.append(_as_type(table.column(f.name), f.type))
         else:
             columns.append(pa.nulls(len(table), f.type))
     return pa.Table.from_arrays(columns, schema=schema)
@@ -171,21 +198,47 @@ def read_output(output: str, storage: StorageConfig) -> pa.Table:
 
 
 def write_json(output: str, name: str, payload: dict[str, Any], storage: StorageConfig) -> None:
-    write_bytes(_join(output, name), json.dumps(payload, indent=2, sort_keys=True).encode(), storage)
+    """Write the record OUTPUT/_cxrage/<name>."""
+    write_bytes(record_uri(output, name), json.dumps(payload, indent=2, sort_keys=True).encode(), storage)
 
 
 def read_json(output: str, name: str, storage: StorageConfig) -> dict[str, Any] | None:
-    fs, path = filesystem_for(_join(output, name), storage)
-    if not fs.exists(path):
-        return None
-    return json.loads(read_bytes(_join(output, name), storage))
+    """The record OUTPUT/_cxrage/<name> (or OUTPUT/<name> of an older output), or None when absent."""
+    for uri in (record_uri(output, name), _join(output, name)):
+        fs, path = filesystem_for(uri, storage)
+        if fs.exists(path):
+            return json.loads(read_bytes(uri, storage))
+    return None
 
 
-def write_original_csv(table: pa.Table, path: str, storage: StorageConfig) -> None:
-    """The original tool's CSV: unnamed index, File, SD_Prediction, CXR_Age (ok rows only, in row order)."""
+def move_legacy_records(output: str, storage: StorageConfig) -> list[str]:
+    """Move job.json/summary.json of an older output from OUTPUT/ into OUTPUT/_cxrage/; returns the names moved.
+
+    Each record is written at its new place before the old one is removed, so an interruption leaves a
+    readable record (`read_json` prefers the new place).
+    """
+    moved = []
+    for name in LEGACY_RECORDS:
+        old = _join(output, name)
+        fs, path = filesystem_for(old, storage)
+        if not fs.exists(path):
+            continue
+        write_bytes(record_uri(output, name), read_bytes(old, storage), storage)
+        fs.rm(path)
+        moved.append(name)
+    return moved
+
+
+def write_original_csv(table: pa.Table, path: str, storage: StorageConfig, weights_name: str | None = None) -> None:
+    """The original tool's CSV: unnamed index, File, SD_Prediction, CXR_Age (ok rows only, in row order).
+
+    With demo weights a fourth column `Weights` = `demo` says so on every line: those ages are meaningless.
+    """
     df = table.select(["image_id", "raw_sd", "cxr_age", "status"]).to_pandas()
     df = df[df["status"] == "ok"].reset_index(drop=True)
     csv = df.rename(columns={"image_id": "File", "raw_sd": "SD_Prediction", "cxr_age": "CXR_Age"})[
         ["File", "SD_Prediction", "CXR_Age"]
     ]
+    if weights_name == "demo":
+        csv = csv.assign(Weights="demo")
     write_bytes(path, csv.to_csv(index=True).encode(), storage)

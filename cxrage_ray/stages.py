@@ -88,6 +88,13 @@ def _chronological_age(meta: dict[str, Any], row: pd.Series, age_column: str | N
     return None if age is None or (isinstance(age, float) and math.isnan(age)) else float(age)
 
 
+def _plausible_age(meta: dict[str, Any], row: pd.Series, settings: PrepareSettings) -> tuple[float | None, bool]:
+    """The row's chronological age, None when outside 0-110 years, and whether it was (flag `age_implausible`)."""
+    from cxrage_ray.orient import plausible_age
+
+    return plausible_age(_chronological_age(meta, row, settings.age_column))
+
+
 def _fetch(uri: str, storage: StorageConfig) -> bytes | BaseException:
     try:
         return read_bytes(uri, storage)
@@ -108,9 +115,11 @@ def prepare_row(row: pd.Series, settings: PrepareSettings, fetched: bytes | Base
             raise data
         picture, decoded = picture_from_bytes(data, str(row["uri"]), settings)
         meta = decoded.meta if decoded is not None else {}
-        out["chronological_age"] = _chronological_age(meta, row, settings.age_column)
+        out["chronological_age"], implausible = _plausible_age(meta, row, settings)
         if settings.orient is not None:
             picture = _apply_orientation(picture, decoded, row, out, settings)
+        if implausible:
+            out["qc"] = [*out["qc"], "age_implausible"]
         if picture.ndim == 2:
             picture = picture[:, :, None]
         out.update(
@@ -124,7 +133,7 @@ def prepare_row(row: pd.Series, settings: PrepareSettings, fetched: bytes | Base
     except Exception as exc:  # a bug or an unexpected library failure: keep the row, keep going
         log.warning("unexpected %s while preparing row %s", type(exc).__name__, row.get("row_id"))
         out.update(status="error", error=error_text(exc))
-    out.setdefault("chronological_age", _chronological_age(meta, row, settings.age_column))
+    out.setdefault("chronological_age", _plausible_age(meta, row, settings)[0])
     for key in META_COLUMNS:
         out[key] = meta.get(key)
     return out

@@ -224,11 +224,29 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
     _with_retries(lambda: fs.pipe_file(path, data), uri, storage, "write")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (brief, but the only portable way)
+    os.umask(mask)
+    return mask
+
+
 def _write_local_atomic(path: str, data: bytes) -> None:
+    """Temp file in the target's folder, fsync, rename. The file gets the mode `open()` would give it
+    (0666 minus the umask), not mkstemp's 0600; the temp name does not end like the target (a reader
+    globbing `*.parquet` never sees a half-written part)."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=f"-{os.path.basename(path)}.tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

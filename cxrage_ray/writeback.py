@@ -5,14 +5,14 @@ In:  OUTPUT (committed parts of a `cxrage score` run whose rows came from DICOMw
 Out: one Comprehensive 3D SR per ok row (TID 1500 Measurement Report: CXR-Age in years, its SD in years when
      TTA gave one, the model and weights sha256 as the algorithm identification, a reference to the source
      image; patient and study modules copied from the source, so the archive files it in the source's study),
-     plus OUTPUT/sr/records-<run>.parquet listing what was stored (row_id, sop_instance_uid,
+     plus OUTPUT/_cxrage/sr/records-<run>.parquet listing what was stored (row_id, sop_instance_uid,
      sr_sop_instance_uid, archive, sc_sop_instance_uid). With `saliency`, each row's saliency overlay is also
      stored as an RGB Secondary Capture in the source's study (upright films whose source states its
      PatientOrientation; others are counted in `saliency_skipped`).
 
 Reruns and resumes never duplicate a report: the SR's SOP Instance UID is derived from the source SOP
 Instance UID and the weights sha256 (`sr_instance_uid`), so storing it again names the same instance, and
-rows already recorded under OUTPUT/sr are skipped. A row whose report could not be stored is counted in
+rows already recorded under OUTPUT/_cxrage/sr are skipped. A row whose report could not be stored is counted in
 `failed` and left unrecorded, so the next run tries it again.
 """
 
@@ -44,7 +44,7 @@ from cxrage_ray.storage import StorageConfig, list_files, read_bytes, with_retri
 
 log = logging.getLogger(__name__)
 
-RECORDS_DIR = "sr"
+RECORDS_DIR = "_cxrage/sr"  # out of the data set: `pd.read_parquet(OUTPUT)` reads the parts only
 #: SR Series Number of the reports (one series per source study and weights).
 SR_SERIES_NUMBER = 9901
 #: Series Number of the saliency Secondary Captures.
@@ -209,7 +209,7 @@ def _uid(*entropy: str) -> str:
 
 
 def write_back(output: str, config: WriteBackConfig, storage: StorageConfig, weights_sha256: str) -> WriteBackSummary:
-    """Store a report for every ok DICOMweb row of OUTPUT not yet recorded under OUTPUT/sr (see module docstring).
+    """Store a report for every ok DICOMweb row of OUTPUT not yet recorded under OUTPUT/_cxrage/sr (see module docstring).
 
     Failures (archive down, rejected report) are counted per kind, never raised, and never name patients.
     """
@@ -304,7 +304,7 @@ def _write_records(output: str, storage: StorageConfig, run_id: str, seq: int, r
 
 
 def read_records(output: str, storage: StorageConfig) -> pa.Table | None:
-    """Every report recorded under OUTPUT/sr (None before the first), e.g. to join `sr_sop_instance_uid` onto rows."""
+    """Every report recorded under OUTPUT/_cxrage/sr (None before the first), e.g. to join `sr_sop_instance_uid` onto rows."""
     tables = [pq.read_table(io.BytesIO(read_bytes(u, storage)))
               for u in list_files(f"{output.rstrip('/')}/{RECORDS_DIR}", storage) if u.endswith(".parquet")]
     return pa.concat_tables(tables) if tables else None

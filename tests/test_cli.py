@@ -113,3 +113,59 @@ def test_gpu_preprocess_on_without_a_gpu_is_a_usage_error_before_anything_starts
     assert code == 2
     assert time.perf_counter() - started < 30  # refused before Ray starts (Ray alone takes longer here)
     assert not (tmp_path / "out").exists()  # nothing left behind
+def _subparsers(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                yield from _subparsers(sub)
+
+
+def test_every_option_has_help_and_shows_its_default():
+    from cxrage_ray.cli import build_parser
+
+    parser = build_parser()
+    for name, sub in [("cxrage", parser), *_subparsers(parser)]:
+        for action in sub._actions:
+            if action.dest == "help" or action.help == "==SUPPRESS==":
+                continue
+            assert action.help, f"{name}: {action.option_strings or action.dest} has no help text"
+    text = dict(_subparsers(parser))["score"].format_help()
+    for shown in ("(default: seed)", "(default: 10000)", "(default: exact)", "(default: 600.0)", "(default: uri)"):
+        assert shown in " ".join(text.split()), shown
+
+
+def test_version(capsys):
+    import cxrage_ray
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"cxrage {cxrage_ray.__version__}"
+
+
+def test_readme_usage_block_is_the_score_help(monkeypatch):
+    """README's `cxrage score --help` block is the parser's help (80 columns), word for word."""
+    from conftest import REPO_ROOT
+    from cxrage_ray.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "80")
+    help_text = dict(_subparsers(build_parser()))["score"].format_help()
+    readme = (REPO_ROOT / "README.md").read_text()
+    marker = "```text\n$ cxrage score --help\n"
+    assert marker in readme
+    block = readme.split(marker, 1)[1].split("```", 1)[0]
+    assert block == help_text
+
+
+def test_readme_starts_with_exactly_two_commands_and_the_first_scores_the_sample_manifest():
+    from conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    head = readme.split("\n## ", 1)[0]
+    commands = [block.strip() for block in head.split("```bash\n")[1:]]
+    assert len(commands) == 2
+    assert "cxrage score ../shared/data/cxr-sample/metadata.csv" in commands[0]
+    assert "--uri-column file" in commands[0] and "--weights demo" in commands[0]

@@ -293,3 +293,25 @@ def test_relative_folder_with_dotdot(tmp_path, monkeypatch):
     df = build_manifest("../imgs", StorageConfig())
     assert df["image_id"].tolist() == ["a.png"]
     assert df["uri"].tolist() == [str(tmp_path / "imgs" / "a.png")]
+
+
+def test_uri_column_names_the_path_column_of_the_real_sample_manifest(cxr_sample):
+    """The quick start: metadata.csv keeps its paths in `file`, relative to its own folder."""
+    import os
+
+    df = build_manifest(str(cxr_sample / "metadata.csv"), StorageConfig(), uri_column="file")
+    assert len(df) == 250 and "file" not in df.columns
+    assert all(os.path.isabs(u) and os.path.isfile(u) for u in df["uri"])
+    assert df["image_id"].iloc[0].startswith("images/")
+    assert df["age"].notna().all()  # carried through: the scorer's chronological age for these films
+
+
+def test_uri_column_errors_say_what_to_do(tmp_path):
+    pd.DataFrame({"file": ["a.png"]}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(InputError, match="--uri-column"):
+        build_manifest(str(tmp_path / "m.csv"), StorageConfig())
+    with pytest.raises(InputError, match="no `path` column"):
+        build_manifest(str(tmp_path / "m.csv"), StorageConfig(), uri_column="path")
+    pd.DataFrame({"file": ["a.png"], "uri": ["b.png"]}).to_csv(tmp_path / "both.csv", index=False)
+    with pytest.raises(InputError, match="both `file` and `uri`"):
+        build_manifest(str(tmp_path / "both.csv"), StorageConfig(), uri_column="file")

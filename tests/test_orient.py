@@ -322,3 +322,89 @@ def test_orientation_uncertain_below_threshold(real_films, classifier) -> None:
     result = orient(film, image_id="x", uri="x.png", meta={}, chronological_age=None, config=strict, classifiers=classifier)
     assert result.rotation_source == "model" and QC_ORIENTATION_UNCERTAIN in result.qc
     assert np.array_equal(result.image, film)  # still turned to the most likely orientation (upright here)
+
+
+def _sample_headers(dicom_sample: Path):
+    import pandas as pd
+    import pydicom
+
+    from cxrage_ray.decode import DecodeOptions
+    from cxrage_ray.decode.dicom import dicom_meta
+
+    index = pd.read_csv(dicom_sample / "index.csv")
+    for _, row in index.iterrows():
+        ds = pydicom.dcmread(dicom_sample / row["file"], stop_before_pixels=True, force=True)
+        yield row, dicom_meta(ds, DecodeOptions())
+
+
+def test_non_chest_flag_from_the_real_dicom_headers(dicom_sample):
+    """Every film of the real sample: chest films are never flagged; every radiograph whose header names
+    another body part (7 EXTREMITY, 2 HIP, 1 HAND, a dental film, an MR shoulder) is."""
+    from cxrage_ray.orient import dicom_non_chest
+
+    flagged_chest, missed = [], []
+    described = 0
+    for row, meta in _sample_headers(dicom_sample):
+        non_chest = dicom_non_chest(meta)
+        if row["is_cxr"]:
+            if non_chest:
+                flagged_chest.append(row["file"])
+        elif any(meta.get(k) for k in ("body_part", "study_description", "series_description", "protocol_name")):
+            described += 1
+            if not non_chest:
+                missed.append(row["file"])
+    assert flagged_chest == []
+    assert missed == []
+    assert described == 12  # the sample's non-chest films that say what they show
+
+
+@pytest.mark.parametrize("meta, expected", [
+    ({"body_part": "EXTREMITY"}, True),
+    ({"body_part": "CHEST", "study_description": "HAND"}, False),  # a chest word wins: never drop a chest film
+    ({"study_description": "CHEST + ABDOMEN"}, False),
+    ({"protocol_name": "KNEE_AP"}, True),
+    ({"anatomic_region": "T-D3000 CHEST"}, False),
+    ({"anatomic_region": "72696002 KNEE"}, True),
+    ({"body_part": "PORTABLE"}, False),  # says nothing known: no verdict
+    ({}, False),
+])
+def test_non_chest_rules(meta, expected):
+    from cxrage_ray.orient import dicom_non_chest
+
+    assert dicom_non_chest(meta) is expected
+
+
+def test_implausible_ages_become_null_and_flagged():
+    from cxrage_ray.orient import plausible_age
+
+    assert plausible_age(64.5) == (64.5, False)
+    assert plausible_age(None) == (None, False)
+    assert plausible_age(111.1) == (None, True)
+    assert plausible_age(119.3) == (None, True)
+    assert plausible_age(-0.5) == (None, True)
+
+
+def test_orient_puts_non_chest_first_and_skip_flagged_skips_it():
+    img = np.zeros((64, 64, 1), np.uint8)
+    img[16:48, 16:48] = 200
+    result = orient(img, image_id="x", uri="x", meta={"body_part": "HIP"}, chronological_age=50.0,
+                    config=OrientConfig(mode="off", skip_flagged=True, use_view_model=False))
+    assert result.qc[0] == "non_chest" and result.skip
+
+
+def test_picture_non_chest_on_real_films(cxr_sample, dicom_sample):
+    """The picture-based flag (for files without a header): real non-chest radiographs are flagged, real
+    chest films (frontal and lateral) are not. Error rates over all 250 + 11 films: benchmarks/non_chest.py."""
+    from cxrage_ray.decode import DecodeOptions, decode_image
+    from cxrage_ray.orient import picture_non_chest
+    from cxrage_ray.preprocess.seed_chain import seed_chain
+
+    def picture(path: Path) -> np.ndarray:
+        return seed_chain(decode_image(path.read_bytes(), path.name, DecodeOptions(allow_any_modality=True)))
+
+    for name in ["other/WG04_RG3_RLE.dcm", "other/pylibjpeg-data_RG2_JPLY_fixed.dcm",
+                 "other/fo-dicom_CR-ModalitySequenceLUT.dcm"]:  # tibia, hip, teeth
+        assert picture_non_chest(picture(dicom_sample / name)), name
+    for name in [*REAL_FRONTAL, *REAL_LATERAL]:
+        assert not picture_non_chest(picture(cxr_sample / name)), name
+    assert not picture_non_chest(picture(dicom_sample / "cxr/rsna-pneumonia_c64d5667-a776-4f95-9e21-bfabafb07740.dcm"))

@@ -97,7 +97,7 @@ def test_score_folder_end_to_end(ray_local, archive, weights, tmp_path):
     original = pd.read_csv(csv)
     assert list(original.columns) == ["Unnamed: 0", "File", "SD_Prediction", "CXR_Age"]
     assert len(original) == len(ok)
-    summary = pd.read_json(out / "summary.json", typ="series")
+    summary = pd.read_json(out / "_cxrage" / "summary.json", typ="series")
     assert summary["rows_ok"] == len(ok) and summary["rows_error"] == 2 and summary["complete"]
 
 
@@ -118,7 +118,7 @@ def test_rerun_resumes_without_duplicates(ray_local, archive, weights, tmp_path)
     assert len(second) == len(first) and second["row_id"].is_unique
     pd.testing.assert_series_equal(second["raw"], first["raw"])
     assert second["raw_sd"].isna().all()  # --tta none
-    summary = pd.read_json(out / "summary.json", typ="series")
+    summary = pd.read_json(out / "_cxrage" / "summary.json", typ="series")
     assert summary["rows_scored_this_run"] == len(first) - len(keep)
 
 
@@ -228,11 +228,11 @@ def test_retry_errors_rescores_only_error_rows(ray_local, archive, weights, tmp_
 
     Image.fromarray(_film(4)).save(late)  # the file arrives
     assert main(base) == EXIT_ROW_ERRORS  # a plain rerun keeps committed error rows
-    assert pd.read_json(out / "summary.json", typ="series")["rows_scored_this_run"] == 0
+    assert pd.read_json(out / "_cxrage" / "summary.json", typ="series")["rows_scored_this_run"] == 0
 
     assert main(base + ["--retry-kinds", "in.csv"]) == EXIT_USAGE  # not an error kind
     assert main(base + ["--retry-kinds", "ReadError"]) == EXIT_ROW_ERRORS  # the corrupt file is still bad
-    summary = pd.read_json(out / "summary.json", typ="series")
+    summary = pd.read_json(out / "_cxrage" / "summary.json", typ="series")
     assert summary["rows_scored_this_run"] == 1
     after = _read(out)
     assert sorted(after["row_id"]) == [0, 1, 2]  # one row per manifest row, no duplicates
@@ -242,7 +242,7 @@ def test_retry_errors_rescores_only_error_rows(ray_local, archive, weights, tmp_
     assert after.loc[str(archive / "corrupt.png"), "error"].startswith("DecodeError")
 
     assert main(base + ["--retry-errors"]) == EXIT_ROW_ERRORS  # every kind: the corrupt row is scored again
-    assert pd.read_json(out / "summary.json", typ="series")["rows_scored_this_run"] == 1
+    assert pd.read_json(out / "_cxrage" / "summary.json", typ="series")["rows_scored_this_run"] == 1
     assert sorted(_read(out)["row_id"]) == [0, 1, 2]
 
 

@@ -60,7 +60,7 @@ def test_counts_errors_and_qc_match_the_parquet(scored):
     assert set(a["errors_by_kind"]) == {"DecodeError", "ReadError", "EmptyFileError", "UnsupportedModalityError"}
     flags = rows["qc"].dropna().map(lambda f: sorted(set(f))).explode().dropna().value_counts()
     assert a["qc_counts"] == {k: int(v) for k, v in flags.items()} and a["qc_counts"]
-    on_disk = json.loads((root / "analysis.json").read_text())
+    on_disk = json.loads((root / "_cxrage" / "analysis.json").read_text())
     assert on_disk == a
 
 
@@ -137,7 +137,7 @@ def test_manifest_age_and_sex_columns_are_used_when_the_pipeline_has_none(tmp_pa
     assert a["gap_by_sex"]["F"]["mean_gap"] == pytest.approx(gap[ok["sex"] == "F"].mean(), rel=1e-12)
     assert a["cox"]["adjusted"]["covariates"] == ["cxr_age", "chronological_age", "sex"]
     assert a["throughput"] is None and a["provenance"]["versions"] is None  # no summary.json
-    assert "No summary.json" in (tmp_path / "report.html").read_text()
+    assert "No summary.json" in (tmp_path / "_cxrage" / "report.html").read_text()
 
 
 def test_incomplete_follow_up_other_sex_and_boolean_events(tmp_path):
@@ -179,7 +179,7 @@ def test_cohort_without_ages_gives_nulls_and_strict_json(tmp_path):
     def refuse(name):
         raise AssertionError(f"{name} in analysis.json")
 
-    assert json.loads((tmp_path / "analysis.json").read_text(), parse_constant=refuse) == a
+    assert json.loads((tmp_path / "_cxrage" / "analysis.json").read_text(), parse_constant=refuse) == a
 
 
 def test_input_errors_are_clear(tmp_path):
@@ -192,7 +192,7 @@ def test_input_errors_are_clear(tmp_path):
         write_report(tmp_path, time_col=TIME_COL, event_col=None)
     with pytest.raises(InputError, match="0/1"):
         write_report(tmp_path, time_col=TIME_COL, event_col="view_position")
-    assert not (tmp_path / "analysis.json").exists()
+    assert not (tmp_path / "_cxrage" / "analysis.json").exists()
 
 
 def test_html_is_self_contained_and_escaped(tmp_path):
@@ -202,7 +202,7 @@ def test_html_is_self_contained_and_escaped(tmp_path):
     (tmp_path / "parts").mkdir()
     pq.write_table(pa.Table.from_pandas(rows, schema=SCHEMA, preserve_index=False), tmp_path / "parts" / "p.parquet")
     a = write_report(tmp_path, time_col=TIME_COL, event_col=EVENT_COL)
-    page = (tmp_path / "report.html").read_text()
+    page = (tmp_path / "_cxrage" / "report.html").read_text()
     cox = a["cox"]["unadjusted"]
     assert re.search(rf"<td>{cox['hr_per_5y']:.2f}</td><td>{cox['ci_low']:.2f}</td><td>{cox['ci_high']:.2f}</td>",
                      page)
@@ -244,7 +244,7 @@ def render(page: Path, work: Path) -> tuple[Path, list[str], str]:
 
 def test_report_renders_in_headless_chromium_without_console_errors(scored, tmp_path):
     root, _ = scored
-    png, console, status = render(root / "report.html", tmp_path)
+    png, console, status = render(root / "_cxrage" / "report.html", tmp_path)
     assert console == []
     assert status == "ok"  # the inline script ran after load and every plot decoded
     from PIL import Image
@@ -259,7 +259,7 @@ def test_chromium_check_catches_external_loads_and_script_errors(scored, tmp_pat
     """Negative control: the same check flags a page that reaches outside itself or throws."""
     root, _ = scored
     page = tmp_path / "broken.html"
-    html = (root / "report.html").read_text()
+    html = (root / "_cxrage" / "report.html").read_text()
     page.write_text(html.replace("</body>", '<img src="https://example.invalid/x.png">'
                                             "<script>notDefined();</script></body>"))
     _, console, status = render(page, tmp_path)
@@ -281,8 +281,39 @@ def test_report_reads_and_writes_object_storage(scored, s3_env):
         s3_env.put(f"s3://{bucket}/job/{path.relative_to(root).as_posix()}", path.read_bytes())
     assert main(["report", f"s3://{bucket}/job", "--time-col", TIME_COL, "--event-col", EVENT_COL],
                 env=dict(os.environ)) == EXIT_OK
-    remote = json.loads(s3_env.get(f"s3://{bucket}/job/analysis.json"))
+    remote = json.loads(s3_env.get(f"s3://{bucket}/job/_cxrage/analysis.json"))
     assert remote["n_rows"] == 600  # the decoys under _tmp/ and .staging/ were skipped there too
     assert remote == json.loads(json.dumps(local))  # every number identical
-    page = s3_env.get(f"s3://{bucket}/job/report.html").decode()
+    page = s3_env.get(f"s3://{bucket}/job/_cxrage/report.html").decode()
     assert "<html" in page.lower() and "Content-Security-Policy" in page
+
+
+def test_demo_weights_banner_is_seen_in_headless_chromium(scored, tmp_path):
+    """Rows scored with `--weights demo` make the rendered page open with a red banner that says so."""
+    import pyarrow as pa
+
+    root, _ = scored
+    demo = tmp_path / "demo"
+    (demo / "parts").mkdir(parents=True)
+    for part in sorted((root / "parts").glob("*.parquet")):
+        table = pq.read_table(part)
+        pq.write_table(table.append_column("weights_name", pa.array(["demo"] * len(table))), demo / "parts" / part.name)
+    analysis = write_report(demo)
+    assert analysis["demo_weights"] is True and analysis["provenance"]["weights_name"] == ["demo"]
+    page = demo / "_cxrage" / "report.html"
+    png, console, status = render(page, tmp_path)
+    assert console == [] and status == "ok"
+    dom = chromium(page, tmp_path, "--dump-dom").stdout
+    assert 'id="demo-weights-banner"' in dom and "DEMO WEIGHTS" in dom
+    assert dom.index("demo-weights-banner") < dom.index("<h1>")
+    from PIL import Image
+
+    top = np.asarray(Image.open(png).convert("RGB"), dtype=float)[:150]
+    red = (top[..., 0] > 150) & (top[..., 1] < 60) & (top[..., 2] < 80)
+    assert red.mean() > 0.1  # the banner is on screen, at the top
+
+
+def test_report_without_demo_rows_has_no_banner(scored):
+    root, analysis = scored
+    assert analysis["demo_weights"] is False
+    assert "demo-weights-banner" not in (root / "_cxrage" / "report.html").read_text()

@@ -57,12 +57,12 @@ def test_score_manifest_on_s3_to_s3(s3_env, tmp_path):
     assert df.loc["films/corrupt.png", "error"].startswith("DecodeError")
     assert df.loc["films/sub/b.png", "status"] == "ok" and np.isfinite(df.loc["films/sub/b.png", "cxr_age"])
     assert df.loc["films/sub/b.png", "site"] == "y"
-    summary = json.loads(s3_env.get("s3://results/run1/summary.json"))
+    summary = json.loads(s3_env.get("s3://results/run1/_cxrage/summary.json"))
     assert summary["rows_ok"] == 2 and summary["errors_by_kind"] == {"DecodeError": 1, "ReadError": 1}
     original = pd.read_csv(io.BytesIO(s3_env.get("s3://results/run1/original.csv")))
     assert list(original.columns)[1:] == ["File", "SD_Prediction", "CXR_Age"] and len(original) == 2
 
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert again.returncode == 3, again.stderr[-3000:]
-    summary = json.loads(s3_env.get("s3://results/run1/summary.json"))
+    summary = json.loads(s3_env.get("s3://results/run1/_cxrage/summary.json"))
     assert summary["rows_scored_this_run"] == 0 and summary["rows_written"] == 4

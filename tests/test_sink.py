@@ -10,6 +10,7 @@ import pytest
 from cxrage_ray.errors import InputError
 from cxrage_ray.sink import (
     PartWriter,
+    conform,
     completed_row_ids,
     drop_error_rows,
     output_schema,
@@ -93,3 +94,60 @@ def test_drop_error_rows_on_object_storage(s3_env):
     assert drop_error_rows(out, storage, ("ReadError", "DecodeError")) == 4
     assert completed_row_ids(out, storage) == {0, 3, 4, 5, 6, 7}
     assert len(list_files(f"{out}/parts", storage)) == 2
+
+
+def test_files_and_folders_follow_the_umask(tmp_path):
+    """mkstemp makes 0600 files; a part or record must get what `open()` would give it under the umask."""
+    from cxrage_ray.sink import record_uri, write_json
+
+    old = os.umask(0o022)
+    try:
+        writer = PartWriter(str(tmp_path / "out"), SCHEMA, StorageConfig(), part_rows=1)
+        writer.add(pa.table({"row_id": [0], "status": ["ok"]}))
+        write_json(str(tmp_path / "out"), "job.json", {"a": 1}, StorageConfig())
+        os.umask(0o027)
+        write_json(str(tmp_path / "out"), "summary.json", {"a": 1}, StorageConfig())
+    finally:
+        os.umask(old)
+    part = next((tmp_path / "out" / "parts").glob("*.parquet"))
+    assert oct(part.stat().st_mode & 0o777) == oct(0o644)
+    assert oct(os.stat(record_uri(str(tmp_path / "out"), "job.json")).st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "out" / "parts").stat().st_mode & 0o777) == oct(0o755)
+    assert oct(os.stat(record_uri(str(tmp_path / "out"), "summary.json")).st_mode & 0o777) == oct(0o640)
+    assert not [p for p in (tmp_path / "out").rglob("*") if ".tmp" in p.name]
+
+
+def test_records_live_under_cxrage_and_old_top_level_records_are_moved(tmp_path):
+    """pandas reads OUTPUT as a dataset only when nothing but Parquet is outside `_`-prefixed folders."""
+    import json
+
+    import pandas as pd
+
+    from cxrage_ray.sink import RECORDS_DIR, move_legacy_records, read_json, write_json
+
+    out = tmp_path / "out"
+    writer = PartWriter(str(out), SCHEMA, StorageConfig(), part_rows=2)
+    writer.add(pa.table({"row_id": [0, 1], "status": ["ok", "ok"]}))
+    (out / "job.json").write_text(json.dumps({"old": True}))  # an output written before _cxrage/
+    (out / "summary.json").write_text(json.dumps({"rows_ok": 2}))
+    assert read_json(str(out), "job.json", StorageConfig()) == {"old": True}  # found at the old place
+    assert move_legacy_records(str(out), StorageConfig()) == ["job.json", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [RECORDS_DIR, "parts"]
+    assert read_json(str(out), "summary.json", StorageConfig()) == {"rows_ok": 2}
+    write_json(str(out), "job.json", {"new": True}, StorageConfig())
+    assert read_json(str(out), "job.json", StorageConfig()) == {"new": True}
+    assert sorted(pd.read_parquet(out)["row_id"]) == [0, 1]
+
+
+def test_conform_rebuilds_columns_ray_carried_as_pickled_objects():
+    """The quick start's metadata.csv has text columns that are all null in some blocks: Ray Data then carries
+    them as pickled Python objects, which a plain cast cannot turn into text ("Invalid UTF8 payload")."""
+    from ray.data._internal.object_extensions.arrow import ArrowPythonObjectArray
+
+    pickled = ArrowPythonObjectArray.from_objects(["00012975_000.png", float("nan"), None])
+    table = pa.table({"row_id": [0, 1, 2], "site": pickled})
+    with pytest.raises(pa.ArrowInvalid):
+        table.column("site").cast(pa.string())
+    conformed = conform(table, SCHEMA)
+    assert conformed.column("site").to_pylist() == ["00012975_000.png", None, None]
+    assert conformed.schema == SCHEMA

@@ -196,7 +196,8 @@ def looks_like_acr_nema(data: bytes) -> bool:
 def parse_patient_age(text: Any) -> float | None:
     """PatientAge in years from every real-world form: `068Y`, `68`, `6M`, `012W`, `003D`, `68 Y`.
 
-    Returns None for empty, unparsable or implausible (> 150 years) values.
+    Returns None for empty or unparsable values. Implausible ages are returned as they are: the QC step
+    (`cxrage_ray.orient.plausible_age`) nulls them and flags the row `age_implausible`, so they are seen.
     """
     if text is None:
         return None
@@ -206,7 +207,7 @@ def parse_patient_age(text: Any) -> float | None:
     value = float(match.group(1))
     unit = match.group(2).upper() or "Y"
     years = {"Y": value, "M": value / 12.0, "W": value * 7.0 / 365.25, "D": value / 365.25}[unit]
-    return years if 0.0 <= years <= 150.0 else None
+    return years
 
 
 def chronological_age(ds: Any) -> float | None:
@@ -223,9 +224,21 @@ def chronological_age(ds: Any) -> float | None:
     for keyword in ("StudyDate", "AcquisitionDate", "SeriesDate", "ContentDate"):
         when = _parse_da(ds.get(keyword))
         if when is not None:
-            years = (when - birth).days / 365.25
-            return years if 0.0 <= years <= 150.0 else None
+            return (when - birth).days / 365.25  # implausible values are flagged later, not dropped here
     return None
+
+
+def _anatomic_region(ds: Any) -> str | None:
+    """AnatomicRegionSequence's first item as "CODE MEANING" (upper case), or None."""
+    try:
+        items = ds.get("AnatomicRegionSequence") or []
+        if not items:
+            return None
+        item = items[0]
+        text = " ".join(str(v) for v in (item.get("CodeValue"), item.get("CodeMeaning")) if v)
+        return text.upper() or None
+    except Exception:  # a malformed sequence must not cost the film its score
+        return None
 
 
 def dicom_meta(ds: Any, options: DecodeOptions) -> dict[str, Any]:
@@ -243,6 +256,11 @@ def dicom_meta(ds: Any, options: DecodeOptions) -> dict[str, Any]:
         "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")) or None,
         "image_laterality": _text(ds.get("ImageLaterality") or ds.get("Laterality"), upper=True),
         "patient_orientation": _text(ds.get("PatientOrientation"), upper=True),
+        # what the film shows, for the non_chest QC flag (cxrage_ray.orient.dicom_non_chest)
+        "study_description": _text(ds.get("StudyDescription"), upper=True),
+        "series_description": _text(ds.get("SeriesDescription"), upper=True),
+        "protocol_name": _text(ds.get("ProtocolName"), upper=True),
+        "anatomic_region": _anatomic_region(ds),
     }
     if options.patient_id_salt is not None:
         patient_id = str(ds.get("PatientID", "") or "")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import subprocess
 import zlib
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from cxrage_ray.decode import FAST_DECODE_MIN_SIDE, DecodeOptions
 from cxrage_ray.decode.raster import decode_raster
 from cxrage_ray.errors import DecodeError, DecompressionBombError
-from conftest import require_tool
+from conftest import require_tool, run_reference
 from imagegen import palette_png, pillow_bytes, radiograph, tiff_bytes
 
 OPTS = DecodeOptions()
@@ -85,8 +84,7 @@ def test_tiff_8_16_bit_rgb_palette_and_pages() -> None:
 
 
 def _im_decode(path: Path, channels: str) -> np.ndarray:
-    out = subprocess.run([require_tool("convert"), str(path), "-depth", "16", f"{channels}:-"],
-                         check=True, capture_output=True).stdout
+    out = run_reference([require_tool("convert"), str(path), "-depth", "16", f"{channels}:-"]).stdout
     return np.frombuffer(out, dtype="<u2")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import numpy as np
 from cxrage_ray.decode import DecodedImage, DecodeOptions
 from cxrage_ray.decode.raster import decode_raster
 from cxrage_ray.preprocess import seed_chain as sc
-from conftest import require_tool
+from conftest import require_tool, run_reference
 from imagegen import palette_png, pillow_bytes, radiograph, tiff_bytes
 
 MOGRIFY_ARGS = ["-trim", "+repage", "-colorspace", "RGB", "-auto-level", "-depth", "8",
@@ -159,8 +158,7 @@ def _read_png(data: bytes) -> np.ndarray:
 
 def _mogrify_all(files: list[Path], out: Path) -> None:
     out.mkdir()
-    subprocess.run([require_tool("mogrify"), "-path", str(out), *MOGRIFY_ARGS, *map(str, files)],
-                   check=True, capture_output=True)
+    run_reference([require_tool("mogrify"), "-path", str(out), *MOGRIFY_ARGS, *map(str, files)])
 
 
 def _assert_same_as_mogrify(files: list[Path], tmp_path: Path) -> None:
