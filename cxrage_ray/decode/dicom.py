@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from cxrage_ray.decode import FAST_DECODE_MIN_SIDE, DecodedImage, DecodeOptions
+from cxrage_ray.decode.limits import check_fill_aspect
 from cxrage_ray.errors import DecodeError, DecompressionBombError, UnsupportedModalityError
 
 #: Modalities scored by default: computed / digital radiography and conventional radiography (film).
@@ -110,7 +111,7 @@ def encoded_first_frame(data: bytes, options: DecodeOptions = DecodeOptions()) -
     ds, meta = _parse_checked(data, options)
     tsyntax = ds.file_meta.TransferSyntaxUID
     codec = "j2k" if tsyntax in _J2K_SYNTAXES else "jpeg" if tsyntax in _JPEG_DCT_SYNTAXES else "other"
-    stream = _encapsulated_frame(ds) if tsyntax.is_compressed else b""
+    stream = _encapsulated_frame(ds, options) if tsyntax.is_compressed else b""
     if codec == "jpeg":
         stream = repair_sequential_sos(stream)
     return EncodedFrame(codec=codec, codestream=stream, transfer_syntax=str(tsyntax), rows=_int(ds.Rows, 0),
@@ -467,6 +468,7 @@ def _check_pixel_header(ds: Any, options: DecodeOptions) -> None:
         raise DecompressionBombError(
             f"declared image size {cols}x{rows} = {rows * cols} pixels exceeds the limit of {options.max_pixels}"
         )
+    check_fill_aspect(cols, rows)
     samples = _int(ds.get("SamplesPerPixel"), 1)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if samples not in (1, 3) or (samples == 1 and photometric not in ("MONOCHROME1", "MONOCHROME2", "")):
@@ -501,7 +503,7 @@ def _decode_first_frame(ds: Any, options: DecodeOptions) -> np.ndarray:
         raise DecodeError(f"unsupported transfer syntax {tsyntax} ({tsyntax.name})") from None
     if not tsyntax.is_compressed:
         return _pydicom_frame(decoder, ds, None, "")
-    frame_bytes = _encapsulated_frame(ds)
+    frame_bytes = _encapsulated_frame(ds, options)
     fast = options.mode == "fast"
     if tsyntax in _J2K_SYNTAXES and fast:
         reduced = _j2k_reduced(frame_bytes, ds)
@@ -517,14 +519,19 @@ def _decode_first_frame(ds: Any, options: DecodeOptions) -> np.ndarray:
     return _pydicom_frame(decoder, ds, frame_bytes, "")
 
 
-def _encapsulated_frame(ds: Any) -> bytes:
+def _encapsulated_frame(ds: Any, options: DecodeOptions = DecodeOptions()) -> bytes:
+    """Frame 1's codestream, after checking the size it declares (`limits.check_codestream`)."""
     from pydicom.encaps import get_frame
+
+    from cxrage_ray.decode.limits import check_codestream
 
     frames = _int(ds.get("NumberOfFrames"), 1) or 1
     try:
-        return get_frame(ds.PixelData, 0, number_of_frames=frames)
+        stream = get_frame(ds.PixelData, 0, number_of_frames=frames)
     except Exception as e:
         raise DecodeError(f"corrupt or truncated encapsulated pixel data: {_short(e)}") from None
+    check_codestream(stream, _int(ds.Rows, 0), _int(ds.Columns, 0), options.max_pixels)
+    return stream
 
 
 def _pydicom_frame(decoder: Any, ds: Any, frame_bytes: bytes | None, plugin: str) -> np.ndarray:

@@ -20,6 +20,7 @@ import struct
 import numpy as np
 
 from cxrage_ray.decode import FAST_DECODE_MIN_SIDE, DecodedImage, DecodeOptions
+from cxrage_ray.decode.limits import check_fill_aspect
 from cxrage_ray.errors import DecodeError, DecompressionBombError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -45,6 +46,7 @@ def _check_size(width: int, height: int, options: DecodeOptions) -> None:
         raise DecompressionBombError(
             f"image declares {width}x{height} = {width * height} pixels, above the limit of "
             f"{options.max_pixels} (raise DecodeOptions.max_pixels if this image is genuine)")
+    check_fill_aspect(width, height)
 
 
 def _q16(samples: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 
 from cxrage_ray.decode import DecodedImage
+from cxrage_ray.decode.limits import check_fill_aspect
 
 QUANTUM = 65535
 TARGET = 512
@@ -429,6 +430,7 @@ def seed_picture(image: DecodedImage) -> SeedPicture:
         raise ValueError(f"expected uint16 (H, W, 1|3) pixels, got {pixels.dtype} {pixels.shape}")
     top, bottom, left, right = trim_box(pixels, alpha)
     pixels = pixels[top:bottom + 1, left:right + 1]
+    check_fill_aspect(pixels.shape[1], pixels.shape[0])  # a sliver left by the trim must not explode the resize
     if alpha is not None:
         alpha = alpha[top:bottom + 1, left:right + 1]
         # -depth 8 quantises opacity (65535 - alpha) as it does colour

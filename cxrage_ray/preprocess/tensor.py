@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cxrage_ray.decode.limits import check_fill_aspect
 from cxrage_ray.preprocess.seed_chain import (
     MAGICK_EPSILON,
     QUANTUM,
@@ -66,6 +67,7 @@ class TensorSeedChain:
             alpha = alpha.to(self.device, torch.int32)
         top, bottom, left, right = trim_box_tensor(x if alpha is None else torch.cat([x, alpha[:, :, None]], 2))
         x = x[top:bottom + 1, left:right + 1]
+        check_fill_aspect(x.shape[1], x.shape[0])  # as the exact chain: a sliver must not explode the resize
         if alpha is not None:  # -depth 8 quantises opacity (65535 - alpha) as it does colour
             opacity = QUANTUM - alpha[top:bottom + 1, left:right + 1]
             alpha = QUANTUM - torch.div(opacity, 257, rounding_mode="floor") * 257
