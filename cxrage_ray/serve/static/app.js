@@ -107,8 +107,11 @@
       chrono.readOnly = true;
       $(".from-dicom", card).hidden = false;
     }
-    const qc = result.qc && result.qc.length ? result.qc.join(", ") : "none";
-    $("[data-field=qc]", card).textContent = qc;
+    const flagged = Boolean(result.qc && result.qc.length);
+    const qc = $("[data-field=qc]", card);
+    qc.textContent = flagged ? result.qc.join(", ") : (ok ? "none" : "–");
+    qc.classList.toggle("flagged", flagged);
+    $("[data-field=weights_sha256]", card).textContent = result.weights_sha256 || "–";
     const orientation = result.orientation ? `corrected ${result.orientation}° (${result.rotation_source})`
       : (ok ? "upright" : "–");
     $("[data-field=orientation]", card).textContent = orientation;
