@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -53,8 +53,8 @@ class Upload:
         age: chronological age typed by the user (years), used when the file itself carries none.
     """
 
-    filename: str
-    data: bytes
+    filename: str = field(repr=False)  # may itself identify a patient: kept out of reprs, logs and tracebacks
+    data: bytes = field(repr=False)
     age: float | None = None
 
 
