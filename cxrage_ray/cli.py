@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch-films", type=int, default=16, help="films per model batch (@serve.batch)")
     sv.add_argument("--batch-wait-ms", type=float, default=50.0,
                     help="how long the first film of a batch waits for more")
+    sv.add_argument("--prepare-replicas", type=int, default=1,
+                    help="replicas that decode films (decode, seed chain, orientation) for the model replica")
     sv.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
                     help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray)")
     sv.add_argument("--num-cpus", type=int, help="logical CPUs for the embedded local Ray")
@@ -259,6 +261,8 @@ def cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    import torch
+
     from cxrage_ray.decode import DecodeOptions
     from cxrage_ray.predict import PredictorConfig
     from cxrage_ray.registry import resolve_weights
@@ -267,8 +271,6 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     weights = str(_demo_weights(_weights_home(env))) if args.weights == "demo" else args.weights
     resolved = resolve_weights(weights, _weights_home(env), not args.no_fetch)
-    import torch
-
     local_gpu = args.ray_address is None and torch.cuda.is_available()
     if args.device == "cuda" and args.ray_address is None and not local_gpu:
         raise InputError("--device cuda, but torch sees no CUDA device here")
@@ -282,6 +284,7 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         max_upload_mb=args.max_upload_mb,
         max_batch_size=args.max_batch_films,
         batch_wait_timeout_s=args.batch_wait_ms / 1000,
+        prepare_replicas=args.prepare_replicas,
         num_gpus=1 if args.device == "cuda" or (args.device == "auto" and local_gpu) else 0,
         ray_address=args.ray_address,
         num_cpus=args.num_cpus,
@@ -293,8 +296,8 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"serve": cmd_serve, "score": cmd_score, "weights": cmd_weights, "preprocess": cmd_preprocess, "manifest": cmd_manifest,
-            "report": cmd_report}
+COMMANDS = {"score": cmd_score, "weights": cmd_weights, "preprocess": cmd_preprocess, "manifest": cmd_manifest,
+            "report": cmd_report, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:

@@ -78,19 +78,21 @@ class ScoreAPI:
     """Ray Serve ingress deployment; the FastAPI app is built per replica by `__serve_build_asgi_app__`.
 
     Args:
+        preparer: handle to the `FilmPreparer` deployment (decode, seed chain, orientation).
         scorer: handle to the `FilmScorer` model deployment.
         cfg: the server's `ServeConfig`.
     """
 
-    def __init__(self, scorer, cfg: ServeConfig):
+    def __init__(self, preparer, scorer, cfg: ServeConfig):
+        self.preparer = preparer
         self.scorer = scorer
         self.cfg = cfg
 
     def __serve_build_asgi_app__(self):
-        return build_fastapi(self.scorer, self.cfg)
+        return build_fastapi(self.preparer, self.scorer, self.cfg)
 
 
-def build_fastapi(scorer, cfg: ServeConfig):
+def build_fastapi(preparer, scorer, cfg: ServeConfig):
     """The FastAPI app of one ingress replica (routes: see the module docstring)."""
     static = files("cxrage_ray.serve") / "static"
     app = FastAPI(title="cxrage serve", version=_version(), docs_url=None, redoc_url=None,
@@ -155,7 +157,8 @@ def build_fastapi(scorer, cfg: ServeConfig):
             return JSONResponse({"detail": str(exc)}, status_code=400)
         del body
         options = ScoreOptions(saliency=saliency, picture=picture)
-        results = await asyncio.gather(*(_score_one(scorer, u, options, i) for i, u in enumerate(uploads)))
+        results = await asyncio.gather(*(_score_one(preparer, scorer, u, options, i)
+                                         for i, u in enumerate(uploads)))
         if len(results) == 1 and results[0]["status"] == "error":
             (result,) = results
             status = 415 if is_not_an_image(result) else 422
@@ -165,14 +168,15 @@ def build_fastapi(scorer, cfg: ServeConfig):
     return app
 
 
-async def _score_one(scorer, upload: Upload, options: ScoreOptions, position: int) -> dict[str, Any]:
-    """One file through the model deployment; a file that is no image is answered here, without a round trip."""
+async def _score_one(preparer, scorer, upload: Upload, options: ScoreOptions, position: int) -> dict[str, Any]:
+    """One file: prepare deployment -> model deployment; a file that is no image is answered here, right away."""
     try:
         check_is_image(upload)
     except CxrAgeError as exc:
         return error_object(upload.filename, position, error_text(exc))
     try:
-        return await scorer.score.remote(upload, options, position)
+        # the prepared row goes from the preparer to the model through the object store, not through here
+        return await scorer.score.remote(preparer.prepare.remote(upload, position), options)
     except Exception as exc:  # the replica failed (not the file): report it on this file, keep the others
         return error_object(upload.filename, position, f"ServerError: scoring failed ({type(exc).__name__})")
 

@@ -27,9 +27,10 @@ class ServeConfig:
         max_files: files per request.
         max_batch_size: films per model batch (`@serve.batch`).
         batch_wait_timeout_s: how long the first film of a batch waits for others.
-        prepare_threads: decode/seed-chain threads in each model replica.
-        model_num_cpus, ingress_num_cpus: logical CPUs the deployments reserve (fractional so a 2-core
-            machine never deadlocks; environment.md).
+        prepare_replicas: replicas of the prepare deployment (decode, seed chain, orientation).
+        prepare_threads: films each prepare replica works on at once.
+        model_num_cpus, prepare_num_cpus, ingress_num_cpus: logical CPUs the deployments reserve (fractional
+            on purpose: on a 2-core machine a replica holding every CPU starves the others; environment.md).
         num_gpus: GPUs for the model replica (0 on CPU).
         ray_address: join this cluster instead of starting an embedded local Ray.
         num_cpus: logical CPUs of the embedded Ray (None = this machine's, at least 4).
@@ -46,8 +47,10 @@ class ServeConfig:
     max_files: int = 64
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.05
+    prepare_replicas: int = 1
     prepare_threads: int = 2
     model_num_cpus: float = 1.0
+    prepare_num_cpus: float = 1.0
     ingress_num_cpus: float = 0.25
     num_gpus: float = 0
     ray_address: str | None = None

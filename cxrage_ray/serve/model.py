@@ -1,29 +1,25 @@
-"""The model deployment: uploads -> served result objects, films batched across requests with `@serve.batch`.
+"""The model deployment: prepared rows -> served result objects, films batched across requests with `@serve.batch`.
 
 Each replica holds the `PredictStage` the batch scorer runs (an `AgePredictor` plus the constant labels) and
-a `SaliencyMaker` per method on the same model. A call scores one file:
+a `SaliencyMaker` per method on the same model. A call scores one file that `FilmPreparer` has prepared:
 
-    Upload --(thread pool: prepare_upload = decode, seed chain, orientation)--> prepared row
-           --(@serve.batch: films of concurrent requests gathered)--> score_films (one model pass) --> result
+    prepared row --(@serve.batch: films of concurrent requests gathered)--> score_films (one model pass) --> result
 
-Decoding runs in a small thread pool so films of concurrent requests are prepared while a batch is on the
-model; the batched model pass runs in a thread too, so the replica keeps accepting requests meanwhile.
+The batched model pass runs in a worker thread, so the replica keeps accepting films while a batch is on the
+model: those queue up and form the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
 from ray import serve
 
 from cxrage_ray.serve.config import ServeConfig
-from cxrage_ray.serve.scoring import ScoreOptions, Upload, prepare_upload, score_films
-from cxrage_ray.stages import PrepareSettings
-from cxrage_ray.storage import StorageConfig
+from cxrage_ray.serve.scoring import ScoreOptions, score_films
 
 #: Model views per forward pass when `--batch-size` is auto (as `cxrage score`: 5 views per film with TTA).
 GPU_BATCH_VIEWS, CPU_BATCH_VIEWS = 640, 64
@@ -56,20 +52,14 @@ class FilmScorer:
         self.stage = PredictStage([load_state_dict(cfg.weights_path)], predictor_config, labels)
         model = self.stage.predictor.model
         self.saliency_makers = {method: SaliencyMaker(model, method) for method in ("grad", "gradcam")}
-        self.settings = PrepareSettings(storage=StorageConfig(), decode=cfg.decode, preprocess="seed",
-                                        orient=cfg.orient)
-        self.prepare_pool = ThreadPoolExecutor(max_workers=max(1, cfg.prepare_threads),
-                                               thread_name_prefix="cxrage-prepare")
         self.score_batch.set_max_batch_size(cfg.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.batches_run = 0
         self.films_in_batches = 0
         self.largest_batch = 0
 
-    async def score(self, upload: Upload, options: ScoreOptions, position: int = 0) -> dict[str, Any]:
-        """One file -> its result object (an error object for a bad file; never raises for bad input)."""
-        loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self.prepare_pool, prepare_upload, upload, self.settings, position)
+    async def score(self, prepared: dict[str, Any], options: ScoreOptions) -> dict[str, Any]:
+        """One prepared file -> its result object (an error row passes through unscored; never raises for bad input)."""
         if prepared["status"] != "ok":
             return score_films([prepared], self.stage.predictor, self.stage.labels)[0]
         return await self.score_batch((prepared, options))

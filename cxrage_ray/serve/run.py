@@ -1,8 +1,8 @@
-"""Start, run and stop `cxrage serve`: Ray (embedded or RAY_ADDRESS), Ray Serve's HTTP proxy, the two deployments.
+"""Start, run and stop `cxrage serve`: Ray (embedded or RAY_ADDRESS), Ray Serve's HTTP proxy, three deployments.
 
-    ScoreAPI (ingress, FastAPI)  --handle-->  FilmScorer (model; @serve.batch)
+    ScoreAPI (ingress, FastAPI) --> FilmPreparer (decode, seed chain, orientation) --> FilmScorer (model; @serve.batch)
 
-Both deployments reserve fractional CPUs: on a 2-core machine a replica holding every CPU starves the rest
+The deployments reserve fractional CPUs: on a 2-core machine a replica holding every CPU starves the rest
 (environment.md). The model deployment accepts many requests at once so `@serve.batch` can gather films of
 concurrent clients.
 """
@@ -26,21 +26,26 @@ APP_NAME = "cxrage"
 
 
 def build_application(cfg: ServeConfig):
-    """The Serve application: the ingress bound to a handle of the model deployment."""
+    """The Serve application: the ingress bound to handles of the prepare and model deployments."""
     from ray import serve
 
     from cxrage_ray.serve.app import ScoreAPI
     from cxrage_ray.serve.model import FilmScorer
+    from cxrage_ray.serve.prepare import FilmPreparer
 
     model_requests = max(4 * cfg.max_batch_size, 64)
     scorer = serve.deployment(
         FilmScorer, name="FilmScorer", num_replicas=1, max_ongoing_requests=model_requests,
         ray_actor_options={"num_cpus": cfg.model_num_cpus, "num_gpus": cfg.num_gpus},
     ).bind(cfg)
+    preparer = serve.deployment(
+        FilmPreparer, name="FilmPreparer", num_replicas=cfg.prepare_replicas, max_ongoing_requests=model_requests,
+        ray_actor_options={"num_cpus": cfg.prepare_num_cpus},
+    ).bind(cfg)
     return serve.deployment(
         ScoreAPI, name="ScoreAPI", num_replicas=1, max_ongoing_requests=4 * model_requests,
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
-    ).bind(scorer, cfg)
+    ).bind(preparer, scorer, cfg)
 
 
 @contextlib.contextmanager
