@@ -49,11 +49,13 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--films", type=int, default=50, help="distinct films cycled through")
+    p.add_argument("--films", type=int, default=50, help="distinct films cycled through (spread over the sample)")
     p.add_argument("--url", help="benchmark a running server instead of starting one")
     p.add_argument("--weights", help="weights file for the server (default: seeded demo weights in a temp dir)")
     p.add_argument("--batch-wait-ms", type=float, default=50.0, help="passed to `cxrage serve`")
     p.add_argument("--max-batch-films", type=int, default=16, help="passed to `cxrage serve`")
+    p.add_argument("--prepare-replicas", type=int, default=2,
+                   help="passed to `cxrage serve`: decoding replicas feeding the model replica")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--level-timeout", type=float, default=1800.0, help="give up on a level after this long")
     p.add_argument("--json", help="also write the figures here")
@@ -78,7 +80,8 @@ def start_server(args: argparse.Namespace, workdir: Path) -> tuple[str, subproce
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "cxrage_ray.cli", "serve", "--port", str(port), "--weights", weights,
-         "--batch-wait-ms", str(args.batch_wait_ms), "--max-batch-films", str(args.max_batch_films)],
+         "--batch-wait-ms", str(args.batch_wait_ms), "--max-batch-films", str(args.max_batch_films),
+         "--prepare-replicas", str(args.prepare_replicas)],
         env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -169,7 +172,8 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 def main() -> int:
     args = parse_args()
-    paths = sorted(p for p in images_dir().iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[: args.films]
+    everything = sorted(p for p in images_dir().iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = everything[:: max(1, len(everything) // args.films)][: args.films]  # both sources, all sizes
     if not paths:
         raise SystemExit(f"no films under {images_dir()} (set CXRAGE_SHARED)")
     films = [(p.name, p.read_bytes()) for p in paths]

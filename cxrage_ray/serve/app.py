@@ -7,7 +7,7 @@ Routes:
                        -> JSON array in upload order, one object per file
     GET  /v1/model     weights sha256, versions, preprocessing/TTA and batching settings
     GET  /v1/stats     the model replica's batching figures (batches run, mean batch size)
-    GET  /healthz      200 when the model replica answers
+    GET  /healthz      200 when the prepare and model replicas answer
     GET  /docs         Swagger UI (bundled assets), /openapi.json
 
 Status codes of /v1/score: 413 over the size limit (before parsing); for a one-file request 415 when the
@@ -112,10 +112,10 @@ def build_fastapi(preparer, scorer, cfg: ServeConfig):
                                    swagger_css_url="/docs-assets/swagger-ui.css",
                                    swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
-    @app.get("/healthz", summary="200 when the model replica answers")
+    @app.get("/healthz", summary="200 when the prepare and model replicas answer")
     async def healthz() -> JSONResponse:
         try:
-            await asyncio.wait_for(scorer.stats.remote(), timeout=30)
+            await asyncio.wait_for(asyncio.gather(scorer.stats.remote(), preparer.ready.remote()), timeout=30)
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "detail": type(exc).__name__}, status_code=503)
         return JSONResponse({"status": "ok"})

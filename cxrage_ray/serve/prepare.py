@@ -31,6 +31,10 @@ class FilmPreparer:
                                         orient=cfg.orient)
         self.pool = ThreadPoolExecutor(max_workers=max(1, cfg.prepare_threads), thread_name_prefix="cxrage-prepare")
 
+    def ready(self) -> bool:
+        """For /healthz: the replica answers."""
+        return True
+
     async def prepare(self, upload: Upload, position: int = 0) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, prepare_upload, upload, self.settings, position)

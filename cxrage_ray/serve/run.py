@@ -60,8 +60,10 @@ def ray_for_serve(cfg: ServeConfig) -> Iterator[None]:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # address="local": always a fresh instance, never someone else's `ray start` on this machine
+        # no object spilling: uploads and their pictures pass through the object store (shared memory) and
+        # must never reach a disk; a full store makes requests wait instead
         ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS),
-                 **kwargs)
+                 _system_config={"automatic_object_spilling_enabled": False}, **kwargs)
     try:
         yield
     finally:
