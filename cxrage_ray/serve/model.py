@@ -18,11 +18,10 @@ from typing import Any
 
 from ray import serve
 
+from cxrage_ray.pipeline import CPU_BATCH_VIEWS, GPU_BATCH_VIEWS  # `--batch-size` auto, as for `cxrage score`
 from cxrage_ray.serve.config import ServeConfig
 from cxrage_ray.serve.scoring import ScoreOptions, score_films
 
-#: Model views per forward pass when `--batch-size` is auto (as `cxrage score`: 5 views per film with TTA).
-GPU_BATCH_VIEWS, CPU_BATCH_VIEWS = 640, 64
 
 
 class FilmScorer:
@@ -59,7 +58,7 @@ class FilmScorer:
         self.largest_batch = 0
 
     async def score(self, prepared: dict[str, Any], options: ScoreOptions) -> dict[str, Any]:
-        """One prepared file -> its result object (an error row passes through unscored; never raises for bad input)."""
+        """One prepared file -> its result object; an error row passes through unscored (never raises for bad input)."""
         if prepared["status"] != "ok":
             return score_films([prepared], self.stage.predictor, self.stage.labels)[0]
         return await self.score_batch((prepared, options))
