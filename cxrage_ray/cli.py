@@ -144,6 +144,30 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", help="manifest to write (.parquet, or .csv)")
     _add_storage(m)
 
+    sv = _subparser(sub, "serve", "web page + scoring API on Ray Serve (research use only)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default loopback; put a TLS reverse proxy in front, see README)")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    sv.add_argument("--weights", help="as for `score`: weights file or `demo`; default: the published model")
+    sv.add_argument("--no-fetch", action="store_true", help="never download weights")
+    sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs")
+    sv.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                    help="auto: bf16/fp16 autocast on GPU, fp32 on CPU")
+    sv.add_argument("--batch-size", type=int, default=0,
+                    help="model views per forward pass (5 per film with TTA); default: 640 on GPU, 64 on CPU")
+    sv.add_argument("--max-upload-mb", type=float, default=64.0, help="refuse larger request bodies with 413")
+    sv.add_argument("--max-batch-films", type=int, default=16, help="films per model batch (@serve.batch)")
+    sv.add_argument("--batch-wait-ms", type=float, default=50.0,
+                    help="how long the first film of a batch waits for more")
+    sv.add_argument("--prepare-replicas", type=int, default=1,
+                    help="replicas that decode films (decode, seed chain, orientation) for the model replica")
+    sv.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+                    help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray)")
+    sv.add_argument("--num-cpus", type=int, help="logical CPUs for the embedded local Ray")
+    sv.add_argument("--decode", choices=["fast", "exact"], default="exact",
+                    help="fast: reduced-resolution JPEG 2000 / JPEG decode; exact: full resolution")
+
+
     r = _subparser(sub, "report", "write OUTPUT/_cxrage/report.html and analysis.json")
     r.add_argument("output", help="OUTPUT folder of `cxrage score`")
     r.add_argument("--time-col", help="manifest column with follow-up time, for the Cox models")
@@ -337,8 +361,44 @@ def cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    import torch
+
+    from cxrage_ray.decode import DecodeOptions
+    from cxrage_ray.predict import PredictorConfig
+    from cxrage_ray.registry import resolve_weights
+    from cxrage_ray.serve.config import ServeConfig
+    from cxrage_ray.serve.run import serve_until_stopped
+
+    weights = str(_demo_weights(_weights_home(env))) if args.weights == "demo" else args.weights
+    resolved = resolve_weights(weights, _weights_home(env), not args.no_fetch)
+    local_gpu = args.ray_address is None and torch.cuda.is_available()
+    if args.device == "cuda" and args.ray_address is None and not local_gpu:
+        raise InputError("--device cuda, but torch sees no CUDA device here")
+    cfg = ServeConfig(
+        weights_path=str(resolved.path),
+        weights_sha256=resolved.sha256,
+        host=args.host,
+        port=args.port,
+        predictor=PredictorConfig(device=args.device, precision=args.precision, batch_size=args.batch_size),
+        decode=DecodeOptions(mode=args.decode),
+        max_upload_mb=args.max_upload_mb,
+        max_batch_size=args.max_batch_films,
+        batch_wait_timeout_s=args.batch_wait_ms / 1000,
+        prepare_replicas=args.prepare_replicas,
+        num_gpus=1 if args.device == "cuda" or (args.device == "auto" and local_gpu) else 0,
+        ray_address=args.ray_address,
+        num_cpus=args.num_cpus,
+    )
+    print(f"cxrage: starting Ray Serve (weights sha256 {resolved.sha256}) ...", file=sys.stderr, flush=True)
+    serve_until_stopped(cfg, on_ready=lambda url: print(f"cxrage: serving on {url} (research use only, not "
+                                                        "for clinical care); Ctrl-C stops", file=sys.stderr,
+                                                        flush=True))
+    return EXIT_OK
+
+
 COMMANDS = {"score": cmd_score, "weights": cmd_weights, "preprocess": cmd_preprocess, "manifest": cmd_manifest,
-            "report": cmd_report}
+            "report": cmd_report, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:

@@ -1,0 +1,94 @@
+"""Start, run and stop `cxrage serve`: Ray (embedded or RAY_ADDRESS), Ray Serve's HTTP proxy, three deployments.
+
+    ScoreAPI (ingress, FastAPI) --> FilmPreparer (decode, seed chain, orientation) --> FilmScorer (model; @serve.batch)
+
+The deployments reserve fractional CPUs: on a 2-core machine a replica holding every CPU starves the rest
+(environment.md). The model deployment accepts many requests at once so `@serve.batch` can gather films of
+concurrent clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from typing import Callable, Iterator
+
+from cxrage_ray.serve.config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+#: Logical CPUs the embedded Ray declares at least (as `cxrage score`: more logical than physical CPUs).
+MIN_LOCAL_LOGICAL_CPUS = 4
+APP_NAME = "cxrage"
+
+
+def build_application(cfg: ServeConfig):
+    """The Serve application: the ingress bound to handles of the prepare and model deployments."""
+    from ray import serve
+
+    from cxrage_ray.serve.app import ScoreAPI
+    from cxrage_ray.serve.model import FilmScorer
+    from cxrage_ray.serve.prepare import FilmPreparer
+
+    model_requests = max(4 * cfg.max_batch_size, 64)
+    scorer = serve.deployment(
+        FilmScorer, name="FilmScorer", num_replicas=1, max_ongoing_requests=model_requests,
+        ray_actor_options={"num_cpus": cfg.model_num_cpus, "num_gpus": cfg.num_gpus},
+    ).bind(cfg)
+    preparer = serve.deployment(
+        FilmPreparer, name="FilmPreparer", num_replicas=cfg.prepare_replicas, max_ongoing_requests=model_requests,
+        ray_actor_options={"num_cpus": cfg.prepare_num_cpus},
+    ).bind(cfg)
+    return serve.deployment(
+        ScoreAPI, name="ScoreAPI", num_replicas=1, max_ongoing_requests=4 * model_requests,
+        ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
+    ).bind(preparer, scorer, cfg)
+
+
+@contextlib.contextmanager
+def ray_for_serve(cfg: ServeConfig) -> Iterator[None]:
+    """Join `cfg.ray_address`, or start a new embedded local Ray that is stopped on exit."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address, **kwargs)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # address="local": always a fresh instance, never someone else's `ray start` on this machine
+        # no object spilling: uploads and their pictures pass through the object store (shared memory) and
+        # must never reach a disk; a full store makes requests wait instead
+        ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS),
+                 _system_config={"automatic_object_spilling_enabled": False}, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def serve_until_stopped(cfg: ServeConfig, on_ready: Callable[[str], None] = print) -> None:
+    """Run the server until SIGINT/SIGTERM; Serve is shut down (and an embedded Ray stopped) on the way out."""
+    from ray import serve
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ray_for_serve(cfg):
+            serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location="HeadOnly")
+            try:
+                serve.run(build_application(cfg), name=APP_NAME, route_prefix="/")
+                on_ready(f"http://{_url_host(cfg.host)}:{cfg.port}/")
+                stop.wait()
+            finally:
+                serve.shutdown()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
