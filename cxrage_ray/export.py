@@ -34,11 +34,16 @@ def export_one(uri: str, dest: Path, storage: StorageConfig, options: DecodeOpti
         png = seed_chain_png(decode_image(read_bytes(uri, storage), uri, options))
     except Exception as exc:  # report and go on: one bad file must not stop the conversion
         return error_text(exc)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".png.tmp")
-    tmp.write_bytes(png)
-    tmp.replace(dest)
+    write_whole(dest, png)
     return None
+
+
+def write_whole(dest: Path, data: bytes) -> None:
+    """Write a file that appears whole or not at all (temporary name, then rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(dest)
 
 
 class TensorExporter:
@@ -83,10 +88,7 @@ class TensorExporter:
             png = encode_png(pixels.cpu().numpy(), None if alpha8 is None else alpha8.cpu().numpy())
         except Exception as exc:  # report and go on: one bad file must not stop the conversion
             return error_text(exc)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(".png.tmp")
-        tmp.write_bytes(png)
-        tmp.replace(dest)
+        write_whole(dest, png)
         return None
 
 
