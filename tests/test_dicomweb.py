@@ -185,7 +185,7 @@ def test_reports_are_stored_with_value_units_and_references(scored, orthanc, loa
 
     web = scored["web"]
     ok = web[web["status"] == "ok"].set_index("sop_instance_uid")
-    summary = pd.read_json(scored["work"] / "web" / "summary.json", typ="series")
+    summary = pd.read_json(scored["work"] / "web" / "_cxrage" / "summary.json", typ="series")
     assert summary["write_back"]["stored"] == len(ok) and summary["write_back"]["failed"] == 0
     reports = _stored_reports(orthanc)
     assert len(reports) == len(ok)
@@ -220,7 +220,7 @@ def test_saliency_overlays_are_stored_as_secondary_captures(scored, orthanc):
 
     web = scored["web"].set_index("sop_instance_uid")
     records = read_records(str(scored["work"] / "web"), StorageConfig()).to_pandas()
-    summary = pd.read_json(scored["work"] / "web" / "summary.json", typ="series")["write_back"]
+    summary = pd.read_json(scored["work"] / "web" / "_cxrage" / "summary.json", typ="series")["write_back"]
     captures = records.dropna(subset=["sc_sop_instance_uid"])
     assert summary["saliency_stored"] == len(captures) >= 4  # the four RG1 chest films say ["L", "F"]
     assert summary["saliency_stored"] + summary["saliency_skipped"] == summary["stored"]
@@ -240,7 +240,7 @@ def test_rerun_adds_no_second_report(scored, orthanc):
     code = main(["score", scored["query"], str(scored["work"] / "web"), "--write-back", "sr", *scored["common"],
                  "--saliency", str(scored["work"] / "saliency"), "--saliency-method", "gradcam"])
     assert code == EXIT_ROW_ERRORS  # the corrupt film's error row stands
-    summary = pd.read_json(scored["work"] / "web" / "summary.json", typ="series")
+    summary = pd.read_json(scored["work"] / "web" / "_cxrage" / "summary.json", typ="series")
     assert summary["rows_scored_this_run"] == 0
     assert summary["write_back"]["stored"] == 0 and summary["write_back"]["already"] == before
     assert len(orthanc.qido_instances(Modality="SR")) == before
