@@ -188,8 +188,9 @@ def run_measured(label: str, command: list[str], interval: float, env: dict[str,
         sampler.join()
         out.seek(0)
         err.seek(0)
+        # by keyword: peak_tree_pss sits between peak_processes and stdout, so positional stdout landed in it
         result = Measured(label, command, returncode, wall, sampler.peak_tree, sampler.peak_driver,
-                          sampler.peak_processes, out.read(), err.read())
+                          sampler.peak_processes, stdout=out.read(), stderr=err.read())
         result.per_process = sorted(((name, rss // 2**20) for name, rss in sampler.per_process.values()),
                                     key=lambda item: -item[1])
         result.peak_tree_pss = sampler.peak_tree_pss
