@@ -26,7 +26,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import pandas as pd
 import pyarrow as pa
@@ -70,7 +70,7 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
     `manifest`: INPUT's rows when the caller built them already (the CLI does, before importing torch).
     """
     started = time.perf_counter()
-    check_gpu_request(cfg, local_cuda=torch_cuda_available())
+    check_gpu_request(cfg)
     if manifest is None:
         manifest = build_manifest(cfg.input, cfg.storage, uri_column=cfg.uri_column)
     weights = resolve_weights(cfg.weights, weights_home, cfg.allow_fetch)
@@ -143,19 +143,31 @@ class Itinerary:
     reason: str
 
 
-def check_gpu_request(cfg: ScoreConfig, local_cuda: bool) -> None:
-    """Refuse `--gpu-preprocess on` that cannot be honoured, before Ray starts or OUTPUT is touched."""
+def _gpu_blockers(cfg: ScoreConfig) -> list[tuple[str, str]]:
+    """Settings that rule the device itinerary out, as (the setting, why) pairs."""
+    return [(setting, why) for blocked, setting, why in (
+        (cfg.preprocess != "seed", "--preprocess none", "the device itinerary runs the seed chain on the GPU"),
+        (cfg.decode.mode != "exact", "--decode fast", "the device itinerary decodes full-resolution frames"),
+        (cfg.predictor.device == "cpu", "--device cpu", "the device itinerary needs a GPU"),
+    ) if blocked]
+
+
+def check_gpu_request(cfg: ScoreConfig, local_cuda: Callable[[], bool] | None = None) -> None:
+    """Refuse `--gpu-preprocess on` that cannot be honoured, before Ray starts or OUTPUT is touched.
+
+    `local_cuda` says whether this machine has a CUDA GPU (default: ask the driver, `preflight.cuda_devices`);
+    it is only asked for `on` on an embedded Ray.
+    """
     if cfg.gpu_preprocess != "on":
         return
-    if cfg.preprocess != "seed":
-        raise InputError("--gpu-preprocess on runs the seed chain on the GPU; it cannot be combined with "
-                         "--preprocess none")
-    if cfg.decode.mode != "exact":
-        raise InputError("--gpu-preprocess on decodes full-resolution frames; it cannot be combined with --decode fast")
-    if cfg.predictor.device == "cpu":
-        raise InputError("--gpu-preprocess on needs a GPU, but --device cpu was given")
-    if not cfg.ray.address and not local_cuda:
-        raise InputError("--gpu-preprocess on, but this machine has no CUDA GPU (torch sees none); use "
+    for setting, why in _gpu_blockers(cfg):
+        raise InputError(f"--gpu-preprocess on cannot be combined with {setting}: {why}")
+    if local_cuda is None:
+        from cxrage_ray.preflight import cuda_devices
+
+        local_cuda = lambda: cuda_devices() > 0  # noqa: E731
+    if not cfg.ray.address and not local_cuda():
+        raise InputError("--gpu-preprocess on, but this machine has no CUDA GPU (no NVIDIA driver or no device); use "
                          "--gpu-preprocess auto or off, or run on a GPU node / cluster (--ray-address)")
 
 
@@ -168,18 +180,12 @@ def choose_itinerary(cfg: ScoreConfig, cluster_gpus: int, nvimgcodec: bool) -> I
         return Itinerary("device", "--gpu-preprocess on")
     if cfg.gpu_preprocess == "off":
         return Itinerary("cpu", "--gpu-preprocess off")
-    for blocked, reason in ((cfg.preprocess != "seed", "--preprocess none"), (cfg.decode.mode != "exact", "--decode fast"),
-                            (cfg.predictor.device == "cpu", "--device cpu"), (not cluster_gpus, "no GPU in the cluster"),
-                            (not nvimgcodec, "nvImageCodec is not installed (pip install 'cxrage-ray[gpu]')")):
-        if blocked:
-            return Itinerary("cpu", f"auto: {reason}")
+    reasons = [setting for setting, _ in _gpu_blockers(cfg)]
+    reasons += ["no GPU in the cluster"] if not cluster_gpus else []
+    reasons += ["nvImageCodec is not installed (pip install 'cxrage-ray[gpu]')"] if not nvimgcodec else []
+    if reasons:
+        return Itinerary("cpu", f"auto: {reasons[0]}")
     return Itinerary("device", "auto: GPU and nvImageCodec present")
-
-
-def torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def nvimgcodec_installed() -> bool:
@@ -259,9 +265,7 @@ def _cpu_predictor_cpus() -> float:
 
 
 def _gpus_for_inference(cfg: ScoreConfig) -> int:
-    import ray
-
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus = _cluster_gpus()
     if cfg.predictor.device == "cuda" and not gpus:
         raise InputError("--device cuda, but the Ray cluster has no GPU resources")
     return 0 if cfg.predictor.device == "cpu" else gpus

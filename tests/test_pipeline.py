@@ -267,10 +267,10 @@ def test_choose_itinerary_auto_needs_a_gpu_and_nvimgcodec_and_says_why():
     assert choose_itinerary(on, cluster_gpus=1, nvimgcodec=False).path == "device"  # decodes on CPUs if it must
     with pytest.raises(InputError, match="no GPU resources"):
         choose_itinerary(on, cluster_gpus=0, nvimgcodec=True)
-    check_gpu_request(on, local_cuda=True)
+    check_gpu_request(on, local_cuda=lambda: True)
     with pytest.raises(InputError, match="no CUDA GPU"):
-        check_gpu_request(on, local_cuda=False)
+        check_gpu_request(on, local_cuda=lambda: False)
     for changed in (dict(preprocess="none"), dict(decode=DecodeOptions(mode="fast")),
                     dict(predictor=PredictorConfig(device="cpu"))):
         with pytest.raises(InputError):
-            check_gpu_request(replace(on, **changed), local_cuda=True)
+            check_gpu_request(replace(on, **changed), local_cuda=lambda: True)
