@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
@@ -30,7 +29,8 @@ import torch
 from cxrage_ray.decode import DecodedImage, is_dicom
 from cxrage_ray.decode.dicom import EncodedFrame, GreyscaleParams
 from cxrage_ray.errors import CxrAgeError, FlaggedSkipped, error_text
-from cxrage_ray.stages import META_COLUMNS, PIXEL_COLUMNS, PrepareSettings, SaliencySettings, _chronological_age, _fetch
+from cxrage_ray.stages import (META_COLUMNS, PIXEL_COLUMNS, PrepareSettings, SaliencySettings, _chronological_age,
+                               prepare_rows)
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,7 @@ def prepare_encoded_row(row: pd.Series, settings: PrepareSettings, fetched: byte
 
 def prepare_encoded_batch(batch: pd.DataFrame, settings: PrepareSettings) -> pd.DataFrame:
     """Ray Data CPU stage of the device itinerary: manifest rows -> payload rows (same order, same count)."""
-    rows = [row for _, row in batch.iterrows()]
-    with ThreadPoolExecutor(max_workers=max(1, min(settings.fetch_threads, len(rows)))) as pool:
-        fetched = list(pool.map(lambda row: _fetch(str(row["uri"]), settings.storage), rows))
-    prepared = pd.DataFrame([prepare_encoded_row(r, settings, d) for r, d in zip(rows, fetched)], index=batch.index)
-    return pd.concat([batch.drop(columns=[c for c in prepared.columns if c in batch.columns]), prepared], axis=1)
+    return prepare_rows(batch, settings, prepare_encoded_row)
 
 
 # -------------------------------------------------------------------------------- device side

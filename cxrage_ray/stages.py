@@ -15,7 +15,7 @@ import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -170,10 +170,18 @@ def prepare_batch(batch: pd.DataFrame, settings: PrepareSettings) -> pd.DataFram
     The batch's bytes are fetched concurrently first (object-store reads are latency-bound: many in flight
     keep the CPU busy), then decoded one by one on this task's CPU.
     """
+    return prepare_rows(batch, settings, prepare_row)
+
+
+def prepare_rows(batch: pd.DataFrame, settings: PrepareSettings,
+                 prepare_one: Callable[[pd.Series, PrepareSettings, bytes | BaseException], dict[str, Any]]
+                 ) -> pd.DataFrame:
+    """Fetch a batch's bytes concurrently, then `prepare_one` each row on this CPU; the batch's own columns
+    come first, replaced where `prepare_one` returns a column of the same name (same order, same count)."""
     rows = [row for _, row in batch.iterrows()]
     with ThreadPoolExecutor(max_workers=max(1, min(settings.fetch_threads, len(rows)))) as pool:
         fetched = list(pool.map(lambda row: _fetch(str(row["uri"]), settings.storage), rows))
-    prepared = pd.DataFrame([prepare_row(row, settings, data) for row, data in zip(rows, fetched)],
+    prepared = pd.DataFrame([prepare_one(row, settings, data) for row, data in zip(rows, fetched)],
                             index=batch.index)
     return pd.concat([batch.drop(columns=[c for c in prepared.columns if c in batch.columns]), prepared], axis=1)
 
