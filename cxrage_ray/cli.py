@@ -15,9 +15,12 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from cxrage_ray.errors import CxrAgeError, InputError
+from cxrage_ray.errors import CxrAgeError, InputError, OutputError
+from cxrage_ray.lifetime import Terminated
 
-EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 3, 2, 130
+EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 3, 2, 4, 130
+#: SIGTERM ends the job like Ctrl-C, with the shell's code for it (128 + 15)
+EXIT_TERMINATED = 128 + 15
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -94,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add patient_id_hash = sha256(SALT + PatientID) for DICOM rows (never the raw ID)")
     s.add_argument("--no-progress-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="stop (resumably) when no image finishes for this long instead of waiting forever")
-    s.add_argument("--part-rows", type=int, default=10_000, help="rows per output Parquet part")
+    s.add_argument("--part-rows", type=int, default=10_000, help="rows per output Parquet part at most")
+    s.add_argument("--commit-every", type=float, default=30.0, metavar="SECONDS",
+                   help="commit scored rows to OUTPUT at least this often, so an interrupted run loses at most "
+                   "this much work")
     s.add_argument("--overwrite", action="store_true", help="discard results of a different job in OUTPUT")
     s.add_argument("--retry-errors", action="store_true",
                    help="score this job's error rows again (without it a rerun scores only missing rows)")
@@ -198,7 +204,8 @@ def _preflight(args: argparse.Namespace, storage):
 
     preflight.check_limits(preflight.Limits(batch_size=args.batch_size, part_rows=args.part_rows,
                                             predict_actors=args.predict_actors, num_cpus=args.num_cpus,
-                                            no_progress_timeout_s=args.no_progress_timeout))
+                                            no_progress_timeout_s=args.no_progress_timeout,
+                                            commit_every_s=args.commit_every))
     _retry_kinds(args)
     preflight.check_output_folder(args.output)
     if args.csv:
@@ -221,6 +228,7 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from cxrage_ray.pipeline import score
     from cxrage_ray.predict import PredictorConfig
     from cxrage_ray.orient import OrientConfig, load_rotation_list
+    from cxrage_ray.spill import default_spill_root
     from cxrage_ray.stages import SaliencySettings
 
     weights = args.weights
@@ -245,6 +253,8 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         saliency=SaliencySettings(args.saliency, args.saliency_method, storage) if args.saliency else None,
         csv=args.csv,
         part_rows=args.part_rows,
+        commit_every_s=args.commit_every,
+        spill_root=default_spill_root(env),
         overwrite=args.overwrite,
         retry_errors=_retry_kinds(args),
         progress=not args.no_progress,
@@ -406,14 +416,18 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args, dict(os.environ) if env is None else env)
+    except OutputError as exc:
+        print(f"cxrage: error: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT
     except CxrAgeError as exc:
         print(f"cxrage: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
         kept = getattr(exc, "kept", None)  # set by the pipeline: what reached OUTPUT before Ctrl-C
-        print(f"cxrage: interrupted; {kept or 'every part written so far is kept'}; rerun the same command to "
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"cxrage: {how}; {kept or 'every part written so far is kept'}; rerun the same command to "
               "resume (only missing rows are scored)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

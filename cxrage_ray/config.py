@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from cxrage_ray.decode import DecodeOptions
@@ -50,6 +51,8 @@ class ScoreConfig:
         csv: also write the original tool's CSV layout here.
         uri_column: the manifest column that held the paths (recorded in job.json; the manifest is already
             built with it).
+        commit_every_s: scored rows are committed to OUTPUT at least this often (and every `part_rows`).
+        spill_root: where rows OUTPUT refused wait for the rerun (cxrage_ray.spill); None: not kept.
         overwrite: discard an OUTPUT that holds another job's results instead of refusing.
         retry_errors: None keeps committed error rows (a rerun only scores missing rows); a tuple of error
             kinds (`ReadError`, ...) rescores the error rows of those kinds, the empty tuple every error row.
@@ -73,6 +76,8 @@ class ScoreConfig:
     saliency: SaliencySettings | None = None
     csv: str | None = None
     part_rows: int = 10_000
+    commit_every_s: float = 30.0
+    spill_root: Path | None = None
     overwrite: bool = False
     retry_errors: tuple[str, ...] | None = None
     progress: bool = True

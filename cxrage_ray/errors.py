@@ -43,6 +43,11 @@ class StalledError(CxrAgeError):
     """The job made no progress for the configured time (e.g. the cluster cannot place the predictor)."""
 
 
+class OutputError(CxrAgeError):
+    """OUTPUT cannot be written (permissions, a full disk, a deleted bucket): the job stops at the first failed
+    commit instead of scoring on; rows it could not write wait in a local spill for the rerun."""
+
+
 class WeightsError(CxrAgeError):
     """Weights are missing, fail sha256 verification, or are not a CXR-Age checkpoint."""
 

@@ -36,12 +36,15 @@ from cxrage_ray.checkpoint import load_state_dict
 from cxrage_ray.config import RayConfig, ScoreConfig
 from cxrage_ray.console import native_stderr_to_session_log, progress_bar, quiet_ray_console, ray_init_options
 from cxrage_ray.errors import InputError, StalledError, error_kind
+from cxrage_ray.lifetime import reaped_on_kill, terminate_as_interrupt
 from cxrage_ray.manifest import build_manifest
 from cxrage_ray.registry import DEFAULT_MODEL, resolve_weights
 from cxrage_ray.sink import (
     PARTS_DIR,
     PartWriter,
+    commit_part,
     committed_parts,
+    committing_on_time,
     completed_row_ids,
     drop_error_rows,
     move_legacy_records,
@@ -53,6 +56,7 @@ from cxrage_ray.sink import (
 )
 from cxrage_ray.device_stages import DeviceScoreStage, prepare_encoded_batch
 from cxrage_ray.stages import PrepareSettings, PredictStage, prepare_batch
+from cxrage_ray.spill import Spill
 from cxrage_ray.storage import filesystem_for
 
 log = logging.getLogger(__name__)
@@ -76,9 +80,11 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
     weights = resolve_weights(cfg.weights, weights_home, cfg.allow_fetch)
     weights_name = cfg.weights_name or (DEFAULT_MODEL if weights.source != "explicit" else weights.path.name)
     job = _job_record(manifest, cfg, weights.sha256)
-    todo = _rows_to_score(manifest, {**job, "weights_name": weights_name}, cfg)
+    spill = Spill(cfg.spill_root, cfg.output, job) if cfg.spill_root is not None else None
+    todo = _rows_to_score(manifest, {**job, "weights_name": weights_name}, cfg, spill)
     schema = output_schema(pa.Schema.from_pandas(manifest, preserve_index=False))
-    writer = PartWriter(cfg.output, schema, cfg.storage, part_rows=cfg.part_rows)
+    writer = PartWriter(cfg.output, schema, cfg.storage, part_rows=cfg.part_rows,
+                        commit_every_s=cfg.commit_every_s, spill=spill)
     labels = {"weights_sha256": weights.sha256, "weights_name": weights_name, "preprocess": cfg.preprocess,
               "tta": cfg.predictor.tta, "decode": cfg.decode.mode}
 
@@ -90,7 +96,8 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
         loading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrage-weights")
         state_dict_future = loading.submit(load_state_dict, weights.path)
         loading.shutdown(wait=False)
-        with ray_session(cfg.ray), progress_bar(len(todo), len(manifest), cfg.progress) as bar:
+        with ray_session(cfg.ray), progress_bar(len(todo), len(manifest), cfg.progress) as bar, \
+                committing_on_time(writer):
             startup["ray_started_s"] = time.perf_counter() - started
             state_dict = state_dict_future.result()
             itinerary = choose_itinerary(cfg, cluster_gpus=_cluster_gpus(), nvimgcodec=nvimgcodec_installed())
@@ -103,10 +110,10 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
                     writer.add(table)
                     scored += len(table)
                     bar.update(len(table))
-            except KeyboardInterrupt as exc:
+            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (lifetime.Terminated)
                 writer.flush()  # whole rows already scored are worth keeping
-                exc.kept = (f"{scored} rows scored this run were written to {cfg.output} "
-                            f"({len(manifest) - len(todo) + scored} of {len(manifest)} in all)")
+                exc.kept = (f"{writer.rows_written} rows scored this run were written to {cfg.output} "
+                            f"({len(manifest) - len(todo) + writer.rows_written} of {len(manifest)} in all)")
                 raise
             except Exception as exc:
                 if type(exc).__name__ != "ExecutionTimeoutError":
@@ -114,7 +121,7 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
                 writer.flush()  # keep what was scored: the rerun resumes from it
                 raise StalledError(
                     f"no image finished for {cfg.ray.no_progress_timeout_s:.0f}s, so the job stopped instead of "
-                    f"hanging; {scored} rows of this run are saved and rerunning the same command resumes. "
+                    f"hanging; {writer.rows_written} rows of this run are saved and rerunning the same command resumes. "
                     "Usual causes: the cluster has no room for the predictor (no free GPU, or every CPU held by "
                     "actors), or a storage read that never returns. Ray said: " + str(exc).splitlines()[0]
                 ) from exc
@@ -273,7 +280,12 @@ def _gpus_for_inference(cfg: ScoreConfig) -> int:
 
 @contextlib.contextmanager
 def ray_session(rc: RayConfig) -> Iterator[None]:
-    """Join `rc.address`, or start an embedded local Ray (reused, not stopped, if one is already up)."""
+    """Join `rc.address`, or start an embedded local Ray (reused, not stopped, if one is already up).
+
+    The embedded Ray's processes die with this one even when it is killed with SIGKILL (`lifetime.reaped_on_kill`),
+    and SIGTERM stops the job like Ctrl-C (`lifetime.terminate_as_interrupt`; entered after `ray.init`, which
+    installs a handler of its own).
+    """
     import ray
 
     if ray.is_initialized():
@@ -283,19 +295,21 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
     # a cluster job keeps Ray's worker output in its job log; the embedded Ray keeps it off the terminal
     loud = rc.verbose or bool(rc.address)
     kwargs: dict[str, Any] = {"include_dashboard": False, **ray_init_options(loud)}
-    if rc.address:
-        ray.init(address=rc.address, **kwargs)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # address="local": always a new embedded instance, never a cluster another process on this machine
-        # advertised in /tmp/ray/ray_current_cluster (`ray start`, ray.cluster_utils.Cluster)
-        ray.init(address="local", num_cpus=rc.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS), **kwargs)
-    quiet_ray_console(loud)
-    try:
-        with native_stderr_to_session_log(loud):
-            yield
-    finally:
-        ray.shutdown()
+    with contextlib.ExitStack() as stack:
+        if rc.address:
+            ray.init(address=rc.address, **kwargs)
+        else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            stack.enter_context(reaped_on_kill())  # entered first, left last: after ray.shutdown below
+            # address="local": always a new embedded instance, never a cluster another process on this machine
+            # advertised in /tmp/ray/ray_current_cluster (`ray start`, ray.cluster_utils.Cluster)
+            ray.init(address="local", num_cpus=rc.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS),
+                     **kwargs)
+        quiet_ray_console(loud)
+        stack.enter_context(native_stderr_to_session_log(loud))
+        stack.callback(ray.shutdown)  # inside the redirect: shutdown's complaints about dying actors stay in the log
+        stack.enter_context(terminate_as_interrupt())
+        yield
 
 
 def _job_record(manifest: pd.DataFrame, cfg: ScoreConfig, weights_sha256: str) -> dict[str, Any]:
@@ -316,7 +330,8 @@ def _job_record(manifest: pd.DataFrame, cfg: ScoreConfig, weights_sha256: str) -
 JOB_INFO_KEYS = ("weights_name",)
 
 
-def _rows_to_score(manifest: pd.DataFrame, job: dict[str, Any], cfg: ScoreConfig) -> pd.DataFrame:
+def _rows_to_score(manifest: pd.DataFrame, job: dict[str, Any], cfg: ScoreConfig, spill: Spill | None = None
+                   ) -> pd.DataFrame:
     move_legacy_records(cfg.output, cfg.storage)  # job.json/summary.json of older outputs -> OUTPUT/_cxrage/
     previous = read_json(cfg.output, "job.json", cfg.storage)
     defining = [k for k in job if k not in JOB_INFO_KEYS]
@@ -336,6 +351,8 @@ def _rows_to_score(manifest: pd.DataFrame, job: dict[str, Any], cfg: ScoreConfig
         dropped = drop_error_rows(cfg.output, cfg.storage, cfg.retry_errors)
         log.warning("--retry-errors: %d error rows%s will be scored again", dropped,
                     f" ({', '.join(cfg.retry_errors)})" if cfg.retry_errors else "")
+    if spill is not None and spill.restore(lambda name, data: commit_part(cfg.output, name, data, cfg.storage)):
+        log.warning("rows an earlier run could not write to OUTPUT were committed from %s", spill.folder)
     done = completed_row_ids(cfg.output, cfg.storage)
     if done:
         log.info("resuming: %d of %d rows already scored", len(done), len(manifest))

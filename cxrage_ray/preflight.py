@@ -29,6 +29,7 @@ class Limits:
     predict_actors: int = 1
     num_cpus: int | None = None
     no_progress_timeout_s: float = 600.0
+    commit_every_s: float = 30.0
 
 
 def check_limits(limits: Limits) -> None:
@@ -43,6 +44,8 @@ def check_limits(limits: Limits) -> None:
         raise InputError(f"--num-cpus {limits.num_cpus}: give at least 1")
     if not limits.no_progress_timeout_s > 0:
         raise InputError(f"--no-progress-timeout {limits.no_progress_timeout_s}: give a positive number of seconds")
+    if not limits.commit_every_s > 0:
+        raise InputError(f"--commit-every {limits.commit_every_s}: give a positive number of seconds")
 
 
 def _local_path(uri: str) -> Path:

@@ -17,16 +17,21 @@ without their error rows (`drop_error_rows`), so those rows count as missing and
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxrage_ray.errors import InputError, error_kind
+from cxrage_ray.errors import InputError, OutputError, error_kind
+from cxrage_ray.spill import Spill
 from cxrage_ray.storage import StorageConfig, filesystem_for, list_files, read_bytes, write_bytes
 
 #: The output contract (issue 2 + DICOM metadata); other tools read these names.
@@ -109,40 +114,136 @@ def _join(base: str, *parts: str) -> str:
 
 @dataclass
 class PartWriter:
-    """Buffers scored rows and commits them as whole Parquet parts of about `part_rows` rows.
+    """Buffers scored rows and commits them as whole Parquet parts: every `part_rows` rows or every
+    `commit_every_s` seconds, whichever comes first, so a killed driver loses at most that window.
 
     Args:
         output: OUTPUT folder (local path or fsspec URL).
         schema: the output schema (see `output_schema`).
         storage: storage settings for remote outputs.
-        part_rows: rows per part file; ~10k rows is ~1-2 MB of Parquet.
+        part_rows: rows per part file at most; ~10k rows is ~1-2 MB of Parquet.
+        commit_every_s: the longest a scored row waits in memory (`add` commits on arrival of a batch,
+            `flush_if_due` from a timer between batches; see `committing_on_time`).
+        spill: where a part goes when OUTPUT refuses it (then `OutputError`); None: nowhere, the error says so.
+
+    `add`, `flush` and `flush_if_due` may be called from two threads (the driver loop and the timer).
     """
 
     output: str
     schema: pa.Schema
     storage: StorageConfig
     part_rows: int = 10_000
+    commit_every_s: float = 30.0
+    spill: Spill | None = None
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     parts_written: int = 0
+    rows_written: int = 0
+    failure: OutputError | None = None
     _buffer: list[pa.Table] = field(default_factory=list)
     _buffered_rows: int = 0
+    _oldest_row_at: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, table: pa.Table) -> None:
-        self._buffer.append(conform(table, self.schema))
-        self._buffered_rows += len(table)
-        if self._buffered_rows >= self.part_rows:
-            self.flush()
+        """Buffer scored rows; commit when the part is full or its oldest row has waited long enough.
+
+        Raises:
+            OutputError: OUTPUT refused a part (now or on the timer); the job must stop.
+        """
+        with self._lock:
+            self._raise_failure()
+            if not self._buffered_rows:
+                self._oldest_row_at = time.monotonic()
+            self._buffer.append(conform(table, self.schema))
+            self._buffered_rows += len(table)
+            if self._buffered_rows >= self.part_rows or self._due():
+                self._commit()
 
     def flush(self) -> None:
+        """Commit whatever is buffered (raises `OutputError` as `add` does)."""
+        with self._lock:
+            self._raise_failure()
+            self._commit()
+
+    def flush_if_due(self) -> None:
+        """Commit the buffer if its oldest row has waited `commit_every_s`; a failure is kept for `add`/`flush`."""
+        with self._lock:
+            if self.failure is None and self._due():
+                with contextlib.suppress(OutputError):  # kept in self.failure, raised in the driver's thread
+                    self._commit()
+
+    def _due(self) -> bool:
+        return bool(self._buffered_rows) and time.monotonic() - self._oldest_row_at >= self.commit_every_s
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def _commit(self) -> None:
         if not self._buffered_rows:
             return
         table = pa.concat_tables(self._buffer)
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
         name = f"part-{self.run_id}-{self.parts_written:05d}.parquet"
-        write_bytes(_join(self.output, PARTS_DIR, name), sink.getvalue(), self.storage)
-        self.parts_written += 1
         self._buffer, self._buffered_rows = [], 0
+        self.parts_written += 1
+        uri = _join(self.output, PARTS_DIR, name)
+        try:
+            write_bytes(uri, sink.getvalue(), self.storage)
+        except Exception as exc:
+            self.failure = self._refused(uri, name, sink.getvalue(), len(table), exc)
+            raise self.failure from exc
+        self.rows_written += len(table)
+
+    def _refused(self, uri: str, name: str, data: bytes, rows: int, exc: Exception) -> OutputError:
+        """Keep a refused part in the spill; the error says why OUTPUT refused it and where the rows are."""
+        reason = f"cannot write {uri}: {write_failure_reason(exc)}; the job stopped at the first part OUTPUT refused"
+        if self.spill is None:
+            return OutputError(f"{reason}; {rows} scored rows of that part were not kept and the rerun scores them")
+        try:
+            kept = self.spill.keep(name, data)
+        except OSError as spill_exc:
+            return OutputError(f"{reason}; {rows} scored rows could not be kept locally either "
+                               f"({write_failure_reason(spill_exc)}) and the rerun scores them")
+        return OutputError(f"{reason}. {rows} scored rows are kept in {kept.parent}; once OUTPUT can be written, "
+                           "rerun the same command: it commits them and scores only what is missing")
+
+
+@contextlib.contextmanager
+def committing_on_time(writer: PartWriter, tick_s: float | None = None) -> Iterator[PartWriter]:
+    """Within the block, a timer thread commits `writer`'s rows once they have waited `commit_every_s`, also
+    while no new batch arrives (a slow stage must not hold scored rows in memory indefinitely)."""
+    stop = threading.Event()
+    tick = tick_s if tick_s is not None else min(1.0, writer.commit_every_s / 4)
+
+    def run() -> None:
+        while not stop.wait(tick):
+            writer.flush_if_due()
+
+    timer = threading.Thread(target=run, name="cxrage-commit-timer", daemon=True)
+    timer.start()
+    try:
+        yield writer
+    finally:
+        stop.set()
+        timer.join()
+
+
+def write_failure_reason(exc: BaseException) -> str:
+    """Why a write failed, in words (an OSError's strerror, not its repr with temp-file paths)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc).strip() or type(exc).__name__
+
+
+def commit_part(output: str, name: str, data: bytes, storage: StorageConfig) -> None:
+    """Commit one whole part (bytes of a Parquet file) as OUTPUT/parts/<name> (`OutputError` when refused)."""
+    uri = _join(output, PARTS_DIR, name)
+    try:
+        write_bytes(uri, data, storage)
+    except Exception as exc:
+        raise OutputError(f"cannot write {uri}: {write_failure_reason(exc)}") from exc
 
 
 def committed_parts(output: str, storage: StorageConfig) -> list[str]:
@@ -198,8 +299,12 @@ def read_output(output: str, storage: StorageConfig) -> pa.Table:
 
 
 def write_json(output: str, name: str, payload: dict[str, Any], storage: StorageConfig) -> None:
-    """Write the record OUTPUT/_cxrage/<name>."""
-    write_bytes(record_uri(output, name), json.dumps(payload, indent=2, sort_keys=True).encode(), storage)
+    """Write the record OUTPUT/_cxrage/<name> (`OutputError` when OUTPUT refuses it)."""
+    uri = record_uri(output, name)
+    try:
+        write_bytes(uri, json.dumps(payload, indent=2, sort_keys=True).encode(), storage)
+    except Exception as exc:
+        raise OutputError(f"cannot write {uri}: {write_failure_reason(exc)}") from exc
 
 
 def read_json(output: str, name: str, storage: StorageConfig) -> dict[str, Any] | None:
