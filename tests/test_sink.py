@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pyarrow as pa
 import pytest
 
-from cxrage_ray.errors import InputError
+from cxrage_ray.errors import InputError, OutputError
 from cxrage_ray.sink import (
     PartWriter,
+    commit_part,
+    committing_on_time,
     conform,
     completed_row_ids,
     drop_error_rows,
     output_schema,
     read_output,
+    write_json,
 )
+from cxrage_ray.spill import Spill
 from cxrage_ray.storage import StorageConfig, list_files
 
 SCHEMA = output_schema(pa.schema([pa.field("site", pa.string())]))
@@ -151,3 +156,71 @@ def test_conform_rebuilds_columns_ray_carried_as_pickled_objects():
     conformed = conform(table, SCHEMA)
     assert conformed.column("site").to_pylist() == ["00012975_000.png", None, None]
     assert conformed.schema == SCHEMA
+
+
+def test_rows_are_committed_on_time_even_when_no_batch_arrives(tmp_path):
+    out = str(tmp_path / "out")
+    writer = PartWriter(out, SCHEMA, StorageConfig(), part_rows=10_000, commit_every_s=0.3)
+    with committing_on_time(writer, tick_s=0.05):
+        writer.add(_rows([0, 1], {}))
+        assert completed_row_ids(out, StorageConfig()) == set()  # far below part_rows: buffered
+        deadline = time.monotonic() + 5
+        while not completed_row_ids(out, StorageConfig()) and time.monotonic() < deadline:
+            time.sleep(0.05)  # no add() now: only the timer can commit
+        assert completed_row_ids(out, StorageConfig()) == {0, 1}
+        writer.add(_rows([2], {}))
+    writer.flush()
+    assert completed_row_ids(out, StorageConfig()) == {0, 1, 2}
+    assert writer.rows_written == 3
+
+
+def test_a_batch_arriving_late_commits_the_rows_that_waited(tmp_path):
+    out = str(tmp_path / "out")
+    writer = PartWriter(out, SCHEMA, StorageConfig(), part_rows=10_000, commit_every_s=0.2)
+    writer.add(_rows([0], {}))
+    time.sleep(0.3)
+    writer.add(_rows([1], {}))  # the oldest row waited past commit_every_s: both go out now
+    assert completed_row_ids(out, StorageConfig()) == {0, 1}
+
+
+def _refusing_output(tmp_path) -> str:
+    """An OUTPUT whose parts/ cannot be created: a file stands where the folder would be."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "parts").write_text("not a folder")
+    return str(out)
+
+
+def test_a_refused_part_is_spilled_and_the_failure_sticks(tmp_path):
+    out = _refusing_output(tmp_path)
+    spill = Spill(tmp_path / "spill", out, {"manifest_fingerprint": "abc"})
+    writer = PartWriter(out, SCHEMA, StorageConfig(), part_rows=2, spill=spill)
+    with pytest.raises(OutputError, match="cannot write .*parts/part-.* 2 scored rows are kept in"):
+        writer.add(_rows([0, 1], {}))
+    assert [p.name for p in spill.parts()] == [f"part-{writer.run_id}-00000.parquet"]
+    with pytest.raises(OutputError):  # the job must stop: later batches are refused too, not dropped quietly
+        writer.add(_rows([2], {}))
+    with pytest.raises(OutputError):
+        writer.flush()
+
+    os.remove(f"{out}/parts")  # OUTPUT is writable again: the rerun commits the spilled rows first
+    assert spill.restore(lambda name, data: commit_part(out, name, data, StorageConfig())) == 1
+    assert completed_row_ids(out, StorageConfig()) == {0, 1}
+    assert spill.parts() == [] and not spill.folder.exists()
+
+
+def test_spilled_rows_of_another_job_are_left_alone(tmp_path):
+    out = str(tmp_path / "out")
+    Spill(tmp_path / "spill", out, {"manifest_fingerprint": "old"}).keep("part-x-00000.parquet", b"PAR1")
+    other = Spill(tmp_path / "spill", out, {"manifest_fingerprint": "new"})
+    assert other.parts() == []
+    assert other.restore(lambda name, data: pytest.fail("another job's rows were committed")) == 0
+    assert (other.folder / "part-x-00000.parquet").exists()
+
+
+def test_a_refused_record_is_an_output_error(tmp_path):
+    out = _refusing_output(tmp_path)
+    os.remove(f"{out}/parts")
+    (tmp_path / "out" / "_cxrage").write_text("not a folder")
+    with pytest.raises(OutputError, match="cannot write .*_cxrage/job.json"):
+        write_json(out, "job.json", {"a": 1}, StorageConfig())
