@@ -10,6 +10,10 @@ Parquet dataset (pandas, pyarrow.dataset, DuckDB, Spark) skip `_`-prefixed names
 reads the rows and nothing else. Outputs written before that layout kept job.json/summary.json at the top;
 `read_json` still finds them there and `move_legacy_records` moves them into `_cxrage/` on the next run.
 
+Parts are committed every `part_rows` rows or `commit_every_s` seconds, whichever comes first (`PartWriter`,
+`committing_on_time`). A part OUTPUT refuses raises `OutputError` (the job stops) after the part is kept in the
+local spill (`cxrage_ray.spill`), which the next run of the same job commits before it resumes.
+
 Resume reads the `row_id`s of the committed parts; a row is in exactly one committed part because the
 driver writes each row once and only whole parts become visible. `--retry-errors` first rewrites the parts
 without their error rows (`drop_error_rows`), so those rows count as missing and are scored again.
