@@ -62,8 +62,9 @@ class Run:
                "--no-progress", "--rotation", "off", "--tta", "none"]
         self.out = out
         self.started = time.monotonic()
+        # the working folder goes first on sys.path (`python -m`): run where the code to measure is
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=pythonpath or REPO)
 
     def wait(self, timeout: float = 1800) -> tuple[int, str]:
         output = self.proc.communicate(timeout=timeout)[0]

@@ -32,7 +32,8 @@ def first_film_seconds(films: Path, out: Path, home: Path, pythonpath: str | Non
     cmd = [sys.executable, "-m", "cxrage_ray.cli", "score", str(films), str(out), "--weights", "demo",
            "--part-rows", "1", "--no-progress", *extra]
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the working folder goes first on sys.path (`python -m`): run where the code to measure is
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=pythonpath or REPO)
     first = None
     while proc.poll() is None:
         if first is None and any((out / "parts").glob("*.parquet")):
