@@ -36,7 +36,7 @@ from cxrage_ray.checkpoint import load_state_dict
 from cxrage_ray.config import RayConfig, ScoreConfig
 from cxrage_ray.console import native_stderr_to_session_log, progress_bar, quiet_ray_console, ray_init_options
 from cxrage_ray.errors import InputError, StalledError, error_kind
-from cxrage_ray.manifest import build_manifest
+from cxrage_ray.manifest import PROBLEM_COLUMN, build_manifest
 from cxrage_ray.registry import DEFAULT_MODEL, resolve_weights
 from cxrage_ray.sink import (
     PARTS_DIR,
@@ -52,7 +52,7 @@ from cxrage_ray.sink import (
     write_original_csv,
 )
 from cxrage_ray.device_stages import DeviceScoreStage, prepare_encoded_batch
-from cxrage_ray.stages import PrepareSettings, PredictStage, prepare_batch
+from cxrage_ray.stages import PrepareSettings, PredictStage, prepare_batch, retry_counts
 from cxrage_ray.storage import filesystem_for
 
 log = logging.getLogger(__name__)
@@ -77,12 +77,14 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
     weights_name = cfg.weights_name or (DEFAULT_MODEL if weights.source != "explicit" else weights.path.name)
     job = _job_record(manifest, cfg, weights.sha256)
     todo = _rows_to_score(manifest, {**job, "weights_name": weights_name}, cfg)
-    schema = output_schema(pa.Schema.from_pandas(manifest, preserve_index=False))
+    carried = manifest.drop(columns=[PROBLEM_COLUMN], errors="ignore")  # read by prepare, not an output column
+    schema = output_schema(pa.Schema.from_pandas(carried, preserve_index=False))
     writer = PartWriter(cfg.output, schema, cfg.storage, part_rows=cfg.part_rows)
     labels = {"weights_sha256": weights.sha256, "weights_name": weights_name, "preprocess": cfg.preprocess,
               "tta": cfg.predictor.tta, "decode": cfg.decode.mode}
 
     scored = 0
+    retries = Counter()  # storage retries of this run's reads, by kind (summary.json)
     startup: dict[str, float] = {"before_ray_s": time.perf_counter() - started}
     itinerary = Itinerary("cpu", "nothing left to score")
     if len(todo):
@@ -102,6 +104,7 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
                     startup.setdefault("first_film_s", time.perf_counter() - started)
                     writer.add(table)
                     scored += len(table)
+                    retries += retry_counts(table)
                     bar.update(len(table))
             except KeyboardInterrupt as exc:
                 writer.flush()  # whole rows already scored are worth keeping
@@ -121,6 +124,7 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
             writer.flush()
     summary = _summary(cfg, manifest, weights.sha256, scored, time.perf_counter() - started)
     summary["itinerary"] = {"path": itinerary.path, "reason": itinerary.reason}
+    summary["retries"] = dict(sorted(retries.items()))
     if cfg.write_back is not None:  # after scoring, over every ok row of OUTPUT (resumes included)
         from cxrage_ray.writeback import write_back
 
