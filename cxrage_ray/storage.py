@@ -297,7 +297,7 @@ def _write_local_atomic(path: str, data: bytes) -> None:
 
 def exists(uri: str, storage: StorageConfig) -> bool:
     """True when a file/object or a folder/prefix exists at `uri` (asks the store, not a cached listing)."""
-    fs, path = filesystem_for(uri, storage)
+    fs, path = _filesystem_to_read(uri, storage)
     fs.invalidate_cache(path)
     return bool(_with_retries(lambda: fs.exists(path), uri, storage, "check"))
 
@@ -310,7 +310,7 @@ def list_files(prefix: str, storage: StorageConfig) -> list[str]:
     listed (archives link films into study folders); a symlink to a folder is neither listed nor followed
     (it is no file to read, and following links could list a film twice or loop).
     """
-    fs, path = filesystem_for(prefix, storage)
+    fs, path = _filesystem_to_read(prefix, storage)
     fs.invalidate_cache(path)  # a listing is done once per job: it must see the store, not a stale cache
     found = _with_retries(lambda: fs.find(path, withdirs=False, detail=True), prefix, storage, "list")
     files = [p for p, info in found.items() if not _is_folder_link(p, info, fs)]

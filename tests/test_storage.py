@@ -330,6 +330,10 @@ def test_connection_refused_is_retried_then_reported(s3_env, caplog):
 def test_unsupported_scheme_is_a_read_error_naming_the_uri():
     with pytest.raises(ReadError, match=r"^cannot read gopher://host/x\.png: unsupported scheme 'gopher'$"):
         read_bytes("gopher://host/x.png", StorageConfig())
+    with pytest.raises(ReadError, match="unsupported scheme 'gopher'"):  # an INPUT folder too (exit 2, not a trace)
+        list_files("gopher://host/films/", StorageConfig())
+    with pytest.raises(ReadError, match="unsupported scheme 'gopher'"):
+        exists("gopher://host/films/", StorageConfig())
 
 
 def test_local_errors_do_not_repeat_a_resolved_path(tmp_path: Path):
