@@ -11,6 +11,7 @@ Everything is loopback and generated here; each run is a few dozen tiny films wi
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -24,7 +25,6 @@ from PIL import Image
 from checkpoints import random_state_dict, save_fastai_checkpoint
 from chaos.fault_proxy import FaultProxy
 from cxrage_ray.cli import EXIT_ROW_ERRORS, main
-from cxrage_ray.errors import error_kind
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -36,11 +36,8 @@ def _film_png(seed: int, shape: tuple[int, int] = (96, 80)) -> bytes:
     """A tiny smooth radiograph-like 8-bit PNG (distinct per seed)."""
     y, x = np.mgrid[0 : shape[0], 0 : shape[1]]
     film = 120 + 70 * np.sin(x / (9 + seed % 7)) * np.cos(y / 11) + np.random.default_rng(seed).normal(0, 5, shape)
-    path = Image.fromarray(np.clip(film, 0, 255).astype(np.uint8))
-    import io
-
     buffer = io.BytesIO()
-    path.save(buffer, format="PNG")
+    Image.fromarray(np.clip(film, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -142,6 +139,7 @@ PLAN: dict[str, list[str]] = {
 }
 
 
+@pytest.mark.slow
 def test_s3_faults_are_retried_and_counted(ray_local, s3_env, weights, tmp_path):
     bucket = s3_env.make_bucket("chaos-faults")
     names = [f"f{i:02d}" for i in range(FILMS)]
