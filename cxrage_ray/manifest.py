@@ -27,6 +27,7 @@ rows, no path column, reserved column names), with a message that says what is w
 from __future__ import annotations
 
 import io
+import logging
 import os
 import posixpath
 import re
@@ -50,6 +51,8 @@ from cxrage_ray.storage import (
     read_bytes,
     write_bytes,
 )
+
+log = logging.getLogger(__name__)
 
 #: Extensions kept when listing a folder (compared lower-case).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".dic"})
@@ -173,10 +176,8 @@ def _from_manifest_file(input: str, storage: StorageConfig, uri_column: str = "u
     blank_uri = _blank(df["uri"])
     uris = [None if blank else _resolve(str(u).strip(), base) for u, blank in zip(df["uri"], blank_uri)]
     problems: list[str | None] = ["empty uri" if blank else None for blank in blank_uri]
-    if "image_id" in df.columns:
-        blank_id = _blank(df["image_id"])
-        image_ids = [None if blank else str(v) for v, blank in zip(df["image_id"], blank_id)]
-        problems = [p or ("empty image_id" if blank else None) for p, blank in zip(problems, blank_id)]
+    if "image_id" in df.columns:  # a blank one is marked by _finish
+        image_ids = [None if blank else str(v) for v, blank in zip(df["image_id"], _blank(df["image_id"]))]
     else:
         image_ids = [None if u is None else _default_image_id(u, base) for u in uris]
     extra = df.drop(columns=[c for c in ("uri", "image_id") if c in df.columns]).reset_index(drop=True)
@@ -223,12 +224,16 @@ def _default_image_id(uri: str, base: str) -> str:
 
 def _finish(df: pd.DataFrame, problems: list[str | None] | None = None) -> pd.DataFrame:
     """Type the key columns, prepend row_id, and append `PROBLEM_COLUMN`: `problems` (one per row, None when
-    fine) prefixed by the row, plus ``duplicate image_id`` for every repeat of an earlier row's image_id."""
+    fine), else ``empty image_id``, else ``duplicate image_id`` for a repeat of an earlier row's image_id;
+    each prefixed by the row. Logs a warning naming the first such row."""
     df = df.reset_index(drop=True)
     df["image_id"] = df["image_id"].astype("string")
     found = list(problems) if problems is not None else [None] * len(df)
+    blank_id = _blank(df["image_id"])
+    for row in np.flatnonzero(blank_id):
+        found[row] = found[row] or "empty image_id"
     # only rows that name an image claim an id; vectorised, as archive manifests run to millions of rows
-    claiming = df["image_id"][~(pd.Series(found, dtype=object).notna().to_numpy() | _blank(df["image_id"]))]
+    claiming = df["image_id"][~(pd.Series(found, dtype=object).notna().to_numpy() | blank_id)]
     repeat = claiming.duplicated(keep="first")
     first_row = pd.Series(claiming[~repeat].index, index=claiming[~repeat].to_numpy())
     for row, image_id in claiming[repeat].items():
@@ -237,4 +242,8 @@ def _finish(df: pd.DataFrame, problems: list[str | None] | None = None) -> pd.Da
     df.insert(0, "row_id", pd.RangeIndex(len(df)).astype("int64"))
     df[PROBLEM_COLUMN] = pd.array([None if p is None else f"row {row}: {p}" for row, p in enumerate(found)],
                                   dtype="string")
+    marked = df[PROBLEM_COLUMN].dropna()
+    if len(marked):  # said up front: these rows will be ManifestError rows, not scores
+        log.warning("%d manifest row(s) name no readable image and become ManifestError rows (%s%s)",
+                    len(marked), marked.iloc[0], ", ..." if len(marked) > 1 else "")
     return df

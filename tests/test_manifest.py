@@ -355,3 +355,11 @@ def test_uri_column_errors_say_what_to_do(tmp_path):
     pd.DataFrame({"file": ["a.png"], "uri": ["b.png"]}).to_csv(tmp_path / "both.csv", index=False)
     with pytest.raises(InputError, match="both `file` and `uri`"):
         build_manifest(str(tmp_path / "both.csv"), StorageConfig(), uri_column="file")
+
+
+def test_marked_rows_are_announced(tmp_path: Path, caplog):
+    (tmp_path / "m.csv").write_text("uri,age\na.png,1\nb.png,2\n ,3\n")
+    with caplog.at_level("WARNING", logger="cxrage_ray.manifest"):
+        df = build_manifest(str(tmp_path / "m.csv"), LOCAL)
+    assert df[PROBLEM_COLUMN].notna().sum() == 1
+    assert "1 manifest row(s) name no readable image and become ManifestError rows (row 2: empty uri)" in caplog.text
