@@ -15,8 +15,14 @@ class InputError(CxrAgeError):
     """The INPUT path/manifest is missing, empty or malformed."""
 
 
+class ManifestError(CxrAgeError):
+    """A manifest row that names no readable image: empty uri or image_id, or an image_id already used by an
+    earlier row. The row is not fetched; its message names the row (``row 17: empty uri``, row = ``row_id``)."""
+
+
 class ReadError(CxrAgeError):
-    """An image's bytes could not be fetched (missing file or object, permission, network)."""
+    """An image's bytes could not be fetched (missing file or object, permission, network, unsupported uri
+    scheme); the message names the uri, whose scheme and host say where the read went."""
 
 
 class EmptyFileError(ReadError):

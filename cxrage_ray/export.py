@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from cxrage_ray.decode import DecodeOptions, decode_image
 from cxrage_ray.errors import error_text
-from cxrage_ray.manifest import build_manifest
+from cxrage_ray.manifest import PROBLEM_COLUMN, build_manifest
 from cxrage_ray.storage import StorageConfig, read_bytes
 
 
@@ -98,6 +98,10 @@ def export_seed_chain_pngs(
 ) -> int:
     """Convert every input with the `exact` (CPU process pool) or `tensor` engine; returns the number of failures."""
     manifest = build_manifest(input, storage)
+    marked = manifest[PROBLEM_COLUMN].notna()  # empty uri, duplicate image_id: nothing to convert
+    for problem in manifest.loc[marked, PROBLEM_COLUMN]:
+        print(f"cxrage preprocess: ManifestError: {problem}", file=sys.stderr)
+    manifest = manifest[~marked]
     out = Path(outdir)
     jobs = [(row.uri, out / png_name(row.image_id)) for row in manifest.itertuples()]
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -108,10 +112,11 @@ def export_seed_chain_pngs(
         else:
             results = pool.map(export_one, [u for u, _ in jobs], [d for _, d in jobs],
                                [storage] * len(jobs), [options] * len(jobs), chunksize=8)
-        failures = 0
+        failures = int(marked.sum())
         for (uri, dest), error in zip(jobs, results):
             if error is not None:
                 failures += 1
                 print(f"cxrage preprocess: {dest.name}: {error}", file=sys.stderr)
-    print(f"cxrage preprocess: {len(jobs) - failures} written, {failures} failed -> {outdir}", file=sys.stderr)
+    written = len(jobs) - (failures - int(marked.sum()))
+    print(f"cxrage preprocess: {written} written, {failures} failed -> {outdir}", file=sys.stderr)
     return failures

@@ -9,19 +9,30 @@ In:  INPUT and a `StorageConfig`.
        folder; ``image_id`` is optional; every other column is carried through unchanged.
      - A DICOMweb query (``dicomweb+https://host/prefix/?Modality=CR,DX&…``) is paged through once by QIDO-RS
        (cxrage_ray.dicomweb); its rows carry ``study_instance_uid``, ``series_instance_uid``, ``sop_instance_uid``.
-Out: a pandas DataFrame with ``row_id`` (int64, 0..n-1 in manifest order), ``image_id`` (string, unique),
-     ``uri`` (string, absolute path or URL), then the manifest's extra columns.
+Out: a pandas DataFrame with ``row_id`` (int64, 0..n-1 in manifest order), ``image_id`` (string),
+     ``uri`` (string, absolute path or URL), then the manifest's extra columns, then ``manifest_problem``
+     (`PROBLEM_COLUMN`, string, null for a good row).
 
-Errors a user can cause raise `InputError` with a message that says what is wrong.
+Every manifest row yields a row. A row that names no readable image (empty ``uri`` or ``image_id``, or an
+``image_id`` an earlier row already has) carries its problem in ``manifest_problem`` (``row 17: empty uri``,
+``row 5: duplicate image_id 'x' (also row 3)``; rows are ``row_id``s); the prepare stage turns it into a
+``ManifestError`` row without fetching anything. The first row with an image_id keeps it; later ones are the
+error rows, so the ok rows' image_ids are unique. A uri of an unsupported scheme (``gopher://``) is not
+judged here: its fetch fails as a ``ReadError`` (the storage layer is the one place that knows schemes).
+
+Only a manifest that cannot be used at all raises `InputError` (INPUT missing, unreadable or unparseable, no
+rows, no path column, reserved column names), with a message that says what is wrong.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import posixpath
 import re
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,13 +52,17 @@ from cxrage_ray.storage import (
     write_bytes,
 )
 
+log = logging.getLogger(__name__)
+
 #: Extensions kept when listing a folder (compared lower-case).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".dic"})
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
 #: Columns the scorer writes; a manifest carrying one would be silently overwritten, so it is refused.
 #: Every output column except the two a manifest provides: a manifest column of the same name would
 #: otherwise be silently replaced by the scorer's value.
-RESERVED_COLUMNS = tuple(c for c in CONTRACT_NAMES if c not in ("image_id", "uri"))
+#: Why a row cannot be scored (null when it can); read by the prepare stage, never written to OUTPUT.
+PROBLEM_COLUMN = "manifest_problem"
+RESERVED_COLUMNS = (*(c for c in CONTRACT_NAMES if c not in ("image_id", "uri")), PROBLEM_COLUMN)
 #: DICOM files are often named by UID ("1.2.840.113619.2.55"): an all-digit suffix is not an extension.
 _NUMERIC_SUFFIX = re.compile(r"^\.\d+$")
 
@@ -61,8 +76,9 @@ def build_manifest(input: str, storage: StorageConfig, uri_column: str = "uri") 
         uri_column: the manifest column with each image's path/URL (ignored for folders).
 
     Raises:
-        InputError: INPUT missing; a folder without images; a manifest that is empty, lacks ``uri``, has blank
-            uris/image_ids, duplicate image_ids, or reserved column names.
+        InputError: INPUT missing; a folder without images; a manifest that cannot be read or parsed, has no
+            rows, lacks ``uri``, or has reserved column names. Blank uris/image_ids and duplicate image_ids
+            are not refused: those rows carry their problem in `PROBLEM_COLUMN`.
     """
     if is_dicomweb(input):  # a QIDO-RS query: listed once, page by page
         return _finish(query_manifest(input, storage))
@@ -74,9 +90,10 @@ def build_manifest(input: str, storage: StorageConfig, uri_column: str = "uri") 
 def write_manifest(df: pd.DataFrame, out_url: str, storage: StorageConfig) -> None:
     """Write a manifest for reuse as INPUT: Parquet (or CSV when `out_url` ends in .csv), without ``row_id``.
 
-    ``row_id`` is dropped because it is reserved: the manifest read back gets fresh row_ids in the same order.
+    ``row_id`` and `PROBLEM_COLUMN` are dropped because they are reserved: the manifest read back gets fresh
+    row_ids in the same order, and its problems are found again.
     """
-    table_df = df.drop(columns=["row_id"], errors="ignore")
+    table_df = df.drop(columns=["row_id", PROBLEM_COLUMN], errors="ignore")
     if out_url.lower().endswith(".csv"):
         data = table_df.to_csv(index=False).encode()
     else:
@@ -155,26 +172,23 @@ def _from_manifest_file(input: str, storage: StorageConfig, uri_column: str = "u
         )
     if df.empty:
         raise InputError(f"manifest {input} has no rows")
-    uris = df["uri"]
-    blank = uris.isna() | (uris.astype("string").str.strip() == "")
-    if blank.any():
-        raise InputError(f"manifest {input}: `uri` is empty in {int(blank.sum())} row(s), e.g. row {_first(blank)}")
     base = parent_uri(input)
-    resolved = [_resolve(str(u).strip(), base) for u in uris]
-    if "image_id" in df.columns:
-        ids = df["image_id"]
-        blank = ids.isna() | (ids.astype("string").str.strip() == "")
-        if blank.any():
-            raise InputError(
-                f"manifest {input}: `image_id` is empty in {int(blank.sum())} row(s), e.g. row {_first(blank)}; "
-                "fill it in or drop the column to derive ids from uris"
-            )
-        image_ids = [str(v) for v in ids]
+    blank_uri = _blank(df["uri"])
+    uris = [None if blank else _resolve(str(u).strip(), base) for u, blank in zip(df["uri"], blank_uri)]
+    problems: list[str | None] = ["empty uri" if blank else None for blank in blank_uri]
+    if "image_id" in df.columns:  # a blank one is marked by _finish
+        image_ids = [None if blank else str(v) for v, blank in zip(df["image_id"], _blank(df["image_id"]))]
     else:
-        image_ids = [_default_image_id(u, base) for u in resolved]
+        image_ids = [None if u is None else _default_image_id(u, base) for u in uris]
     extra = df.drop(columns=[c for c in ("uri", "image_id") if c in df.columns]).reset_index(drop=True)
-    out = pd.DataFrame({"image_id": image_ids, "uri": resolved})
-    return _finish(pd.concat([out, extra], axis=1), source=input)
+    out = pd.DataFrame({"image_id": pd.array(image_ids, dtype="string"), "uri": pd.array(uris, dtype="string")})
+    return _finish(pd.concat([out, extra], axis=1), problems)
+
+
+def _blank(column: pd.Series) -> np.ndarray:
+    """Which cells of a manifest column are missing: null/NaN, or only whitespace (bool per row)."""
+    text = column.astype("string").str.strip()
+    return (text.isna() | (text == "")).fillna(True).to_numpy(dtype=bool)
 
 
 def _parse(data: bytes, input: str, uri_column: str = "uri") -> pd.DataFrame:
@@ -208,20 +222,28 @@ def _default_image_id(uri: str, base: str) -> str:
     return uri
 
 
-def _first(mask: pd.Series) -> int:
-    return int(mask.to_numpy().nonzero()[0][0])
-
-
-def _finish(df: pd.DataFrame, source: str | None = None) -> pd.DataFrame:
-    """Check ids are unique, type the key columns, prepend row_id."""
-    dup = df["image_id"].duplicated(keep=False)
-    if dup.any():
-        names = list(dict.fromkeys(df.loc[dup, "image_id"]))
-        shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        where = f"manifest {source}" if source else "INPUT"
-        raise InputError(f"{where} has duplicate image_id(s): {shown}; every image_id must be unique")
+def _finish(df: pd.DataFrame, problems: list[str | None] | None = None) -> pd.DataFrame:
+    """Type the key columns, prepend row_id, and append `PROBLEM_COLUMN`: `problems` (one per row, None when
+    fine), else ``empty image_id``, else ``duplicate image_id`` for a repeat of an earlier row's image_id;
+    each prefixed by the row. Logs a warning naming the first such row."""
     df = df.reset_index(drop=True)
     df["image_id"] = df["image_id"].astype("string")
+    found = list(problems) if problems is not None else [None] * len(df)
+    blank_id = _blank(df["image_id"])
+    for row in np.flatnonzero(blank_id):
+        found[row] = found[row] or "empty image_id"
+    # only rows that name an image claim an id; vectorised, as archive manifests run to millions of rows
+    claiming = df["image_id"][~(pd.Series(found, dtype=object).notna().to_numpy() | blank_id)]
+    repeat = claiming.duplicated(keep="first")
+    first_row = pd.Series(claiming[~repeat].index, index=claiming[~repeat].to_numpy())
+    for row, image_id in claiming[repeat].items():
+        found[row] = f"duplicate image_id {image_id!r} (also row {first_row[image_id]})"
     df["uri"] = df["uri"].astype("string")
     df.insert(0, "row_id", pd.RangeIndex(len(df)).astype("int64"))
+    df[PROBLEM_COLUMN] = pd.array([None if p is None else f"row {row}: {p}" for row, p in enumerate(found)],
+                                  dtype="string")
+    marked = df[PROBLEM_COLUMN].dropna()
+    if len(marked):  # said up front: these rows will be ManifestError rows, not scores
+        log.warning("%d manifest row(s) name no readable image and become ManifestError rows (%s%s)",
+                    len(marked), marked.iloc[0], ", ..." if len(marked) > 1 else "")
     return df

@@ -37,7 +37,7 @@ from cxrage_ray.config import RayConfig, ScoreConfig
 from cxrage_ray.console import native_stderr_to_session_log, progress_bar, quiet_ray_console, ray_init_options
 from cxrage_ray.errors import InputError, StalledError, error_kind
 from cxrage_ray.lifetime import reaped_on_kill, terminate_as_interrupt
-from cxrage_ray.manifest import build_manifest
+from cxrage_ray.manifest import PROBLEM_COLUMN, build_manifest
 from cxrage_ray.registry import DEFAULT_MODEL, resolve_weights
 from cxrage_ray.sink import (
     PARTS_DIR,
@@ -55,8 +55,8 @@ from cxrage_ray.sink import (
     write_original_csv,
 )
 from cxrage_ray.device_stages import DeviceScoreStage, prepare_encoded_batch
-from cxrage_ray.stages import PrepareSettings, PredictStage, prepare_batch
 from cxrage_ray.spill import Spill
+from cxrage_ray.stages import PrepareSettings, PredictStage, prepare_batch, retry_counts
 from cxrage_ray.storage import filesystem_for
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,15 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
     job = _job_record(manifest, cfg, weights.sha256)
     spill = Spill(cfg.spill_root, cfg.output, job) if cfg.spill_root is not None else None
     todo = _rows_to_score(manifest, {**job, "weights_name": weights_name}, cfg, spill)
-    schema = output_schema(pa.Schema.from_pandas(manifest, preserve_index=False))
+    carried = manifest.drop(columns=[PROBLEM_COLUMN], errors="ignore")  # read by prepare, not an output column
+    schema = output_schema(pa.Schema.from_pandas(carried, preserve_index=False))
     writer = PartWriter(cfg.output, schema, cfg.storage, part_rows=cfg.part_rows,
                         commit_every_s=cfg.commit_every_s, spill=spill)
     labels = {"weights_sha256": weights.sha256, "weights_name": weights_name, "preprocess": cfg.preprocess,
               "tta": cfg.predictor.tta, "decode": cfg.decode.mode}
 
     scored = 0
+    retries = Counter()  # storage retries of this run's reads, by kind (summary.json)
     startup: dict[str, float] = {"before_ray_s": time.perf_counter() - started}
     itinerary = Itinerary("cpu", "nothing left to score")
     if len(todo):
@@ -109,6 +111,7 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
                     startup.setdefault("first_film_s", time.perf_counter() - started)
                     writer.add(table)
                     scored += len(table)
+                    retries += retry_counts(table)
                     bar.update(len(table))
             except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (lifetime.Terminated)
                 writer.flush()  # whole rows already scored are worth keeping
@@ -121,13 +124,15 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
                 writer.flush()  # keep what was scored: the rerun resumes from it
                 raise StalledError(
                     f"no image finished for {cfg.ray.no_progress_timeout_s:.0f}s, so the job stopped instead of "
-                    f"hanging; {writer.rows_written} rows of this run are saved and rerunning the same command resumes. "
+                    f"hanging; {writer.rows_written} rows of this run are saved and rerunning the same command "
+                    "resumes. "
                     "Usual causes: the cluster has no room for the predictor (no free GPU, or every CPU held by "
                     "actors), or a storage read that never returns. Ray said: " + str(exc).splitlines()[0]
                 ) from exc
             writer.flush()
     summary = _summary(cfg, manifest, weights.sha256, scored, time.perf_counter() - started)
     summary["itinerary"] = {"path": itinerary.path, "reason": itinerary.reason}
+    summary["retries"] = dict(sorted(retries.items()))
     if cfg.write_back is not None:  # after scoring, over every ok row of OUTPUT (resumes included)
         from cxrage_ray.writeback import write_back
 

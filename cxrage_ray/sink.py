@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from cxrage_ray.errors import InputError, OutputError, error_kind
 from cxrage_ray.spill import Spill
-from cxrage_ray.storage import StorageConfig, filesystem_for, list_files, read_bytes, write_bytes
+from cxrage_ray.storage import StorageConfig, exists, filesystem_for, list_files, read_bytes, write_bytes
 
 #: The output contract (issue 2 + DICOM metadata); other tools read these names.
 CONTRACT_FIELDS: list[pa.Field] = [
@@ -314,8 +314,7 @@ def write_json(output: str, name: str, payload: dict[str, Any], storage: Storage
 def read_json(output: str, name: str, storage: StorageConfig) -> dict[str, Any] | None:
     """The record OUTPUT/_cxrage/<name> (or OUTPUT/<name> of an older output), or None when absent."""
     for uri in (record_uri(output, name), _join(output, name)):
-        fs, path = filesystem_for(uri, storage)
-        if fs.exists(path):
+        if exists(uri, storage):
             return json.loads(read_bytes(uri, storage))
     return None
 
@@ -329,10 +328,10 @@ def move_legacy_records(output: str, storage: StorageConfig) -> list[str]:
     moved = []
     for name in LEGACY_RECORDS:
         old = _join(output, name)
-        fs, path = filesystem_for(old, storage)
-        if not fs.exists(path):
+        if not exists(old, storage):
             continue
         write_bytes(record_uri(output, name), read_bytes(old, storage), storage)
+        fs, path = filesystem_for(old, storage)
         fs.rm(path)
         moved.append(name)
     return moved

@@ -6,11 +6,16 @@ fails becomes `status="error"` with `error="<Kind>: message"`, and every input r
 - `PrepareSettings` + `prepare_batch`: CPU stage. uri -> bytes -> DecodedImage -> seed chain -> orientation,
   emitting the 8-bit picture as compact bytes (`pixels`, `height`, `width`, `channels`) plus metadata.
 - `PredictStage`: the inference actor wrapping `AgePredictor`; drops the pixels and adds the scores.
+
+A row the manifest marked (`cxrage_ray.manifest.PROBLEM_COLUMN`: empty uri, duplicate image_id) is not
+fetched: it becomes a `ManifestError` row. Prepared rows also carry `RETRIES_COLUMN`, the storage retries
+their read took by kind (JSON), which the driver sums into summary.json; it is not an output column.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +26,16 @@ import numpy as np
 import pandas as pd
 
 from cxrage_ray.decode import DecodedImage, DecodeOptions, decode_image, is_dicom
-from cxrage_ray.errors import CxrAgeError, DecodeError, FlaggedSkipped, error_text
-from cxrage_ray.storage import StorageConfig, read_bytes
+from cxrage_ray.errors import CxrAgeError, DecodeError, FlaggedSkipped, ManifestError, error_text
+from cxrage_ray.manifest import PROBLEM_COLUMN
+from cxrage_ray.storage import RetryCounts, StorageConfig, read_bytes
 
 log = logging.getLogger(__name__)
 
 PreprocessMode = Literal["seed", "none"]
 PIXEL_COLUMNS = ["pixels", "height", "width", "channels"]
+#: Per prepared row: the storage retries its read took, as JSON ``{"SlowDown": 2}`` (``{}`` for none).
+RETRIES_COLUMN = "read_retries"
 META_COLUMNS = ["modality", "view_position", "body_part", "patient_sex", "study_date", "frames", "patient_id_hash"]
 
 
@@ -95,11 +103,34 @@ def _plausible_age(meta: dict[str, Any], row: pd.Series, settings: PrepareSettin
     return plausible_age(_chronological_age(meta, row, settings.age_column))
 
 
-def _fetch(uri: str, storage: StorageConfig) -> bytes | BaseException:
+def fetch_row(row: pd.Series, storage: StorageConfig) -> tuple[bytes | BaseException, RetryCounts]:
+    """A manifest row's bytes, or the exception that stands for them, and the retries the read took.
+
+    A row the manifest marked with a problem is not read: its `ManifestError` is returned instead.
+    Exceptions are returned, not raised: the prepare functions turn them into the row's error.
+    """
+    retries = RetryCounts()
+    problem = row.get(PROBLEM_COLUMN)
+    if isinstance(problem, str) and problem:  # null (pd.NA / None) for a good row
+        return ManifestError(problem), retries
     try:
-        return read_bytes(uri, storage)
-    except Exception as exc:  # handed to prepare_row, which turns it into the row's error
-        return exc
+        return read_bytes(str(row["uri"]), storage, retries), retries
+    except Exception as exc:
+        return exc, retries
+
+
+def retry_counts(table: Any) -> RetryCounts:
+    """Retries by kind over a batch of rows (pyarrow Table or pandas DataFrame) carrying `RETRIES_COLUMN`;
+    an empty count when the column is absent."""
+    names = table.column_names if hasattr(table, "column_names") else list(table.columns)
+    total = RetryCounts()
+    if RETRIES_COLUMN not in names:
+        return total
+    values = table.column(RETRIES_COLUMN).to_pylist() if hasattr(table, "column_names") else table[RETRIES_COLUMN]
+    for value in values:
+        if isinstance(value, str) and value not in ("", "{}"):
+            total.update({str(k): int(v) for k, v in json.loads(value).items()})
+    return total
 
 
 def prepare_row(row: pd.Series, settings: PrepareSettings, fetched: bytes | BaseException | None = None
@@ -110,7 +141,7 @@ def prepare_row(row: pd.Series, settings: PrepareSettings, fetched: bytes | Base
                            "orientation": None, "rotation_source": None, "qc": []}
     meta: dict[str, Any] = {}
     try:
-        data = read_bytes(row["uri"], settings.storage) if fetched is None else fetched
+        data = fetch_row(row, settings.storage)[0] if fetched is None else fetched
         if isinstance(data, BaseException):
             raise data
         picture, decoded = picture_from_bytes(data, str(row["uri"]), settings)
@@ -180,9 +211,10 @@ def prepare_rows(batch: pd.DataFrame, settings: PrepareSettings,
     come first, replaced where `prepare_one` returns a column of the same name (same order, same count)."""
     rows = [row for _, row in batch.iterrows()]
     with ThreadPoolExecutor(max_workers=max(1, min(settings.fetch_threads, len(rows)))) as pool:
-        fetched = list(pool.map(lambda row: _fetch(str(row["uri"]), settings.storage), rows))
-    prepared = pd.DataFrame([prepare_one(row, settings, data) for row, data in zip(rows, fetched)],
+        fetched = list(pool.map(lambda row: fetch_row(row, settings.storage), rows))
+    prepared = pd.DataFrame([prepare_one(row, settings, data) for row, (data, _) in zip(rows, fetched)],
                             index=batch.index)
+    prepared[RETRIES_COLUMN] = [json.dumps(dict(retries), sort_keys=True) for _, retries in fetched]
     return pd.concat([batch.drop(columns=[c for c in prepared.columns if c in batch.columns]), prepared], axis=1)
 
 

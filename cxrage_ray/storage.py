@@ -4,6 +4,15 @@ In:  a URI or local path plus a `StorageConfig` (built once from `--storage-opti
 Out: bytes, listings and writes, with retries + exponential backoff (with jitter) on throttling, 5xx
      and connection errors; a missing object fails at once with `ReadError("not found: <uri>")`.
 
+Every failed read is a `ReadError` whose message names the uri (so its scheme and host) and, for
+network trouble, the endpoint that failed (``connection refused by s3 endpoint 127.0.0.1:9``); an
+unsupported scheme is ``cannot read gopher://h/x: unsupported scheme 'gopher'``. Messages never add a
+local path beyond the uri itself (an OSError's own text would repeat the resolved absolute path).
+
+`_with_retries` is the one retry loop: for S3, botocore's and s3fs's own retries are switched off unless
+``--storage-option config_kwargs.retries.…`` configures botocore, so that every retry is seen here and
+counted by kind (`retry_kind`: ``SlowDown``, ``ConnectionReset`` …) into the caller's `RetryCounts`.
+
 Filesystem instances are cached per process by fsspec itself (its instance cache is keyed on the
 protocol and options, and is reset in a forked child), so Ray workers build each one once.
 Credentials never appear in logs or reprs: `StorageConfig` redacts secret-looking option values.
@@ -20,6 +29,7 @@ import random
 import re
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -32,6 +42,8 @@ from cxrage_ray.errors import EmptyFileError, ReadError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: Retries by kind (`retry_kind`), filled by `_with_retries` for the caller that passes one.
+RetryCounts = Counter
 
 #: Protocols that are the local disk (no storage options, atomic writes by rename).
 LOCAL_PROTOCOLS = frozenset({"file", "local"})
@@ -131,6 +143,9 @@ class StorageConfig:
         kwargs: dict[str, Any] = {}
         if self.endpoint_url and protocol in S3_PROTOCOLS:
             kwargs["endpoint_url"] = self.endpoint_url
+        if protocol in S3_PROTOCOLS and not self.client_retries_configured():
+            # our retry loop is the only one, so every retry is counted (botocore: 1 attempt = no retry)
+            kwargs["config_kwargs"] = {"retries": {"total_max_attempts": 1}}
         for key, value in self.options:
             if key.startswith("dicomweb_"):  # read by cxrage_ray.dicomweb, not by any filesystem
                 continue
@@ -140,6 +155,12 @@ class StorageConfig:
                 node = node.setdefault(part, {})
             node[leaf] = value
         return kwargs
+
+    def client_retries_configured(self) -> bool:
+        """True when the options tune botocore's own retries (``config_kwargs.retries.…``): then the S3 client
+        keeps its retries (and s3fs its own), and retries hidden inside it are not counted."""
+        return any(key == "config_kwargs.retries" or key.startswith("config_kwargs.retries.")
+                   for key, _ in self.options)
 
     def redacted(self) -> dict[str, Any]:
         """A loggable view: secret-looking option values replaced by ``"***"``."""
@@ -185,27 +206,43 @@ def filesystem_for(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFil
     """
     if "://" not in url:
         url = os.path.abspath(url)
-    fs, path = fsspec.core.url_to_fs(url, **storage.fs_options(protocol_of(url)))
+    protocol = protocol_of(url)
+    fs, path = fsspec.core.url_to_fs(url, **storage.fs_options(protocol))
+    if protocol in S3_PROTOCOLS and not storage.client_retries_configured():
+        # s3fs retries SlowDown and broken bodies itself (5 tries, no option for it); this instance is ours
+        # alone (its options differ from any user-tuned one), so one attempt here leaves retrying to us
+        fs.retries = 1
     return fs, path
 
 
-def read_bytes(uri: str, storage: StorageConfig) -> bytes:
-    """The whole object/file at `uri`.
+def _filesystem_to_read(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """`filesystem_for`, with an unknown or uninstalled scheme as a `ReadError` naming the uri."""
+    try:
+        return filesystem_for(uri, storage)
+    except ValueError as e:  # fsspec: "Protocol not known: gopher"
+        raise ReadError(f"cannot read {uri}: unsupported scheme {protocol_of(uri)!r}") from e
+    except ImportError as e:  # a known scheme whose backend is not installed ("Install s3fs to access S3")
+        raise ReadError(f"cannot read {uri}: scheme {protocol_of(uri)!r} needs a package that is not installed "
+                        f"({_short(e)})") from e
+
+
+def read_bytes(uri: str, storage: StorageConfig, retries: RetryCounts | None = None) -> bytes:
+    """The whole object/file at `uri`; each retry it took is added to `retries` by kind, when given.
 
     Raises:
-        ReadError: ``"not found: <uri>"`` for a missing object (no retry), permission errors, or transient
-            errors that outlasted `storage.retries`.
+        ReadError: ``"not found: <uri>"`` for a missing object (no retry), permission errors, an unsupported
+            scheme, or transient errors that outlasted `storage.retries`.
         EmptyFileError: the object exists but has zero bytes.
     """
     if protocol_of(uri) in DICOMWEB_PROTOCOLS:  # a PACS instance: WADO-RS retrieve (cxrage_ray.dicomweb)
         from cxrage_ray.dicomweb import retrieve_instance_bytes
 
-        return _with_retries(lambda: retrieve_instance_bytes(uri, storage), uri, storage, "read")
-    fs, path = filesystem_for(uri, storage)
+        return _with_retries(lambda: retrieve_instance_bytes(uri, storage), uri, storage, "read", retries)
+    fs, path = _filesystem_to_read(uri, storage)
     # s3fs would first HEAD the object to decide on concurrent range reads (useful only far above image
     # sizes); one GET per object halves requests and latency at archive scale.
     kwargs = {"max_concurrency": 1} if protocol_of(uri) in S3_PROTOCOLS else {}
-    data = _with_retries(lambda: fs.cat_file(path, **kwargs), uri, storage, "read")
+    data = _with_retries(lambda: fs.cat_file(path, **kwargs), uri, storage, "read", retries, path)
     if not data:
         raise EmptyFileError(f"file is empty (0 bytes): {uri}")
     return data
@@ -260,7 +297,7 @@ def _write_local_atomic(path: str, data: bytes) -> None:
 
 def exists(uri: str, storage: StorageConfig) -> bool:
     """True when a file/object or a folder/prefix exists at `uri` (asks the store, not a cached listing)."""
-    fs, path = filesystem_for(uri, storage)
+    fs, path = _filesystem_to_read(uri, storage)
     fs.invalidate_cache(path)
     return bool(_with_retries(lambda: fs.exists(path), uri, storage, "check"))
 
@@ -269,13 +306,21 @@ def list_files(prefix: str, storage: StorageConfig) -> list[str]:
     """Every file under `prefix`, recursively, sorted, as full URIs in the style of `prefix`.
 
     ``s3://b/p`` lists to ``["s3://b/p/x.png", ...]``; a local folder to absolute paths (``file://`` kept
-    when given). A missing prefix lists as ``[]``; a single file lists as itself.
+    when given). A missing prefix lists as ``[]``; a single file lists as itself. A local symlink to a file is
+    listed (archives link films into study folders); a symlink to a folder is neither listed nor followed
+    (it is no file to read, and following links could list a film twice or loop).
     """
-    fs, path = filesystem_for(prefix, storage)
+    fs, path = _filesystem_to_read(prefix, storage)
     fs.invalidate_cache(path)  # a listing is done once per job: it must see the store, not a stale cache
-    found = _with_retries(lambda: fs.find(path, withdirs=False), prefix, storage, "list")
+    found = _with_retries(lambda: fs.find(path, withdirs=False, detail=True), prefix, storage, "list")
+    files = [p for p, info in found.items() if not _is_folder_link(p, info, fs)]
     keep_protocol = "://" in prefix
-    return sorted(fs.unstrip_protocol(p) if keep_protocol else p for p in found)
+    return sorted(fs.unstrip_protocol(p) if keep_protocol else p for p in files)
+
+
+def _is_folder_link(path: str, info: Mapping[str, Any], fs: fsspec.AbstractFileSystem) -> bool:
+    """A local symlink whose target is a folder (fsspec lists every link as a file of type 'other')."""
+    return isinstance(fs, LocalFileSystem) and bool(info.get("islink")) and os.path.isdir(path)
 
 
 def join_uri(base: str, relative: str) -> str:
@@ -344,11 +389,13 @@ def with_retries(op: Callable[[], T], uri: str, storage: StorageConfig, what: st
     return _with_retries(op, uri, storage, what)
 
 
-def _with_retries(op: Callable[[], T], uri: str, storage: StorageConfig, what: str) -> T:
-    """Run `op`, retrying transient failures with backoff.
+def _with_retries(op: Callable[[], T], uri: str, storage: StorageConfig, what: str,
+                  counts: RetryCounts | None = None, path: str | None = None) -> T:
+    """Run `op`, retrying transient failures with backoff; each retry is added to `counts` by `retry_kind`.
 
     Reads, lists and checks fail as `ReadError` (missing and forbidden objects at once, transient errors once
-    `storage.retries` are spent); writes re-raise the backend's own exception.
+    `storage.retries` are spent); writes re-raise the backend's own exception. `path`: the backend's spelling
+    of `uri` (a resolved local path), kept out of the message.
     """
     attempt = 0
     while True:
@@ -359,7 +406,9 @@ def _with_retries(op: Callable[[], T], uri: str, storage: StorageConfig, what: s
             if not transient or attempt >= storage.retries:
                 if what == "write":
                     raise
-                raise _as_read_error(e, uri, what, transient, attempt + 1) from e
+                raise _as_read_error(e, uri, what, transient, attempt + 1, storage, path) from e
+            if counts is not None:
+                counts[retry_kind(e)] += 1
             delay = backoff_delay(attempt, storage)
             log.warning("transient error on %s %s (%s); retry %d/%d in %.2fs",
                         what, uri, _short(e), attempt + 1, storage.retries, delay)
@@ -367,16 +416,99 @@ def _with_retries(op: Callable[[], T], uri: str, storage: StorageConfig, what: s
             attempt += 1
 
 
-def _as_read_error(e: Exception, uri: str, what: str, transient: bool, attempts: int) -> ReadError:
+#: S3 error codes that mean "slow down" rather than "broken".
+_THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                             "TooManyRequests"})
+
+
+def retry_kind(exc: BaseException) -> str:
+    """A short name for why a transient failure happened, for counting: the S3 error code (``SlowDown``,
+    ``ServiceUnavailable``), ``HTTP503`` for a bare status, else ``ConnectionReset``, ``ConnectionRefused``,
+    ``Timeout``, ``IncompleteBody`` or the exception's class name."""
+    chain = _causes(exc)
+    for e in chain:
+        response = getattr(e, "response", None)
+        if isinstance(response, Mapping):  # botocore ClientError
+            code = (response.get("Error", {}) or {}).get("Code")
+            status = (response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode")
+            if code:
+                return str(code)
+            if status:
+                return f"HTTP{status}"
+    for e in chain:
+        status = getattr(e, "status", None) or getattr(e, "status_code", None)
+        if isinstance(status, int):
+            return f"HTTP{status}"
+    names = [cls.__name__ for e in chain for cls in type(e).__mro__]
+    text = " ".join(str(e).lower() for e in chain)
+    for kind, hints in (
+        ("ConnectionRefused", ("ConnectionRefusedError", "connection refused", "connect call failed")),
+        ("ConnectionReset", ("ConnectionResetError", "reset by peer", "connection reset", "ServerDisconnectedError")),
+        ("Timeout", ("TimeoutError", "ReadTimeoutError", "ConnectTimeoutError", "FSTimeoutError", "timed out")),
+        ("IncompleteBody", ("IncompleteRead", "IncompleteReadError", "ClientPayloadError", "ResponseStreamingError",
+                            "not completed", "payload")),
+    ):
+        if any(h in names or h in text for h in hints):
+            return kind
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in (errno.EBUSY,):  # s3fs: SlowDown / 503, code lost
+            return "SlowDown"
+    return type(chain[-1]).__name__
+
+
+def _peer(uri: str, storage: StorageConfig) -> str:
+    """Where a read of `uri` went: ``s3 endpoint 127.0.0.1:9`` / ``s3`` / the uri's ``scheme host``."""
+    protocol = protocol_of(uri)
+    if protocol in S3_PROTOCOLS:
+        endpoint = storage.endpoint_url or dict(storage.options).get("endpoint_url")
+        if endpoint:
+            return f"s3 endpoint {str(endpoint).split('://', 1)[-1].rstrip('/')}"
+        return "s3"
+    host = uri.split("://", 1)[1].split("/", 1)[0] if "://" in uri else ""
+    return f"{protocol} host {host}" if host else protocol
+
+
+def _failure(e: BaseException, uri: str, storage: StorageConfig) -> str:
+    """What went wrong with a transient failure, said with the endpoint it came from."""
+    kind = retry_kind(e)
+    peer = _peer(uri, storage)
+    if kind == "ConnectionRefused":
+        return f"connection refused by {peer}"
+    if kind == "ConnectionReset":
+        return f"connection reset by {peer}"
+    if kind == "Timeout":
+        return f"timed out waiting for {peer}"
+    if kind == "IncompleteBody":
+        return f"{peer} ended the body early"
+    if kind in _THROTTLE_CODES:
+        return f"throttled by {peer} ({kind})"
+    return f"{kind} from {peer}"
+
+
+def _as_read_error(e: Exception, uri: str, what: str, transient: bool, attempts: int,
+                   storage: StorageConfig | None = None, path: str | None = None) -> ReadError:
+    storage = storage or StorageConfig()
     if isinstance(e, FileNotFoundError):
         return ReadError(f"not found: {uri}")
     if isinstance(e, PermissionError):
-        return ReadError(f"permission denied: {uri} ({_short(e)})")
+        return ReadError(f"permission denied: {uri}")
     if isinstance(e, IsADirectoryError):
         return ReadError(f"is a folder, not a file: {uri}")
     if transient:
-        return ReadError(f"could not {what} {uri} after {attempts} attempts (throttled or unreachable): {_short(e)}")
-    return ReadError(f"could not {what} {uri}: {_short(e)}")
+        return ReadError(f"could not {what} {uri} after {attempts} attempts (throttled or unreachable): "
+                         f"{_failure(e, uri, storage)}")
+    return ReadError(f"could not {what} {uri}: {_reason(e, uri, path)}")
+
+
+def _reason(e: BaseException, uri: str, path: str | None) -> str:
+    """An exception's message without local paths the uri does not already hold: an OSError says only its
+    strerror, and the backend's spelling of the path becomes the uri."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        return e.strerror.lower()
+    text = _short(e)
+    if path and path != uri and path in text:
+        text = text.replace(path, uri)
+    return text
 
 
 def _short(exc: BaseException) -> str:

@@ -76,3 +76,21 @@ def test_device_itinerary_scores_every_film_like_the_cpu_itinerary(films: pd.Dat
     assert set(device.loc[ok, "decode_device"]) == {"cpu"}
     assert set(device["preprocess_engine"]) == {"tensor"} and set(cpu["preprocess_engine"]) == {"exact"}
     assert not {"payload", "payload_kind", "alpha", "meta_json"} & set(device.columns)
+
+
+def test_device_itinerary_keeps_manifest_error_rows(tmp_path: Path) -> None:
+    """A row the manifest marked goes through the GPU actor untouched: one row out, its ManifestError kept, and
+    the per-row retry counts still there for the driver to sum."""
+    (tmp_path / "film.png").write_bytes(pillow_bytes(radiograph(300, 260, seed=3, border=5), "PNG"))
+    rows = manifest([str(tmp_path / "film.png"), "", str(tmp_path / "film.png")])
+    rows["manifest_problem"] = pd.array([None, "row 1: empty uri", "row 2: duplicate image_id 'film.png' (also row 0)"],
+                                        dtype="string")
+    settings = PrepareSettings(storage=StorageConfig(), orient=OrientConfig(mode="off"))
+    encoded = prepare_encoded_batch(rows, settings)
+    scored = DeviceScoreStage([random_state_dict(seed=5)], PredictorConfig(device="cpu", tta="none"), LABELS,
+                              orient=None)(encoded)
+    assert scored["row_id"].tolist() == [0, 1, 2]
+    assert scored["status"].tolist() == ["ok", "error", "error"]
+    assert scored["error"].tolist()[1:] == ["ManifestError: row 1: empty uri",
+                                            "ManifestError: row 2: duplicate image_id 'film.png' (also row 0)"]
+    assert scored["read_retries"].tolist() == ["{}"] * 3

@@ -62,7 +62,8 @@ def test_query_and_instance_urls_parse():
 def test_credentials_from_env_are_redacted_and_kept_out_of_filesystems():
     storage = StorageConfig.from_env_and_pairs({"CXRAGE_DICOMWEB_TOKEN": "s3cr3t"}, ["anon=true"])
     assert "s3cr3t" not in repr(storage)
-    assert storage.fs_options("s3") == {"anon": True}
+    # (config_kwargs: botocore's own retries off, so that storage.py counts every retry)
+    assert storage.fs_options("s3") == {"anon": True, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
     auth = DicomwebAuth.from_options(storage.options)
     assert auth.token == "s3cr3t" and "s3cr3t" not in repr(auth)
     explicit = StorageConfig.from_env_and_pairs({"CXRAGE_DICOMWEB_TOKEN": "env"}, ["dicomweb_token=flag"])

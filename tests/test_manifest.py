@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxrage_ray.errors import InputError
-from cxrage_ray.manifest import RESERVED_COLUMNS, build_manifest, is_image_name, write_manifest
+from cxrage_ray.manifest import PROBLEM_COLUMN, RESERVED_COLUMNS, build_manifest, is_image_name, write_manifest
 from cxrage_ray.storage import StorageConfig
 
 LOCAL = StorageConfig()
@@ -54,7 +54,7 @@ def _check_contract(df: pd.DataFrame) -> None:
     assert str(df["row_id"].dtype) == "int64"
     assert df["row_id"].tolist() == list(range(len(df)))
     assert pd.api.types.is_string_dtype(df["image_id"]) and pd.api.types.is_string_dtype(df["uri"])
-    assert df["image_id"].is_unique
+    assert df.loc[df[PROBLEM_COLUMN].isna(), "image_id"].is_unique
     assert pa.Schema.from_pandas(df, preserve_index=False).field("image_id").type in (pa.string(), pa.large_string())
 
 
@@ -136,7 +136,7 @@ def test_local_csv_manifest_relative_absolute_and_extras(tmp_path: Path):
                                        "s3://bucket/remote/d.png"]
     # extra columns carried through with pandas' own reading of the CSV
     expected = pd.read_csv(io.StringIO(csv)).drop(columns=["uri"])
-    assert list(df.columns[3:]) == ["age", "sex", "note"]
+    assert list(df.columns[3:]) == ["age", "sex", "note", PROBLEM_COLUMN]
     pd.testing.assert_frame_equal(df[["age", "sex", "note"]], expected)
 
 
@@ -169,10 +169,6 @@ def test_local_parquet_manifest_with_image_id(tmp_path: Path):
     ("path,age\na.png,3\n", "has no `uri` column \\(columns: path, age\\)"),
     ("uri,age\n", "has no rows"),
     ("", "is empty"),
-    ("uri,image_id\na.png,x\nb.png,y\nc.png,x\nd.png,y\ne.png,z\n", "duplicate image_id\\(s\\): 'x', 'y'"),
-    ("uri\na.png\nsub/../a.png\n", "duplicate image_id\\(s\\): 'a.png'"),
-    ("uri,age\na.png,3\n,4\n", "`uri` is empty in 1 row\\(s\\), e.g. row 1"),
-    ("uri,image_id\na.png,\n", "`image_id` is empty"),
     ("uri,status,raw,cxr_age\na.png,ok,1,2\n", "reserved for the output: status, cxr_age, raw"),
     ("uri,row_id\na.png,0\n", "reserved for the output: row_id"),
     ("uri,age\na.png,1\nb.png,1,2,3\n", "cannot parse manifest .*Expected 2 fields"),
@@ -181,6 +177,50 @@ def test_manifest_errors(tmp_path: Path, content, message):
     (tmp_path / "m.csv").write_text(content)
     with pytest.raises(InputError, match=message):
         build_manifest(str(tmp_path / "m.csv"), LOCAL)
+
+
+@pytest.mark.parametrize("content,problems", [
+    ("uri,image_id\na.png,x\nb.png,y\nc.png,x\nd.png,y\ne.png,z\n",
+     [None, None, "row 2: duplicate image_id 'x' (also row 0)", "row 3: duplicate image_id 'y' (also row 1)", None]),
+    ("uri\na.png\nsub/../a.png\n", [None, "row 1: duplicate image_id 'a.png' (also row 0)"]),
+    ("uri,age\na.png,3\n,4\n  ,5\n", [None, "row 1: empty uri", "row 2: empty uri"]),
+    ("uri,image_id\na.png,\nb.png,b\n,c\n", ["row 0: empty image_id", None, "row 2: empty uri"]),
+    ("uri,image_id\n,x\na.png,x\n", ["row 0: empty uri", None]),  # a row that is no image claims no id
+])
+def test_bad_rows_are_marked_not_refused(tmp_path: Path, content, problems):
+    """Every manifest row yields a row: bad rows carry their problem (naming the row) for the prepare stage."""
+    (tmp_path / "m.csv").write_text(content)
+    df = build_manifest(str(tmp_path / "m.csv"), LOCAL)
+    _check_contract(df)
+    assert [None if pd.isna(p) else p for p in df[PROBLEM_COLUMN]] == problems
+    assert len(df) == len(content.strip().splitlines()) - 1
+
+
+def test_bad_rows_keep_their_columns(tmp_path: Path):
+    (tmp_path / "m.csv").write_text("uri,image_id,site\na.png,x,s1\n,y,s2\nb.png,x,s3\n")
+    df = build_manifest(str(tmp_path / "m.csv"), LOCAL)
+    assert df["site"].tolist() == ["s1", "s2", "s3"]
+    assert df["image_id"].tolist() == ["x", "y", "x"]  # the duplicate keeps its id; row_id tells them apart
+    assert pd.isna(df["uri"][1]) and df["uri"][2] == str(tmp_path / "b.png")
+
+
+def test_write_manifest_drops_the_problem_column(tmp_path: Path):
+    (tmp_path / "m.csv").write_text("uri,image_id\na.png,x\nb.png,x\n")
+    df = build_manifest(str(tmp_path / "m.csv"), LOCAL)
+    write_manifest(df, str(tmp_path / "again.parquet"), LOCAL)
+    assert PROBLEM_COLUMN not in pq.read_table(tmp_path / "again.parquet").column_names
+    again = build_manifest(str(tmp_path / "again.parquet"), LOCAL)
+    assert again[PROBLEM_COLUMN].tolist()[1] == "row 1: duplicate image_id 'x' (also row 0)"
+
+
+def test_folder_symlinks_are_not_inputs_file_symlinks_are(tmp_path: Path):
+    _write_tree(tmp_path / "in", {"a/1.png": b"p"})
+    _write_tree(tmp_path / "elsewhere", {"2.png": b"p", "3.png": b"p"})
+    (tmp_path / "in" / "linked-folder").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "in" / "linked.png").symlink_to(tmp_path / "elsewhere" / "2.png")
+    df = build_manifest(str(tmp_path / "in"), LOCAL)
+    assert df["image_id"].tolist() == ["a/1.png", "linked.png"]
+    assert df[PROBLEM_COLUMN].isna().all()
 
 
 def test_every_reserved_column_is_refused(tmp_path: Path):
@@ -281,8 +321,8 @@ def test_s3_manifest_errors(s3_env):
     with pytest.raises(InputError, match="no `uri` column"):
         build_manifest(f"s3://{bucket}/nouri.csv", cfg)
     s3_env.put(f"s3://{bucket}/dup.csv", b"uri,image_id\na.png,same\nb.png,same\n")
-    with pytest.raises(InputError, match="duplicate image_id\\(s\\): 'same'"):
-        build_manifest(f"s3://{bucket}/dup.csv", cfg)
+    dup = build_manifest(f"s3://{bucket}/dup.csv", cfg)  # a row problem, not a refused job
+    assert dup[PROBLEM_COLUMN].tolist()[1] == "row 1: duplicate image_id 'same' (also row 0)"
 
 
 def test_relative_folder_with_dotdot(tmp_path, monkeypatch):
@@ -315,3 +355,11 @@ def test_uri_column_errors_say_what_to_do(tmp_path):
     pd.DataFrame({"file": ["a.png"], "uri": ["b.png"]}).to_csv(tmp_path / "both.csv", index=False)
     with pytest.raises(InputError, match="both `file` and `uri`"):
         build_manifest(str(tmp_path / "both.csv"), StorageConfig(), uri_column="file")
+
+
+def test_marked_rows_are_announced(tmp_path: Path, caplog):
+    (tmp_path / "m.csv").write_text("uri,age\na.png,1\nb.png,2\n ,3\n")
+    with caplog.at_level("WARNING", logger="cxrage_ray.manifest"):
+        df = build_manifest(str(tmp_path / "m.csv"), LOCAL)
+    assert df[PROBLEM_COLUMN].notna().sum() == 1
+    assert "1 manifest row(s) name no readable image and become ManifestError rows (row 2: empty uri)" in caplog.text

@@ -35,3 +35,35 @@ def test_turned_film_is_corrected_before_the_seed_chain(tmp_path):
     assert out.loc["broken.png", "error"].startswith("DecodeError")
     assert out.loc["gone.png", "error"].startswith("ReadError")
     assert out.loc["gone.png", "pixels"] == b""
+
+
+def test_manifest_problems_become_error_rows_without_a_read(tmp_path):
+    """Both itineraries' CPU stages: a marked row is a ManifestError row (its uri is never opened), the
+    others are read as usual, and each row says how many storage retries its read took."""
+    from cxrage_ray.device_stages import prepare_encoded_batch
+    from cxrage_ray.manifest import build_manifest
+
+    Image.fromarray(_film()).save(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("uri,image_id\na.png,a\n,b\na.png,a\ngopher://h/x.png,g\n")
+    manifest = build_manifest(str(tmp_path / "m.csv"), StorageConfig())
+    for prepare in (prepare_batch, prepare_encoded_batch):
+        out = prepare(manifest, PrepareSettings(storage=StorageConfig()))
+        assert out["row_id"].tolist() == [0, 1, 2, 3]
+        assert out["status"].tolist() == ["ok", "error", "error", "error"]
+        assert out["error"].tolist()[1:] == [
+            "ManifestError: row 1: empty uri",
+            "ManifestError: row 2: duplicate image_id 'a' (also row 0)",
+            "ReadError: cannot read gopher://h/x.png: unsupported scheme 'gopher'",
+        ]
+        assert out["read_retries"].tolist() == ["{}"] * 4
+
+
+def test_retry_counts_sum_the_rows_of_a_batch():
+    import pyarrow as pa
+
+    from cxrage_ray.stages import retry_counts
+
+    table = pa.table({"row_id": [0, 1, 2], "read_retries": ['{"SlowDown": 2}', "{}", '{"SlowDown": 1, "Timeout": 1}']})
+    assert retry_counts(table) == {"SlowDown": 3, "Timeout": 1}
+    assert retry_counts(table.to_pandas()) == {"SlowDown": 3, "Timeout": 1}
+    assert retry_counts(table.drop(["read_retries"])) == {}

@@ -17,6 +17,7 @@ import pytest
 
 from cxrage_ray.errors import EmptyFileError, ReadError
 from cxrage_ray.storage import (
+    RetryCounts,
     StorageConfig,
     backoff_delay,
     exists,
@@ -70,7 +71,9 @@ def test_from_env_takes_only_the_endpoint():
     env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_SECRET_ACCESS_KEY": "hunter2", "AWS_ACCESS_KEY_ID": "AK"}
     cfg = StorageConfig.from_env_and_pairs(env, ["anon=true"])
     assert cfg.endpoint_url == "http://127.0.0.1:9"
-    assert cfg.fs_options("s3") == {"endpoint_url": "http://127.0.0.1:9", "anon": True}
+    # botocore's own retries off: ours are the only ones, so every retry is counted
+    assert cfg.fs_options("s3") == {"endpoint_url": "http://127.0.0.1:9", "anon": True,
+                                    "config_kwargs": {"retries": {"total_max_attempts": 1}}}
     assert "hunter2" not in repr(cfg) and "hunter2" not in str(pickle.dumps(cfg))
     # the S3-specific variable wins; other protocols never get an S3 endpoint, local ones get no options
     cfg = StorageConfig.from_env_and_pairs({**env, "AWS_ENDPOINT_URL_S3": "http://s3.local"}, ["anon=true"])
@@ -319,3 +322,63 @@ def test_connection_refused_is_retried_then_reported(s3_env, caplog):
         with pytest.raises(ReadError, match="after 3 attempts"):
             read_bytes(uri, _only_our_retries(dead, retries=2))
     assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 2
+
+
+# ---------------------------------------------------------------- error kinds and retry counts (issue 11)
+
+
+def test_unsupported_scheme_is_a_read_error_naming_the_uri():
+    with pytest.raises(ReadError, match=r"^cannot read gopher://host/x\.png: unsupported scheme 'gopher'$"):
+        read_bytes("gopher://host/x.png", StorageConfig())
+    with pytest.raises(ReadError, match="unsupported scheme 'gopher'"):  # an INPUT folder too (exit 2, not a trace)
+        list_files("gopher://host/films/", StorageConfig())
+    with pytest.raises(ReadError, match="unsupported scheme 'gopher'"):
+        exists("gopher://host/films/", StorageConfig())
+
+
+def test_local_errors_do_not_repeat_a_resolved_path(tmp_path: Path):
+    (tmp_path / "locked.png").write_bytes(b"x")
+    (tmp_path / "locked.png").chmod(0)
+    try:
+        if os.access(tmp_path / "locked.png", os.R_OK):
+            pytest.skip("running as root: permissions are not enforced")
+        with pytest.raises(ReadError) as info:
+            read_bytes((tmp_path / "locked.png").as_uri(), StorageConfig())
+    finally:
+        (tmp_path / "locked.png").chmod(0o644)
+    # the uri as given, and no "[Errno 13] ...: '/abs/path'" behind it
+    assert str(info.value) == f"permission denied: {(tmp_path / 'locked.png').as_uri()}"
+
+
+def test_connection_refused_names_the_endpoint(s3_env):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    counts = RetryCounts()
+    cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", retries=2, backoff_s=0.01)
+    with pytest.raises(ReadError) as info:
+        read_bytes("s3://st-refused/x.png", cfg, counts)
+    assert str(info.value).startswith("could not read s3://st-refused/x.png after 3 attempts")
+    assert str(info.value).endswith(f"connection refused by s3 endpoint 127.0.0.1:{port}")
+    assert counts == {"ConnectionRefused": 2}
+
+
+def test_every_retry_is_ours_and_counted_by_kind(s3_env, flaky):
+    """With default options botocore and s3fs do not retry behind our back: each injected fault is one
+    request, one retry here, counted under its S3 error code."""
+    bucket = s3_env.make_bucket("st-counted")
+    s3_env.put(f"s3://{bucket}/img.png", b"pixels")
+    flaky.fail[f"/{bucket}/img.png"] = [(503, "SlowDown")] * 2 + [(500, "InternalError")]
+    counts = RetryCounts()
+    cfg = StorageConfig(endpoint_url=flaky.endpoint, retries=4, backoff_s=0.01)
+    assert read_bytes(f"s3://{bucket}/img.png", cfg, counts) == b"pixels"
+    assert flaky.requests_for(f"/{bucket}/img.png") == 4
+    assert counts == {"SlowDown": 2, "InternalError": 1}
+
+
+def test_os_errors_say_what_happened_not_the_resolved_path():
+    from cxrage_ray.storage import _as_read_error
+
+    error = _as_read_error(OSError(5, "Input/output error", "/abs/films/x.png"), "file:///abs/films/x.png", "read",
+                           transient=False, attempts=1)
+    assert str(error) == "could not read file:///abs/films/x.png: input/output error"
