@@ -74,6 +74,8 @@ CONTRACT_NAMES = [f.name for f in CONTRACT_FIELDS]
 PARTS_DIR = "parts"
 #: Job records, summary and report: `_`-prefixed so dataset readers skip them.
 RECORDS_DIR = "_cxrage"
+#: The first part's commit window (seconds); each part doubles it, up to `PartWriter.commit_every_s`.
+FIRST_COMMIT_WINDOW_S = 1.0
 #: Record names that older outputs kept at OUTPUT's top level.
 LEGACY_RECORDS = ("job.json", "summary.json")
 
@@ -121,6 +123,9 @@ class PartWriter:
     """Buffers scored rows and commits them as whole Parquet parts: every `part_rows` rows or every
     `commit_every_s` seconds, whichever comes first, so a killed driver loses at most that window.
 
+    The first windows are shorter (1 s, then doubling up to `commit_every_s`): a run killed in its first
+    minute keeps nearly everything, while a long run still settles at one part per `commit_every_s`.
+
     Args:
         output: OUTPUT folder (local path or fsspec URL).
         schema: the output schema (see `output_schema`).
@@ -146,6 +151,7 @@ class PartWriter:
     _buffer: list[pa.Table] = field(default_factory=list)
     _buffered_rows: int = 0
     _oldest_row_at: float = 0.0
+    _window_s: float = FIRST_COMMIT_WINDOW_S
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, table: pa.Table) -> None:
@@ -176,8 +182,13 @@ class PartWriter:
                 with contextlib.suppress(OutputError):  # kept in self.failure, raised in the driver's thread
                     self._commit()
 
+    @property
+    def commit_window_s(self) -> float:
+        """How long the oldest buffered row may wait now (grows from 1 s to `commit_every_s`)."""
+        return min(self._window_s, self.commit_every_s)
+
     def _due(self) -> bool:
-        return bool(self._buffered_rows) and time.monotonic() - self._oldest_row_at >= self.commit_every_s
+        return bool(self._buffered_rows) and time.monotonic() - self._oldest_row_at >= self.commit_window_s
 
     def _raise_failure(self) -> None:
         if self.failure is not None:
@@ -192,6 +203,7 @@ class PartWriter:
         name = f"part-{self.run_id}-{self.parts_written:05d}.parquet"
         self._buffer, self._buffered_rows = [], 0
         self.parts_written += 1
+        self._window_s = min(2 * self._window_s, self.commit_every_s)
         uri = _join(self.output, PARTS_DIR, name)
         try:
             write_bytes(uri, sink.getvalue(), self.storage)

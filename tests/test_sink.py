@@ -224,3 +224,13 @@ def test_a_refused_record_is_an_output_error(tmp_path):
     (tmp_path / "out" / "_cxrage").write_text("not a folder")
     with pytest.raises(OutputError, match="cannot write .*_cxrage/job.json"):
         write_json(out, "job.json", {"a": 1}, StorageConfig())
+
+
+def test_the_first_commit_windows_are_short_and_grow_to_commit_every(tmp_path):
+    writer = PartWriter(str(tmp_path / "out"), SCHEMA, StorageConfig(), commit_every_s=30.0)
+    windows = []
+    for i in range(8):
+        windows.append(writer.commit_window_s)
+        writer.add(_rows([i], {}))
+        writer.flush()
+    assert windows == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
