@@ -1,13 +1,14 @@
 """What an interrupted or refused `cxrage score` keeps: this checkout vs another (`--pythonpath`), same films.
 
 Scenarios, each on a fresh OUTPUT, default settings (so the default commit window applies) except
-`--tta none --rotation off` on small generated films, so the run's time is the pipeline's:
+`--tta none --rotation off` on small generated films, so the run's time is the pipeline's. The moment of each
+fault is read from the run's own progress bar (films done), not from a clock, since this machine's load swings:
 
-1. a full run: wall seconds T (the clock for the others) and exit code;
-2. SIGKILL of the driver at 0.6 T: rows committed, and how many of the run's processes are alive 5 s and 30 s
-   later (descendants of the driver recorded just before the kill);
-3. SIGTERM at 0.6 T: exit code, seconds to exit, rows committed;
-4. OUTPUT made unwritable at 0.3 T (`chattr +i` on OUTPUT and OUTPUT/parts; root only): exit code, seconds
+1. a full run: wall seconds and exit code;
+2. SIGKILL of the driver at 60% of the films: rows committed, and how many of the run's processes are alive
+   5 s and 30 s later (descendants of the driver recorded just before the kill);
+3. SIGTERM at 60%: exit code, seconds to exit, rows committed;
+4. OUTPUT made unwritable at 30% (`chattr +i` on OUTPUT and OUTPUT/parts; root only): exit code, seconds
    from the lock to the exit, a traceback or not, rows committed + kept in the spill; then the lock is lifted
    and the same command rerun: rows it scored and the unique rows in OUTPUT.
 
@@ -20,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,7 +54,7 @@ def make_films(root: Path, n: int) -> tuple[Path, Path]:
 
 
 class Run:
-    """One `cxrage score` process of FILMS into OUT."""
+    """One `cxrage score` process of FILMS into OUT, its progress bar read as it goes."""
 
     def __init__(self, films: tuple[Path, Path], out: Path, spill: Path, pythonpath: str | None) -> None:
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "",
@@ -59,19 +62,36 @@ class Run:
         if pythonpath:
             env["PYTHONPATH"] = pythonpath
         cmd = [sys.executable, "-m", "cxrage_ray.cli", "score", str(films[0]), str(out), "--weights", str(films[1]),
-               "--no-progress", "--rotation", "off", "--tta", "none"]
+               "--rotation", "off", "--tta", "none"]
+        self.total = len(list(films[0].iterdir()))
         self.out = out
+        self.output = ""
+        self.films_done = 0
         self.started = time.monotonic()
         # the working folder goes first on sys.path (`python -m`): run where the code to measure is
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=pythonpath or REPO)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        bar = re.compile(rf"(\d+)/{self.total}\b")
+        while chunk := os.read(self.proc.stdout.fileno(), 65536):
+            self.output += chunk.decode(errors="replace")
+            if counts := bar.findall(self.output[-4096:]):
+                self.films_done = int(counts[-1])
+
+    def wait_for(self, fraction: float, limit_s: float = 1800) -> None:
+        deadline = time.monotonic() + limit_s
+        while self.films_done < fraction * self.total:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the run ended or stalled before {fraction:.0%}:\n{self.output[-2000:]}")
+            time.sleep(0.05)
 
     def wait(self, timeout: float = 1800) -> tuple[int, str]:
-        output = self.proc.communicate(timeout=timeout)[0]
-        return self.proc.returncode, output
-
-    def sleep_until(self, seconds: float) -> None:
-        time.sleep(max(0.0, self.started + seconds - time.monotonic()))
+        self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=10)
+        return self.proc.returncode, self.output
 
 
 def committed_rows(out: Path) -> list[int]:
@@ -118,19 +138,20 @@ def main() -> None:
         figures["full"] = {"exit": code, "wall_s": round(t_full, 1), "rows": len(set(committed_rows(root / "full")))}
 
         killed = Run(films, root / "killed", spill, args.pythonpath)
-        killed.sleep_until(0.6 * t_full)
+        killed.wait_for(0.6)
         tree = psutil.Process(killed.proc.pid).children(recursive=True)
         killed.proc.send_signal(signal.SIGKILL)
         killed.proc.wait()
         time.sleep(5)
         after_5 = alive(tree)
         time.sleep(25)
-        figures["sigkill_at_60pct"] = {"rows_kept": len(set(committed_rows(root / "killed"))),
+        figures["sigkill_at_60pct"] = {"films_done_at_kill": killed.films_done,
+                                       "rows_kept": len(set(committed_rows(root / "killed"))),
                                        "processes": len(tree), "alive_after_5s": after_5,
                                        "alive_after_30s": alive(tree)}
 
         termed = Run(films, root / "termed", spill, args.pythonpath)
-        termed.sleep_until(0.6 * t_full)
+        termed.wait_for(0.6)
         sent = time.monotonic()
         termed.proc.send_signal(signal.SIGTERM)
         code, output = termed.wait()
@@ -141,7 +162,7 @@ def main() -> None:
         if os.geteuid() == 0 and shutil.which("chattr"):
             out = root / "locked"
             locked = Run(films, out, spill, args.pythonpath)
-            locked.sleep_until(0.3 * t_full)
+            locked.wait_for(0.3)
             chattr("+i", out, out / "parts")
             sent = time.monotonic()
             code, output = locked.wait()
@@ -156,7 +177,8 @@ def main() -> None:
             figures["output_unwritable_at_30pct"] = {
                 "exit": code, "exit_after_lock_s": round(stopped, 1), "traceback": "Traceback" in output,
                 "rows_committed": len(kept), "rows_spilled": len(spilled),
-                "last_line": output.strip().splitlines()[-1][:200] if output.strip() else "",
+                "films_done_at_lock": locked.films_done,
+                "last_line": ([line for line in output.replace("\r", "\n").splitlines() if line.strip()] or [""])[-1][:300],
                 "rerun_exit": rerun_code, "rerun_scored": summary.get("rows_scored_this_run"),
                 "rows_after_rerun": len(set(committed_rows(out))),
             }
