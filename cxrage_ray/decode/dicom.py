@@ -1,7 +1,8 @@
 """DICOM bytes -> `DecodedImage` holding the 8-bit image `dcmj2pnm -O +ot +G` would write (spec §10).
 
 In:  the bytes of one DICOM file (Part-10, or bare ACR-NEMA with no preamble/meta) and `DecodeOptions`.
-Out: `DecodedImage` with pixels = that 8-bit image as Q16 (v*257), shape (H, W, 1), and `meta` for the
+Out: `DecodedImage` with pixels = that 8-bit image (uint8, each v standing for Q16 v*257), shape (H, W, 1),
+     and `meta` for the
      output columns (modality, view_position, body_part, patient_sex, study_date, chronological_age,
      frames, photometric, transfer_syntax, image_laterality, patient_orientation[, patient_id_hash]).
 
@@ -59,7 +60,7 @@ _VR_CODES = frozenset(
 
 
 def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> DecodedImage:
-    """Decode one DICOM file to the 8-bit image dcmj2pnm writes, as Q16 (H, W, 1).
+    """Decode one DICOM file to the 8-bit image dcmj2pnm writes, uint8 (H, W, 1).
 
     Args:
         data: the whole file.
@@ -73,7 +74,7 @@ def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> Decod
     ds, meta = _parse_checked(data, options)
     frame = _decode_first_frame(ds, options)
     grey = dcmtk_8bit(frame, GreyscaleParams.from_dataset(ds))
-    return DecodedImage(pixels=(grey.astype(np.uint16) * 257)[..., None], meta=meta)
+    return DecodedImage(pixels=grey[..., None], meta=meta)  # 8-bit, as `DecodedImage` keeps 8-bit films
 
 
 @dataclass(frozen=True, slots=True)
