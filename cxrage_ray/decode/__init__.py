@@ -80,7 +80,27 @@ def is_dicom(data: bytes, name: str = "") -> bool:
 
 
 def decode_image(data: bytes, name: str = "", options: DecodeOptions = DecodeOptions()) -> DecodedImage:
-    """Decode one file's bytes; raises `DecodeError` (or a subclass) for anything unusable."""
+    """Decode one file's bytes; raises `DecodeError` (or a subclass) for anything unusable.
+
+    This is the decode boundary: whatever a library raises past the decoders' own checks (a numpy error
+    while filling a frame, a MemoryError, ...) leaves as `DecodeError` / `DecompressionBombError` with a plain
+    message (`decode.messages`), the library's exception chained for the logs.
+    """
+    from cxrage_ray.decode.messages import plain_reason
+    from cxrage_ray.errors import CxrAgeError, DecompressionBombError, DecodeError
+
+    try:
+        return _decode_any(data, name, options)
+    except CxrAgeError:
+        raise
+    except MemoryError as exc:
+        raise DecompressionBombError(f"not decoded: {plain_reason(exc)}") from exc
+    except Exception as exc:  # a library failure the decoders did not anticipate
+        raise DecodeError(f"not decoded: {plain_reason(exc)}") from exc
+
+
+def _decode_any(data: bytes, name: str, options: DecodeOptions) -> DecodedImage:
+    """DICOM by extension or magic, else raster; an extension-less ACR-NEMA file is tried last."""
     from cxrage_ray.errors import EmptyFileError
 
     if not data:

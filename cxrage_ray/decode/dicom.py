@@ -30,6 +30,7 @@ import numpy as np
 
 from cxrage_ray.decode import FAST_DECODE_MIN_SIDE, DecodedImage, DecodeOptions
 from cxrage_ray.decode.limits import check_fill_aspect
+from cxrage_ray.decode.messages import plain_reason
 from cxrage_ray.errors import DecodeError, DecompressionBombError, UnsupportedModalityError
 
 #: Modalities scored by default: computed / digital radiography and conventional radiography (film).
@@ -530,7 +531,7 @@ def _encapsulated_frame(ds: Any, options: DecodeOptions = DecodeOptions()) -> by
     try:
         stream = get_frame(ds.PixelData, 0, number_of_frames=frames)
     except Exception as e:
-        raise DecodeError(f"corrupt or truncated encapsulated pixel data: {_short(e)}") from None
+        raise DecodeError(f"corrupt or truncated encapsulated pixel data: {plain_reason(e)}") from e
     check_codestream(stream, _int(ds.Rows, 0), _int(ds.Columns, 0), options.max_pixels)
     return stream
 
@@ -561,7 +562,8 @@ def _pydicom_frame(decoder: Any, ds: Any, frame_bytes: bytes | None, plugin: str
                 )
     except Exception as e:
         tsyntax = ds.file_meta.TransferSyntaxUID
-        raise DecodeError(f"cannot decode {tsyntax.name} pixel data: {_short(e)}") from None
+        # the library's words name its internals (e.g. a numpy broadcast of 900000000 into 262144 values)
+        raise DecodeError(f"cannot decode {tsyntax.name} pixel data: {plain_reason(e)}") from e
     if arr.ndim == 3 and arr.shape[-1] != 3:  # (frames, H, W) from a native multi-frame read
         arr = arr[0]
     return arr
