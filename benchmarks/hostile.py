@@ -2,7 +2,7 @@
 
 In:  nothing but the code; the corpus is generated into a temporary folder: a 5 x 5000 PNG (fill-aspect bomb),
      1-bit, 8-bit and 16-bit grey PNGs exactly at the pixel limit (16384² by default), a PNG whose IDAT CRC is
-     wrong, and DICOMs whose codestream (JPEG SOF, JPEG 2000 SIZ, JPEG-LS SOF55) declares another size than the
+     wrong, a 12-bit uncompressed DICOM of a quarter of the limit (8192², 128 MB), and DICOMs whose codestream (JPEG SOF, JPEG 2000 SIZ, JPEG-LS SOF55) declares another size than the
      header (the JPEG-LS one needs $CXRAGE_SHARED/data/dicom-sample; without it that file is left out).
 Out: a table on stdout — per file: the outcome (`ok` or the error kind), seconds and peak RSS (VmHWM) of a fresh
      process that decodes it and runs the seed chain (what one prepare task does), then the peak summed PSS and
@@ -84,6 +84,17 @@ def corrupt_idat_crc(png: bytes) -> bytes:
     return png[:crc_at] + bytes(b ^ 0xFF for b in png[crc_at:crc_at + 4]) + png[crc_at + 4:]
 
 
+def native_dicom(side: int) -> bytes:
+    """A `side`² 12-bit uncompressed MONOCHROME2 DICOM (2 bytes a pixel on disk): a vertical ramp."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import dicomgen as gen
+
+    ramp = (np.arange(side, dtype=np.uint32) * 4095 // side).astype(np.uint16)
+    frame = np.repeat(ramp[:, None], side, axis=1)
+    frame[0, 0], frame[0, 1] = 0, 4095
+    return gen.make_dicom(frame, bits_stored=12)
+
+
 def build_corpus(folder: Path, side: int = LIMIT_SIDE, dicom_sample: Path | None = None) -> dict[str, str]:
     """Write the hostile files into `folder`; returns {file name: the outcome expected of it}.
 
@@ -109,6 +120,8 @@ def build_corpus(folder: Path, side: int = LIMIT_SIDE, dicom_sample: Path | None
         "jpeg_sof_mismatch.dcm": (patch_jpeg_sof(jpeg, 640, 64), "DecodeError"),
         "j2k_siz_20000.dcm": (patch_j2k_siz(j2k, 20000, 20000), "DecompressionBombError"),
         "j2k_siz_mismatch.dcm": (patch_j2k_siz(j2k, 640, 64), "DecodeError"),
+        # a quarter of the limit: at the limit the file alone is 512 MB (see benchmarks/README.md)
+        "native12_quarter.dcm": (native_dicom(side // 2), "ok"),
     }
     jls_source = None if dicom_sample is None else dicom_sample / "cxr" / "WG04_RG1_JLSN.dcm"
     if jls_source is not None and jls_source.is_file():
