@@ -22,8 +22,9 @@ result does not depend on how BLAS orders its sums.
 
 Memory: nothing here makes a full-frame copy wider than the input, so a film at the pixel limit costs its
 pixels plus one byte a pixel of levels: 8-bit films stay uint8 throughout (the lookup table is read at the
-8-bit values' Q16 points), the trim compares colour and alpha without stacking them, and the rare tie recount
-converts only the taps it reads to float64 (it used to convert the whole frame: 2 GB at the limit).
+8-bit values' Q16 points), the trim compares colour and alpha without stacking them, the rare tie recount
+converts only the taps it reads to float64 (it used to convert the whole frame: 2 GB at the limit), and the
+alpha-weighted resize converts `ALPHA_CHUNK` columns at a time.
 """
 
 from __future__ import annotations
@@ -347,6 +348,25 @@ def _pass_rows_alpha(
     return _clamp_round(recip[:, :, None] * num), _clamp_round(opac)
 
 
+#: Input lines (columns of the pass) converted to float64 at a time by the alpha-weighted first pass: the whole
+#: frame's colour and opacity as float64 were 32 B a pixel for RGBA (8.6 GB at the pixel limit).
+ALPHA_CHUNK = 512
+
+
+def _first_pass_alpha(q16: np.ndarray, alpha: np.ndarray, aw: AxisWeights, value_scale: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """`_pass_rows_alpha` along axis 0 of (n_in, m, C) values and (n_in, m) Q16 alpha, `ALPHA_CHUNK` columns at a
+    time: every output column depends on its own input column only, so the result is the same numbers."""
+    colors, opacities = [], []
+    for c0 in range(0, q16.shape[1], ALPHA_CHUNK):
+        color = q16[:, c0:c0 + ALPHA_CHUNK].astype(np.float64) * value_scale
+        opacity = QUANTUM - alpha[:, c0:c0 + ALPHA_CHUNK].astype(np.float64)
+        color, opacity = _pass_rows_alpha(color, opacity, aw)
+        colors.append(color)
+        opacities.append(opacity)
+    return np.concatenate(colors, axis=1), np.concatenate(opacities, axis=1)
+
+
 def fill_size(width: int, height: int, target: int = TARGET) -> tuple[int, int]:
     """`-resize {target}x{target}^` geometry: short side -> target, aspect kept, upscaling allowed."""
     s = max(target / width, target / height)
@@ -387,13 +407,12 @@ def im_resize(
     bx, by = _dense_blocks(w, out_w, name), _dense_blocks(h, out_h, name)
     horizontal_first = out_w / w > out_h / h
     if alpha is not None:
-        color = q16.astype(np.float64) * (257.0 if levels else 1.0)
-        opacity = QUANTUM - alpha.astype(np.float64)
+        scale = 257.0 if levels else 1.0
         if horizontal_first:
-            color, opacity = _pass_rows_alpha(color.transpose(1, 0, 2), opacity.T, aw_x)
+            color, opacity = _first_pass_alpha(q16.transpose(1, 0, 2), alpha.T, aw_x, scale)
             color, opacity = _pass_rows_alpha(color.transpose(1, 0, 2), opacity.T, aw_y)
         else:
-            color, opacity = _pass_rows_alpha(color, opacity, aw_y)
+            color, opacity = _first_pass_alpha(q16, alpha, aw_y, scale)
             color, opacity = _pass_rows_alpha(color.transpose(1, 0, 2), opacity.T, aw_x)
             color, opacity = color.transpose(1, 0, 2), opacity.T
         return color.astype(np.uint16), (QUANTUM - opacity).astype(np.uint16)

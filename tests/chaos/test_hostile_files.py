@@ -106,10 +106,16 @@ def test_one_bit_and_eight_bit_films_keep_their_depth_and_their_picture() -> Non
     decoded = decode_image(one_bit.getvalue(), "b.png")
     assert decoded.pixels.dtype == np.uint8 and set(np.unique(decoded.pixels)) == {0, 255}
     assert np.array_equal(decoded.pixels[:, :, 0], np.where(bits, 255, 0))
-    for film in (decoded, DecodedImage(pixels=radiograph(300, 260, seed=6)[:, :, None])):
+    grey = radiograph(300, 1400, seed=6)  # wider than ALPHA_CHUNK: the alpha pass runs in several chunks
+    rgba = DecodedImage(pixels=np.dstack([grey, grey[::-1], grey // 2]),
+                        alpha=np.where(np.arange(1400) < 700, 65535, 257 * 40).astype(np.uint16)[None, :].repeat(300, 0))
+    for film in (decoded, DecodedImage(pixels=grey[:, :, None]), rgba):
         as_q16 = DecodedImage(pixels=film.q16(), alpha=film.alpha)
         assert as_q16.pixels.dtype == np.uint16
-        assert np.array_equal(seed_picture(film).pixels, seed_picture(as_q16).pixels)  # same chain, less memory
+        eight, q16 = seed_picture(film), seed_picture(as_q16)  # same chain, less memory
+        assert np.array_equal(eight.pixels, q16.pixels)
+        assert (eight.alpha is None) == (film.alpha is None) and (eight.alpha is None or
+                                                                   np.array_equal(eight.alpha, q16.alpha))
 
 
 def test_prepare_memory_request_follows_the_pixel_limit_and_always_fits() -> None:
