@@ -60,8 +60,8 @@ def encode_row(data: bytes, name: str, settings: PrepareSettings) -> tuple[dict[
 def _picture_payload(decoded: DecodedImage) -> dict[str, Any]:
     """A decoded Q16 picture at its own depth: 8-bit sources (every value a multiple of 257) as uint8."""
     pixels = decoded.pixels
-    eight_bit = not np.any(pixels % 257)
-    body = (pixels // 257).astype(np.uint8) if eight_bit else pixels.astype(np.uint16)
+    eight_bit = pixels.dtype == np.uint8 or not np.any(pixels % 257)
+    body = decoded.eight_bit() if eight_bit else pixels.astype(np.uint16)
     alpha = b"" if decoded.alpha is None else np.ascontiguousarray(decoded.alpha, dtype=np.uint16).tobytes()
     return {"payload": np.ascontiguousarray(body).tobytes(), "payload_kind": "grey8" if eight_bit else "q16",
             "payload_header": json.dumps({"shape": list(pixels.shape)}), "alpha": alpha}

@@ -79,10 +79,10 @@ class TensorExporter:
                         raise stored
                     q16 = dicom_q16_tensor(stored.values, frame.params)
                 else:
-                    q16 = torch.from_numpy(decode_image(data, uri, options).pixels.astype("int32"))
+                    q16 = torch.from_numpy(decode_image(data, uri, options).q16().astype("int32"))
             else:
                 decoded = decode_image(data, uri, options)
-                q16 = torch.from_numpy(decoded.pixels.astype("int32"))
+                q16 = torch.from_numpy(decoded.q16().astype("int32"))
                 alpha = None if decoded.alpha is None else torch.from_numpy(decoded.alpha.astype("int32"))
             pixels, alpha8 = self.chain.picture(q16, alpha)
             png = encode_png(pixels.cpu().numpy(), None if alpha8 is None else alpha8.cpu().numpy())

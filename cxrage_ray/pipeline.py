@@ -231,10 +231,12 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
     images_per_batch = max(1, predictor.batch_size // (5 if predictor.tta == "seed" else 1))
     state_ref = [ray.put(state_dict)]
     rows = ray.data.from_pandas(blocks)
+    # the scheduler places prepare tasks by the memory their worst film may take, not only by CPU
+    prepare_memory = prepare_memory_request(cfg.decode.max_pixels, _largest_node_memory())
     if itinerary.path == "device":
         return (
             rows.map_batches(prepare_encoded_batch, fn_kwargs={"settings": settings}, batch_format="pandas",
-                             batch_size=None, num_cpus=1)
+                             batch_size=None, num_cpus=1, memory=prepare_memory)
             .map_batches(
                 DeviceScoreStage,
                 fn_constructor_kwargs={"state_dict_ref": state_ref, "predictor_config": predictor, "labels": labels,
@@ -249,7 +251,7 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
     engine = "exact" if cfg.preprocess == "seed" else "none"
     return (
         rows.map_batches(prepare_batch, fn_kwargs={"settings": settings}, batch_format="pandas", batch_size=None,
-                         num_cpus=1)
+                         num_cpus=1, memory=prepare_memory)
         .map_batches(
             PredictStage,
             fn_constructor_kwargs={"state_dict_ref": state_ref, "predictor_config": predictor,
@@ -262,6 +264,35 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
             num_cpus=1 if gpus else _cpu_predictor_cpus(),
         )
     )
+
+
+#: Bytes one prepare task may hold per pixel of the largest film it accepts (`DecodeOptions.max_pixels`): a 16-bit
+#: grey film at the limit is held as uint16 (2 B/px) beside its 8-bit levels (1 B/px); the decoder's buffers and the
+#: resize's float64 bands add the rest. Measured by benchmarks/hostile.py: a 16384² 16-bit PNG (the default limit,
+#: 268 M px) peaks at ~1,035 MiB in a fresh process, ~3.6 B/px with the interpreter; 4 B/px rounds that up.
+PREPARE_BYTES_PER_PIXEL = 4
+#: The prepare worker before any film (interpreter, numpy, Pillow, pydicom, pylibjpeg: ~110-150 MiB measured).
+PREPARE_BASE_BYTES = 256 * 2**20
+
+
+def prepare_memory_request(max_pixels: int, largest_node_memory: float) -> int:
+    """The Ray `memory` (bytes) a prepare task declares: its worst film's budget, bounded so it always fits.
+
+    In:  the decoders' pixel limit and the largest `memory` resource one node offers (0 when none is reported).
+    Out: max_pixels * PREPARE_BYTES_PER_PIXEL + PREPARE_BASE_BYTES (~1.3 GB at the default limit), but never
+         more than half the largest node's memory — a request no node can meet would leave every prepare task
+         pending forever (Ray reports no error) — and 0 (no request) when the cluster reports no memory.
+    """
+    budget = max_pixels * PREPARE_BYTES_PER_PIXEL + PREPARE_BASE_BYTES
+    return int(min(budget, largest_node_memory // 2)) if largest_node_memory > 0 else 0
+
+
+def _largest_node_memory() -> float:
+    """The largest `memory` resource (bytes) of one live node of the connected Ray cluster."""
+    import ray
+
+    return max((node.get("Resources", {}).get("memory", 0.0) for node in ray.nodes() if node.get("Alive")),
+               default=0.0)
 
 
 def _cpu_predictor_cpus() -> float:

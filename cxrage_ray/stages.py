@@ -82,7 +82,7 @@ def _picture(decoded: DecodedImage, settings: PrepareSettings) -> np.ndarray:
     from cxrage_ray.preprocess.seed_chain import seed_chain
 
     if settings.preprocess == "none":  # a DICOM fed as-is: its 8-bit dcmj2pnm picture
-        return (decoded.pixels // 257).astype(np.uint8)
+        return decoded.eight_bit()
     return seed_chain(decoded)
 
 

@@ -1,7 +1,8 @@
 """DICOM bytes -> `DecodedImage` holding the 8-bit image `dcmj2pnm -O +ot +G` would write (spec §10).
 
 In:  the bytes of one DICOM file (Part-10, or bare ACR-NEMA with no preamble/meta) and `DecodeOptions`.
-Out: `DecodedImage` with pixels = that 8-bit image as Q16 (v*257), shape (H, W, 1), and `meta` for the
+Out: `DecodedImage` with pixels = that 8-bit image (uint8, each v standing for Q16 v*257), shape (H, W, 1),
+     and `meta` for the
      output columns (modality, view_position, body_part, patient_sex, study_date, chronological_age,
      frames, photometric, transfer_syntax, image_laterality, patient_orientation[, patient_id_hash]).
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from cxrage_ray.decode import FAST_DECODE_MIN_SIDE, DecodedImage, DecodeOptions
 from cxrage_ray.decode.limits import check_fill_aspect
+from cxrage_ray.decode.messages import plain_reason
 from cxrage_ray.errors import DecodeError, DecompressionBombError, UnsupportedModalityError
 
 #: Modalities scored by default: computed / digital radiography and conventional radiography (film).
@@ -59,7 +61,7 @@ _VR_CODES = frozenset(
 
 
 def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> DecodedImage:
-    """Decode one DICOM file to the 8-bit image dcmj2pnm writes, as Q16 (H, W, 1).
+    """Decode one DICOM file to the 8-bit image dcmj2pnm writes, uint8 (H, W, 1).
 
     Args:
         data: the whole file.
@@ -72,8 +74,11 @@ def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> Decod
     """
     ds, meta = _parse_checked(data, options)
     frame = _decode_first_frame(ds, options)
-    grey = dcmtk_8bit(frame, GreyscaleParams.from_dataset(ds))
-    return DecodedImage(pixels=(grey.astype(np.uint16) * 257)[..., None], meta=meta)
+    params = GreyscaleParams.from_dataset(ds)
+    del ds  # its copy of the pixel data (2 B a pixel for a native file) is not needed by the mapping
+    grey = dcmtk_8bit(frame, params)
+    del frame
+    return DecodedImage(pixels=grey[..., None], meta=meta)  # 8-bit, as `DecodedImage` keeps 8-bit films
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +325,12 @@ class GreyscaleParams:
         return cls(bits, signed, invert=invert, slope=slope, intercept=intercept)
 
 
+#: Rows mapped at a time. The mapping makes several float64 temporaries per value; over a whole 16384² frame each
+#: is 2 GB (a 67 M px native DICOM peaked at 2.6 GB). Every step after the frame's min/max is per value, so
+#: mapping bands of rows gives the same bytes with temporaries of a few tens of MB.
+MAP_BAND_ROWS = 256
+
+
 def dcmtk_8bit(frame: np.ndarray, params: GreyscaleParams) -> np.ndarray:
     """Map stored values (sign-extended, BitsStored wide) to dcmj2pnm's 8-bit output, bit-exactly.
 
@@ -328,32 +339,29 @@ def dcmtk_8bit(frame: np.ndarray, params: GreyscaleParams) -> np.ndarray:
         params: header parameters (`GreyscaleParams.from_dataset`).
 
     Returns:
-        uint8 (H, W).
+        uint8 (H, W), mapped `MAP_BAND_ROWS` rows at a time with the whole frame's range.
     """
+    window = _window(frame, params)
+    out = np.empty(frame.shape[:2], dtype=np.uint8)
+    for top in range(0, frame.shape[0], MAP_BAND_ROWS):
+        out[top:top + MAP_BAND_ROWS] = _nowindow(_modality_values(frame[top:top + MAP_BAND_ROWS], params), *window)
+    return out
+
+
+def _window(frame: np.ndarray, params: GreyscaleParams) -> tuple[float, float, bool, int, int]:
+    """`_nowindow`'s whole-frame arguments: (absmin, absmax, invert, intermediate size, pixel count)."""
     bits = params.bits_stored
-    if params.colour:  # DiColorMonoTemplate: T(r*0.299 + g*0.587 + b*0.114), then 0..2^b-1 -> 0..255
-        rgb = frame.astype(np.float64)
-        grey = np.trunc(rgb[..., 0] * _GREY_WEIGHTS[0] + rgb[..., 1] * _GREY_WEIGHTS[1] + rgb[..., 2] * _GREY_WEIGHTS[2])
-        return _nowindow(grey, 0.0, float((1 << bits) - 1), False, 4, grey.size)
+    if params.colour:  # DiColorMonoTemplate: 0..2^b-1 -> 0..255, a 4-byte intermediate
+        return 0.0, float((1 << bits) - 1), False, 4, frame.shape[0] * frame.shape[1]
     if params.signed:
         absmin, absmax = float(-(1 << (bits - 1))), float((1 << (bits - 1)) - 1)
     else:
         absmin, absmax = 0.0, float((1 << bits) - 1)
-    values = frame.astype(np.float64)
-    if params.lut_data is not None:  # dimoipxt.h modlut: clamp to the first/last entry, else table
-        lut = params.lut_data
-        index = np.clip(frame.astype(np.int64) - params.lut_first, 0, len(lut) - 1)
-        values = lut[index].astype(np.float64)
+    if params.lut_data is not None:
         absmin, absmax = 0.0, float((1 << params.lut_bits) - 1)
-        lo, hi = float(lut.min()), float(lut.max())
-    elif params.slope is not None:  # dimoipxt.h rescale: T3(double(v) * slope + intercept), truncated
+        lo, hi = float(params.lut_data.min()), float(params.lut_data.max())
+    elif params.slope is not None:
         slope, intercept = params.slope, params.intercept
-        if slope == 1.0:
-            values = np.trunc(values + intercept)
-        elif intercept == 0.0:
-            values = np.trunc(values * slope)
-        else:
-            values = np.trunc(values * slope + intercept)
         lo, hi = float(frame.min()) * slope + intercept, float(frame.max()) * slope + intercept
         absmin, absmax = absmin * slope + intercept, absmax * slope + intercept
         if slope < 0:
@@ -361,7 +369,28 @@ def dcmtk_8bit(frame: np.ndarray, params: GreyscaleParams) -> np.ndarray:
             lo, hi = hi, lo
     else:
         lo, hi = float(frame.min()), float(frame.max())
-    return _nowindow(values, absmin, absmax, params.invert, _representation_size(lo, hi), frame[..., 0].size if frame.ndim == 3 else frame.size)
+    count = frame[..., 0].size if frame.ndim == 3 else frame.size
+    return absmin, absmax, params.invert, _representation_size(lo, hi), count
+
+
+def _modality_values(band: np.ndarray, params: GreyscaleParams) -> np.ndarray:
+    """float64 values of some rows after DCMTK's colour-to-grey or modality transform (per value)."""
+    if params.colour:  # DiColorMonoTemplate: T(r*0.299 + g*0.587 + b*0.114)
+        rgb = band.astype(np.float64)
+        return np.trunc(rgb[..., 0] * _GREY_WEIGHTS[0] + rgb[..., 1] * _GREY_WEIGHTS[1] + rgb[..., 2] * _GREY_WEIGHTS[2])
+    if params.lut_data is not None:  # dimoipxt.h modlut: clamp to the first/last entry, else table
+        lut = params.lut_data
+        index = np.clip(band.astype(np.int64) - params.lut_first, 0, len(lut) - 1)
+        return lut[index].astype(np.float64)
+    values = band.astype(np.float64)
+    if params.slope is not None:  # dimoipxt.h rescale: T3(double(v) * slope + intercept), truncated
+        slope, intercept = params.slope, params.intercept
+        if slope == 1.0:
+            return np.trunc(values + intercept)
+        if intercept == 0.0:
+            return np.trunc(values * slope)
+        return np.trunc(values * slope + intercept)
+    return values
 
 
 def _nowindow(values: np.ndarray, absmin: float, absmax: float, invert: bool, inter_size: int, count: int) -> np.ndarray:
@@ -529,7 +558,7 @@ def _encapsulated_frame(ds: Any, options: DecodeOptions = DecodeOptions()) -> by
     try:
         stream = get_frame(ds.PixelData, 0, number_of_frames=frames)
     except Exception as e:
-        raise DecodeError(f"corrupt or truncated encapsulated pixel data: {_short(e)}") from None
+        raise DecodeError(f"corrupt or truncated encapsulated pixel data: {plain_reason(e)}") from e
     check_codestream(stream, _int(ds.Rows, 0), _int(ds.Columns, 0), options.max_pixels)
     return stream
 
@@ -560,7 +589,8 @@ def _pydicom_frame(decoder: Any, ds: Any, frame_bytes: bytes | None, plugin: str
                 )
     except Exception as e:
         tsyntax = ds.file_meta.TransferSyntaxUID
-        raise DecodeError(f"cannot decode {tsyntax.name} pixel data: {_short(e)}") from None
+        # the library's words name its internals (e.g. a numpy broadcast of 900000000 into 262144 values)
+        raise DecodeError(f"cannot decode {tsyntax.name} pixel data: {plain_reason(e)}") from e
     if arr.ndim == 3 and arr.shape[-1] != 3:  # (frames, H, W) from a native multi-frame read
         arr = arr[0]
     return arr

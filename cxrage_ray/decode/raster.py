@@ -1,13 +1,17 @@
 """PNG / JPEG / TIFF bytes -> `DecodedImage` holding what ImageMagick Q16 holds after reading the file.
 
 In:  the file's bytes and `DecodeOptions` (mode "exact" or "fast", max_pixels).
-Out: uint16 (H, W, C) pixels, C = 1 for grey and 3 for colour (palettes expanded), 8-bit samples
-     scaled v -> v*257 and 16-bit samples kept; alpha, when the file has one, as a (H, W) Q16 plane.
+Out: (H, W, C) pixels at the file's own depth, C = 1 for grey and 3 for colour (palettes expanded): uint8 for
+     1- and 8-bit samples (1-bit as 0/255; each v stands for the Q16 value v*257), uint16 for 16-bit samples
+     (and palette TIFFs, whose colour map is Q16); alpha, when the file has one, as a (H, W) Q16 plane.
      `meta` is empty except `{"frames": n}` for a TIFF with n > 1 pages (the first page is decoded).
 
 Decoders: Pillow for PNG and JPEG (its libjpeg-turbo "islow" IDCT gives the same samples as IM's reader),
-tifffile for TIFF (Pillow as a fallback), and imagecodecs for 16-bit colour PNGs, which Pillow would
-truncate to 8 bits. The declared size is checked against `max_pixels` from the header, before any
+tifffile for TIFF (Pillow as a fallback), and imagecodecs (libpng) for 16-bit colour PNGs, which Pillow would
+truncate to 8 bits, and for plain 1/8/16-bit grey and 8-bit RGB PNGs: it decodes straight into one array of
+the file's depth, where Pillow holds its own copy (1 byte a pixel even for 1-bit, 4 for RGB) and hands numpy
+a second one (a 16384² 16-bit PNG peaked at 2.7 GB through Pillow). Every PNG's critical chunks are checked
+against their CRC first, as libpng and ImageMagick do (Pillow skips the IDAT CRC). The declared size is checked against `max_pixels` from the header, before any
 pixel is decoded; Pillow's own process-wide bomb limit is bypassed (its plugin classes are opened
 directly) so the one limit that applies is the caller's.
 """
@@ -16,11 +20,13 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 
 import numpy as np
 
 from cxrage_ray.decode import FAST_DECODE_MIN_SIDE, DecodedImage, DecodeOptions
 from cxrage_ray.decode.limits import check_fill_aspect
+from cxrage_ray.decode.messages import plain_reason
 from cxrage_ray.errors import DecodeError, DecompressionBombError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,25 +55,28 @@ def _check_size(width: int, height: int, options: DecodeOptions) -> None:
     check_fill_aspect(width, height)
 
 
-def _q16(samples: np.ndarray) -> np.ndarray:
-    """8-bit samples -> Q16 (v*257), 16-bit kept, bool -> 0/65535."""
+def _own_depth(samples: np.ndarray) -> np.ndarray:
+    """Decoder samples -> the `DecodedImage` depth: uint8 kept, bool -> 0/255 (uint8), uint16 kept."""
     if samples.dtype == np.bool_:
-        return samples.astype(np.uint16) * np.uint16(65535)
-    if samples.dtype == np.uint8:
-        return np.multiply(samples, 257, dtype=np.uint16)
-    if samples.dtype == np.uint16:
+        return np.multiply(samples, np.uint8(255), dtype=np.uint8)
+    if samples.dtype in (np.uint8, np.uint16):
         return samples
     if samples.dtype.kind in "iu" and samples.size and 0 <= samples.min() and samples.max() <= 65535:
         return samples.astype(np.uint16)
     raise DecodeError(f"unsupported sample type {samples.dtype} (expected 1, 8 or 16 bits per sample)")
 
 
+def _as_q16(samples: np.ndarray) -> np.ndarray:
+    """uint8 samples -> Q16 (v*257); uint16 kept (the alpha plane is always Q16)."""
+    return np.multiply(samples, 257, dtype=np.uint16) if samples.dtype == np.uint8 else samples
+
+
 def _split(samples: np.ndarray, has_alpha: bool) -> DecodedImage:
-    """(H, W[, S]) Q16 samples -> DecodedImage with the last sample as alpha when `has_alpha`."""
+    """(H, W[, S]) samples at their own depth -> DecodedImage with the last sample as a Q16 alpha when `has_alpha`."""
     if samples.ndim == 2:
         samples = samples[:, :, None]
     if has_alpha:
-        colour, alpha = samples[:, :, :-1], np.ascontiguousarray(samples[:, :, -1])
+        colour, alpha = samples[:, :, :-1], np.ascontiguousarray(_as_q16(samples[:, :, -1]))
     else:
         colour, alpha = samples, None
     if colour.shape[2] not in (1, 3):
@@ -92,15 +101,19 @@ def _from_pillow(im) -> DecodedImage:
             im = im.convert("RGBA")
         mode = im.mode
     if mode == "1":
-        im, mode = im.convert("L"), "L"
+        # Pillow's own "1" storage is a byte a pixel; its packed bits are an eighth of that (no second full copy)
+        width = im.size[0]
+        packed = np.frombuffer(im.tobytes("raw", "1"), dtype=np.uint8).reshape(im.size[1], -1)
+        del im
+        return _split(_own_depth(np.unpackbits(packed, axis=1, count=width).view(np.bool_)), has_alpha=False)
     if mode == "CMYK":
         im, mode = im.convert("RGB"), "RGB"
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im)
-        return _split(_q16(arr.astype(np.uint16) if arr.dtype.kind == "u" else arr), has_alpha=False)
+        return _split(_own_depth(arr.astype(np.uint16, copy=False) if arr.dtype.kind == "u" else arr), has_alpha=False)
     if mode not in ("L", "LA", "RGB", "RGBA"):
         raise DecodeError(f"unsupported Pillow mode {mode!r}")
-    return _split(_q16(np.asarray(im)), has_alpha=mode in ("LA", "RGBA"))
+    return _split(_own_depth(np.asarray(im)), has_alpha=mode in ("LA", "RGBA"))
 
 
 def _png_ihdr(data: bytes) -> tuple[int, int, int, int]:
@@ -110,21 +123,71 @@ def _png_ihdr(data: bytes) -> tuple[int, int, int, int]:
     return width, height, depth, colour_type
 
 
+#: PNG chunks whose CRC libpng checks as an error (critical chunks); an ancillary chunk's bad CRC is only a warning.
+_CRITICAL_CHUNKS = frozenset((b"IHDR", b"PLTE", b"IDAT", b"IEND"))
+
+
+def check_png_crcs(data: bytes) -> None:
+    """Refuse a PNG whose critical chunk (IHDR, PLTE, IDAT, IEND) fails its CRC, as libpng and ImageMagick do.
+
+    In: the whole file. Out: nothing, or `DecodeError` naming the chunk. A chunk that runs past the end of the file
+    is left to the decoder (it reports the truncation). One pass of zlib.crc32 over the file: ~1 ms a MB.
+    """
+    view = memoryview(data)  # slices of a view are not copies (one IDAT may hold the whole image)
+    pos = len(PNG_MAGIC)
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return
+        if kind in _CRITICAL_CHUNKS:
+            stored = int.from_bytes(data[end:end + 4], "big")
+            if zlib.crc32(view[pos + 4:end]) != stored:
+                raise DecodeError(
+                    f"corrupt PNG: its {kind.decode()} chunk at byte {pos} fails its CRC check (the file was damaged "
+                    f"in storage or transfer; libpng and ImageMagick refuse it too)")
+        if kind == b"IEND":
+            return
+        pos = end + 4
+
+
+def _has_chunk(data: bytes, kind: bytes) -> bool:
+    """Whether a chunk of this type is present (a cheap walk over the chunk headers, no CRC)."""
+    pos = len(PNG_MAGIC)
+    while pos + 8 <= len(data):
+        if data[pos + 4:pos + 8] == kind:
+            return True
+        if data[pos + 4:pos + 8] == b"IDAT":  # the chunks that change the samples' meaning come before IDAT
+            return False
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    return False
+
+
+def _libpng_native(depth: int, colour_type: int, data: bytes) -> bool:
+    """Whether imagecodecs decodes this PNG to exactly the samples Pillow gives, at the file's own depth.
+
+    Grey at 1, 8 or 16 bits (1-bit as 0/255, as Pillow's "1" -> "L"), 8-bit RGB, 16-bit colour; never with a
+    tRNS chunk (Pillow turns it into an alpha plane its own way) nor palettes (Pillow expands those).
+    """
+    plain = (colour_type == 0 and depth in (1, 8, 16)) or (colour_type == 2 and depth == 8)
+    return plain and not _has_chunk(data, b"tRNS")
+
+
 def _decode_png(data: bytes, options: DecodeOptions) -> DecodedImage:
     width, height, depth, colour_type = _png_ihdr(data)
     _check_size(width, height, options)
-    if depth == 16 and colour_type in (2, 4, 6):
-        # Pillow keeps only the high byte of 16-bit colour/grey-alpha samples
-        try:
-            import imagecodecs
-        except ImportError as exc:  # optional dependency, needed for this rare case only
-            raise DecodeError("16-bit colour PNG needs the 'imagecodecs' package (pip install imagecodecs)"
-                              ) from exc
+    check_png_crcs(data)
+    if (depth == 16 and colour_type in (2, 4, 6)) or _libpng_native(depth, colour_type, data):
+        # Pillow keeps only the high byte of 16-bit colour/grey-alpha samples; for the plain layouts libpng
+        # is exact too and allocates one array of the file's depth (see the module docstring)
+        import imagecodecs
+
         try:
             arr = imagecodecs.png_decode(data)
         except Exception as exc:
-            raise DecodeError(f"corrupt or truncated PNG: {exc}") from exc
-        return _split(_q16(arr), has_alpha=colour_type in (4, 6))
+            raise DecodeError(f"corrupt or truncated PNG: {plain_reason(exc)}") from exc
+        return _split(_own_depth(arr), has_alpha=colour_type in (4, 6))
     from PIL import PngImagePlugin
 
     return _load_pillow(PngImagePlugin.PngImageFile, data, "PNG", options)
@@ -135,7 +198,7 @@ def _load_pillow(plugin, data: bytes, label: str, options: DecodeOptions, draft:
     try:
         im = plugin(io.BytesIO(data))
     except Exception as exc:  # Pillow raises many types for bad bytes
-        raise DecodeError(f"corrupt {label}: {exc}") from exc
+        raise DecodeError(f"corrupt {label}: {plain_reason(exc)}") from exc
     _check_size(im.size[0], im.size[1], options)
     full_w, full_h = im.size
     reduced = draft and min(im.size) >= 2 * FAST_DECODE_MIN_SIDE
@@ -156,7 +219,7 @@ def _load_pillow(plugin, data: bytes, label: str, options: DecodeOptions, draft:
     except DecodeError:
         raise
     except Exception as exc:
-        raise DecodeError(f"corrupt or truncated {label}: {exc}") from exc
+        raise DecodeError(f"corrupt or truncated {label}: {plain_reason(exc)}") from exc
 
 
 def _decode_jpeg(data: bytes, options: DecodeOptions) -> DecodedImage:
@@ -191,7 +254,7 @@ def _decode_tiff(data: bytes, options: DecodeOptions) -> DecodedImage:
     except (DecodeError, DecompressionBombError):
         raise
     except Exception as exc:
-        raise DecodeError(f"corrupt or truncated TIFF: {exc}") from exc
+        raise DecodeError(f"corrupt or truncated TIFF: {plain_reason(exc)}") from exc
     if arr is None:
         from PIL import TiffImagePlugin
 
@@ -216,13 +279,14 @@ def _tiff_samples(arr: np.ndarray, photometric: int, extra: tuple[int, ...], col
         return DecodedImage(pixels=np.ascontiguousarray(cmap.T[arr.astype(np.intp)]))
     if photometric not in (0, 1, 2):
         raise DecodeError(f"unsupported TIFF photometric interpretation {photometric} (need grey, RGB or palette)")
-    samples = _q16(arr)
+    samples = _own_depth(arr)
     if photometric == 0:  # MinIsWhite: IM inverts the grey samples
+        top = np.iinfo(samples.dtype).max
         if samples.ndim == 2:
-            samples = 65535 - samples
+            samples = top - samples
         else:
             samples = samples.copy()
-            samples[..., 0] = 65535 - samples[..., 0]
+            samples[..., 0] = top - samples[..., 0]
     has_alpha = bool(extra) and samples.ndim == 3 and samples.shape[2] in (2, 4)
     if samples.ndim == 3 and not has_alpha and samples.shape[2] in (2, 4):
         samples = samples[:, :, : samples.shape[2] - 1]  # unspecified extra sample: not alpha

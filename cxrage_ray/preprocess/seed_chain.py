@@ -1,6 +1,6 @@
 """The original pipeline's ImageMagick step, bit-exactly (spec §9).
 
-In:  a `DecodedImage` (Q16 pixels (H, W, C), C in {1, 3}, optional Q16 alpha plane).
+In:  a `DecodedImage` (pixels (H, W, C), C in {1, 3}: uint8 8-bit samples or uint16 Q16; optional Q16 alpha).
 Out: uint8 (H', W', C') with short side 512 and C' = 1 when every pixel is grey, else 3 — the pixels of
      `mogrify -trim +repage -colorspace RGB -auto-level -depth 8 -resize 512x512^ -format png` as
      ImageMagick 6.9.11 Q16 (non-HDRI) writes them; `seed_chain_png` gives that PNG file itself.
@@ -19,6 +19,12 @@ Everything up to `-depth 8` is a monotone per-value map, so it collapses into on
 table built from the trimmed image's min and max. The resize runs as banded BLAS products; the few
 outputs that land within 1e-7 of a rounding tie are recomputed in IM's exact summation order, so the
 result does not depend on how BLAS orders its sums.
+
+Memory: nothing here makes a full-frame copy wider than the input, so a film at the pixel limit costs its
+pixels plus one byte a pixel of levels: 8-bit films stay uint8 throughout (the lookup table is read at the
+8-bit values' Q16 points), the trim compares colour and alpha without stacking them, the rare tie recount
+converts only the taps it reads to float64 (it used to convert the whole frame: 2 GB at the limit), and the
+alpha-weighted resize converts `ALPHA_CHUNK` columns at a time.
 """
 
 from __future__ import annotations
@@ -53,26 +59,27 @@ FilterName = Literal["lanczos", "mitchell"]
 # ---------------------------------------------------------------------------------------------------
 
 
-def _planes(pixels: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
-    """(H, W, C) pixels plus optional (H, W) alpha -> (H, W, C[+1]) view/array used for comparisons."""
-    if alpha is None:
-        return pixels
-    return np.concatenate([pixels, alpha[:, :, None]], axis=2)
+def _differs(pixels: np.ndarray, alpha: np.ndarray | None, ref: tuple, lines: slice, axis: int) -> np.ndarray:
+    """For each line (row if axis 0, column if 1) in `lines`: whether it holds a pixel != ref (colour, alpha)."""
+    part = pixels[lines] if axis == 0 else pixels[:, lines]
+    differs = (part != ref[0]).any(axis=2)
+    if alpha is not None:
+        differs |= (alpha[lines] if axis == 0 else alpha[:, lines]) != ref[1]
+    return differs.any(axis=1 - axis)
 
 
-def _first_differing(planes: np.ndarray, ref: np.ndarray, axis: int, reverse: bool) -> int | None:
+def _first_differing(pixels: np.ndarray, alpha: np.ndarray | None, ref: tuple, axis: int, reverse: bool
+                     ) -> int | None:
     """Index along `axis` (0 rows, 1 columns) of the first/last line holding a pixel != ref.
 
     Scans in growing chunks from the edge, so a thin border costs a thin read, not the whole image.
     """
-    n = planes.shape[axis]
+    n = pixels.shape[axis]
     chunk, done = 8, 0
     while done < n:
         size = min(chunk, n - done)
         lo, hi = (n - done - size, n - done) if reverse else (done, done + size)
-        part = planes[lo:hi] if axis == 0 else planes[:, lo:hi]
-        differs = (part != ref).any(axis=2).any(axis=1 - axis)
-        hits = np.flatnonzero(differs)
+        hits = np.flatnonzero(_differs(pixels, alpha, ref, slice(lo, hi), axis))
         if hits.size:
             return int(lo + (hits[-1] if reverse else hits[0]))
         done += size
@@ -84,7 +91,7 @@ def trim_box(pixels: np.ndarray, alpha: np.ndarray | None = None) -> tuple[int, 
     """IM's `GetImageBoundingBox` with fuzz 0: (top, bottom, left, right), inclusive bounds.
 
     Args:
-        pixels: (H, W, C) Q16 values.
+        pixels: (H, W, C) Q16 values or 8-bit samples (equality is the same either way).
         alpha: optional (H, W) alpha; when present it takes part in the equality test (IM compares
             opacity for images with a matte channel).
 
@@ -93,15 +100,18 @@ def trim_box(pixels: np.ndarray, alpha: np.ndarray | None = None) -> tuple[int, 
     bottom-right pixel is never a reference. Returns the whole image when nothing differs (IM warns
     and its result is not modelled; keeping the image is the harmless choice).
     """
-    planes = _planes(pixels, alpha)
-    h, w = planes.shape[:2]
-    tl, tr, bl = planes[0, 0], planes[0, w - 1], planes[h - 1, 0]
-    left = _first_differing(planes, tl, axis=1, reverse=False)
+    h, w = pixels.shape[:2]
+
+    def corner(y: int, x: int) -> tuple:
+        return pixels[y, x].copy(), None if alpha is None else alpha[y, x]
+
+    tl, tr, bl = corner(0, 0), corner(0, w - 1), corner(h - 1, 0)
+    left = _first_differing(pixels, alpha, tl, axis=1, reverse=False)
     if left is None:
         return 0, h - 1, 0, w - 1
-    top = _first_differing(planes, tl, axis=0, reverse=False)
-    right = _first_differing(planes, tr, axis=1, reverse=True)
-    bottom = _first_differing(planes, bl, axis=0, reverse=True)
+    top = _first_differing(pixels, alpha, tl, axis=0, reverse=False)
+    right = _first_differing(pixels, alpha, tr, axis=1, reverse=True)
+    bottom = _first_differing(pixels, alpha, bl, axis=0, reverse=True)
     # IM starts right/bottom at 0 and only raises them, so "nothing differs from TR" means 0
     right = 0 if right is None else right
     bottom = 0 if bottom is None else bottom
@@ -255,13 +265,18 @@ def axis_weights(n_in: int, n_out: int, name: FilterName) -> AxisWeights:
     return AxisWeights(starts=starts, counts=counts, weights=w)
 
 
-def _pass_exact(x2d: np.ndarray, aw: AxisWeights, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """IM's sequential sum for the selected (output row, column) pairs of one pass along axis 0."""
+def _pass_exact(x2d: np.ndarray, aw: AxisWeights, rows: np.ndarray, cols: np.ndarray, value_scale: float = 1.0
+                ) -> np.ndarray:
+    """IM's sequential sum for the selected (output row, column) pairs of one pass along axis 0.
+
+    Only the taps read are converted to float64 (times `value_scale`): the same numbers as converting the whole
+    input first, without a full-frame float64 copy.
+    """
     acc = np.zeros(rows.size)
     starts = aw.starts[rows]
     for k in range(aw.weights.shape[1]):
         idx = np.minimum(starts + k, x2d.shape[0] - 1)  # padded taps have weight 0
-        acc = acc + aw.weights[rows, k] * x2d[idx, cols]
+        acc = acc + aw.weights[rows, k] * (x2d[idx, cols].astype(np.float64) * value_scale)
     return acc
 
 
@@ -301,7 +316,7 @@ def _pass_rows(x2d: np.ndarray, aw: AxisWeights, blocks, value_scale: float = 1.
     tie = np.abs(out - np.rint(out)) < TIE_TOLERANCE
     rows, cols = np.nonzero(tie)
     if rows.size:
-        out[rows, cols] = _pass_exact(x2d.astype(np.float64) * value_scale, aw, rows, cols) + 0.5
+        out[rows, cols] = _pass_exact(x2d, aw, rows, cols, value_scale) + 0.5
     np.floor(out, out=out)
     np.clip(out, 0.0, QUANTUM, out=out)
     return out.astype(np.uint16)
@@ -331,6 +346,25 @@ def _pass_rows_alpha(
     recip = np.where(np.abs(gamma) >= MAGICK_EPSILON, 1.0 / np.where(gamma == 0, 1.0, gamma),
                      np.where(gamma < 0, -1.0, 1.0) / MAGICK_EPSILON)
     return _clamp_round(recip[:, :, None] * num), _clamp_round(opac)
+
+
+#: Input lines (columns of the pass) converted to float64 at a time by the alpha-weighted first pass: the whole
+#: frame's colour and opacity as float64 were 32 B a pixel for RGBA (8.6 GB at the pixel limit).
+ALPHA_CHUNK = 512
+
+
+def _first_pass_alpha(q16: np.ndarray, alpha: np.ndarray, aw: AxisWeights, value_scale: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """`_pass_rows_alpha` along axis 0 of (n_in, m, C) values and (n_in, m) Q16 alpha, `ALPHA_CHUNK` columns at a
+    time: every output column depends on its own input column only, so the result is the same numbers."""
+    colors, opacities = [], []
+    for c0 in range(0, q16.shape[1], ALPHA_CHUNK):
+        color = q16[:, c0:c0 + ALPHA_CHUNK].astype(np.float64) * value_scale
+        opacity = QUANTUM - alpha[:, c0:c0 + ALPHA_CHUNK].astype(np.float64)
+        color, opacity = _pass_rows_alpha(color, opacity, aw)
+        colors.append(color)
+        opacities.append(opacity)
+    return np.concatenate(colors, axis=1), np.concatenate(opacities, axis=1)
 
 
 def fill_size(width: int, height: int, target: int = TARGET) -> tuple[int, int]:
@@ -373,13 +407,12 @@ def im_resize(
     bx, by = _dense_blocks(w, out_w, name), _dense_blocks(h, out_h, name)
     horizontal_first = out_w / w > out_h / h
     if alpha is not None:
-        color = q16.astype(np.float64) * (257.0 if levels else 1.0)
-        opacity = QUANTUM - alpha.astype(np.float64)
+        scale = 257.0 if levels else 1.0
         if horizontal_first:
-            color, opacity = _pass_rows_alpha(color.transpose(1, 0, 2), opacity.T, aw_x)
+            color, opacity = _first_pass_alpha(q16.transpose(1, 0, 2), alpha.T, aw_x, scale)
             color, opacity = _pass_rows_alpha(color.transpose(1, 0, 2), opacity.T, aw_y)
         else:
-            color, opacity = _pass_rows_alpha(color, opacity, aw_y)
+            color, opacity = _first_pass_alpha(q16, alpha, aw_y, scale)
             color, opacity = _pass_rows_alpha(color.transpose(1, 0, 2), opacity.T, aw_x)
             color, opacity = color.transpose(1, 0, 2), opacity.T
         return color.astype(np.uint16), (QUANTUM - opacity).astype(np.uint16)
@@ -423,11 +456,20 @@ def _all_channels_equal(pixels: np.ndarray) -> bool:
         np.array_equal(pixels[:, :, 0], pixels[:, :, 1]) and np.array_equal(pixels[:, :, 1], pixels[:, :, 2]))
 
 
+def _levels(pixels: np.ndarray) -> np.ndarray:
+    """uint8 levels of -colorspace RGB, -auto-level, -depth 8 (`level_table`) for Q16 or 8-bit pixels."""
+    if pixels.dtype == np.uint8:  # 8-bit v is Q16 257 v: read the Q16 table at those 256 points
+        table = level_table(int(pixels.min()) * 257, int(pixels.max()) * 257)[::257]
+    else:
+        table = level_table(int(pixels.min()), int(pixels.max()))
+    return table[pixels]
+
+
 def seed_picture(image: DecodedImage) -> SeedPicture:
     """Run the whole chain on a decoded image (see the module docstring)."""
     pixels, alpha = image.pixels, image.alpha
-    if pixels.ndim != 3 or pixels.shape[2] not in (1, 3) or pixels.dtype != np.uint16:
-        raise ValueError(f"expected uint16 (H, W, 1|3) pixels, got {pixels.dtype} {pixels.shape}")
+    if pixels.ndim != 3 or pixels.shape[2] not in (1, 3) or pixels.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"expected uint8 or uint16 (H, W, 1|3) pixels, got {pixels.dtype} {pixels.shape}")
     top, bottom, left, right = trim_box(pixels, alpha)
     pixels = pixels[top:bottom + 1, left:right + 1]
     check_fill_aspect(pixels.shape[1], pixels.shape[0])  # a sliver left by the trim must not explode the resize
@@ -438,8 +480,7 @@ def seed_picture(image: DecodedImage) -> SeedPicture:
     if _all_channels_equal(pixels):
         # every step is per channel apart from the global min/max, which equal channels share
         pixels = pixels[:, :, :1]
-    table = level_table(int(pixels.min()), int(pixels.max()))
-    levels = table[pixels]
+    levels = _levels(pixels)
     q16, alpha = resize_fill_512(levels, alpha=alpha, levels=True)
     out = (q16 // 257).astype(np.uint8)
     if out.shape[2] == 3 and _all_channels_equal(out):

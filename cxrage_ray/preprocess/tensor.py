@@ -277,5 +277,5 @@ def sign_extend(stored: torch.Tensor, bits_stored: int, signed: bool) -> torch.T
 
 
 def dicom_q16_tensor(frame: torch.Tensor, params) -> torch.Tensor:
-    """Stored values -> the Q16 (H, W, 1) picture `decode_dicom` hands the seed chain (8-bit v as 257 v)."""
+    """Stored values -> the Q16 (H, W, 1) form of the 8-bit picture `decode_dicom` hands the seed chain (v as 257 v)."""
     return dcmtk_8bit_tensor(frame, params).to(torch.int32)[..., None] * 257

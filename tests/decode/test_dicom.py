@@ -37,9 +37,8 @@ JPEG_EXTENDED_12BIT = "1.2.840.10008.1.2.4.51"
 
 
 def grey8(image) -> np.ndarray:
-    assert image.pixels.dtype == np.uint16 and image.pixels.ndim == 3 and image.pixels.shape[2] == 1
-    assert np.all(image.pixels % 257 == 0)  # Q16 of 8-bit values
-    return (image.pixels[..., 0] // 257).astype(np.uint8)
+    assert image.pixels.dtype == np.uint8 and image.pixels.ndim == 3 and image.pixels.shape[2] == 1  # 8-bit kept
+    return image.pixels[..., 0]
 
 
 def dcmj2pnm(tool: str, data: bytes, tmp: Path, name: str = "in") -> np.ndarray | None:

@@ -26,30 +26,30 @@ def _q(arr: np.ndarray) -> np.ndarray:
 def test_png_grey_rgb_rgba_la() -> None:
     g = radiograph(40, 30)
     d = decode_raster(pillow_bytes(g, "PNG"), OPTS)
-    assert d.pixels.dtype == np.uint16 and d.pixels.shape == (40, 30, 1) and d.alpha is None
-    assert np.array_equal(d.pixels[:, :, 0], _q(g)) and d.meta == {}
+    assert d.pixels.dtype == np.uint8 and d.q16().shape == (40, 30, 1) and d.alpha is None  # its own depth
+    assert np.array_equal(d.q16()[:, :, 0], _q(g)) and d.meta == {}
     rgb = np.dstack([g, 255 - g, g // 2])
     d = decode_raster(pillow_bytes(rgb, "PNG"), OPTS)
-    assert np.array_equal(d.pixels, _q(rgb))
+    assert np.array_equal(d.q16(), _q(rgb))
     rgba = np.dstack([rgb, g])
     d = decode_raster(pillow_bytes(rgba, "PNG"), OPTS)
-    assert np.array_equal(d.pixels, _q(rgb)) and np.array_equal(d.alpha, _q(g))
+    assert np.array_equal(d.q16(), _q(rgb)) and np.array_equal(d.alpha, _q(g))
     la = np.dstack([g, 255 - g])
     d = decode_raster(pillow_bytes(la, "PNG", mode="LA"), OPTS)
-    assert d.pixels.shape == (40, 30, 1) and np.array_equal(d.alpha, _q(255 - g))
+    assert d.q16().shape == (40, 30, 1) and np.array_equal(d.alpha, _q(255 - g))
 
 
 def test_png_16bit_grey_kept_as_is() -> None:
     g = radiograph(33, 21, dtype=np.uint16)
     d = decode_raster(pillow_bytes(g, "PNG", mode="I;16"), OPTS)
-    assert d.pixels.shape == (33, 21, 1) and np.array_equal(d.pixels[:, :, 0], g)
+    assert d.q16().shape == (33, 21, 1) and np.array_equal(d.q16()[:, :, 0], g)
 
 
 def test_png_16bit_rgb_kept_as_is() -> None:
     imagecodecs = pytest.importorskip("imagecodecs")
     rgb = np.dstack([radiograph(20, 25, seed=s, dtype=np.uint16) for s in range(3)])
     d = decode_raster(imagecodecs.png_encode(rgb), OPTS)
-    assert np.array_equal(d.pixels, rgb) and d.alpha is None
+    assert np.array_equal(d.q16(), rgb) and d.alpha is None
 
 
 def test_palette_png_is_expanded() -> None:
@@ -58,29 +58,29 @@ def test_palette_png_is_expanded() -> None:
     data = palette_png(30, 20, seed=1)
     expect = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     d = decode_raster(data, OPTS)
-    assert d.pixels.shape == (30, 20, 3) and np.array_equal(d.pixels, _q(expect)) and d.alpha is None
+    assert d.q16().shape == (30, 20, 3) and np.array_equal(d.q16(), _q(expect)) and d.alpha is None
     d = decode_raster(palette_png(30, 20, seed=1, transparent_index=3), OPTS)
     assert d.alpha is not None and set(np.unique(d.alpha)) <= {0, 65535}
 
 
 def test_tiff_8_16_bit_rgb_palette_and_pages() -> None:
     g8 = radiograph(30, 40)
-    assert np.array_equal(decode_raster(tiff_bytes(g8), OPTS).pixels[:, :, 0], _q(g8))
+    assert np.array_equal(decode_raster(tiff_bytes(g8), OPTS).q16()[:, :, 0], _q(g8))
     g16 = radiograph(30, 40, dtype=np.uint16)
     d = decode_raster(tiff_bytes(g16, compression="zlib"), OPTS)
-    assert d.pixels.shape == (30, 40, 1) and np.array_equal(d.pixels[:, :, 0], g16)
+    assert d.q16().shape == (30, 40, 1) and np.array_equal(d.q16()[:, :, 0], g16)
     rgb16 = np.dstack([g16, g16 // 2, 65535 - g16])
     d = decode_raster(tiff_bytes(rgb16, photometric="rgb"), OPTS)
-    assert np.array_equal(d.pixels, rgb16) and d.alpha is None
+    assert np.array_equal(d.q16(), rgb16) and d.alpha is None
     rgba = np.dstack([g8, g8, g8 // 3, 255 - g8])
     d = decode_raster(tiff_bytes(rgba, photometric="rgb", extrasamples=[2]), OPTS)
-    assert np.array_equal(d.pixels, _q(rgba[:, :, :3])) and np.array_equal(d.alpha, _q(rgba[:, :, 3]))
+    assert np.array_equal(d.q16(), _q(rgba[:, :, :3])) and np.array_equal(d.alpha, _q(rgba[:, :, 3]))
     cmap = np.stack([np.arange(256) * 257, np.arange(256)[::-1] * 257, np.full(256, 1000)]).astype(np.uint16)
     d = decode_raster(tiff_bytes(g8, photometric="palette", colormap=cmap), OPTS)
-    assert d.pixels.shape == (30, 40, 3) and np.array_equal(d.pixels, cmap.T[g8])
+    assert d.q16().shape == (30, 40, 3) and np.array_equal(d.q16(), cmap.T[g8])
     pages = [g8, 255 - g8, g8 // 2]
     d = decode_raster(tiff_bytes(pages), OPTS)
-    assert d.pixels.shape == (30, 40, 1) and np.array_equal(d.pixels[:, :, 0], _q(g8)) and d.meta == {"frames": 3}
+    assert d.q16().shape == (30, 40, 1) and np.array_equal(d.q16()[:, :, 0], _q(g8)) and d.meta == {"frames": 3}
 
 
 def _im_decode(path: Path, channels: str) -> np.ndarray:
@@ -100,7 +100,7 @@ def test_decodes_like_imagemagick(tmp_path: Path) -> None:
     }
     for name, (data, channels) in cases.items():
         (tmp_path / name).write_bytes(data)
-        ours = decode_raster(data, OPTS).pixels.ravel()
+        ours = decode_raster(data, OPTS).q16().ravel()
         assert np.array_equal(ours, _im_decode(tmp_path / name, channels)), name
 
 
@@ -109,10 +109,10 @@ def test_fast_mode_reduces_jpeg_but_not_below_min_side() -> None:
     data = pillow_bytes(big, "JPEG", quality=80)
     fast = decode_raster(data, DecodeOptions(mode="fast"))
     exact = decode_raster(data, OPTS)
-    assert exact.pixels.shape[:2] == big.shape
-    assert FAST_DECODE_MIN_SIDE <= min(fast.pixels.shape[:2]) < min(big.shape)
+    assert exact.q16().shape[:2] == big.shape
+    assert FAST_DECODE_MIN_SIDE <= min(fast.q16().shape[:2]) < min(big.shape)
     png = pillow_bytes(big[:1200, :1300], "PNG")
-    assert decode_raster(png, DecodeOptions(mode="fast")).pixels.shape[:2] == (1200, 1300)
+    assert decode_raster(png, DecodeOptions(mode="fast")).q16().shape[:2] == (1200, 1300)
 
 
 def _png_header_only(width: int, height: int) -> bytes:
