@@ -52,7 +52,7 @@ from cxrage_ray.sink import (
     write_original_csv,
 )
 from cxrage_ray.device_stages import DeviceScoreStage, prepare_encoded_batch
-from cxrage_ray.stages import PrepareSettings, PredictStage, prepare_batch
+from cxrage_ray.stages import CeilingStandIn, PrepareSettings, PredictStage, prepare_batch, read_bytes_batch
 from cxrage_ray.storage import filesystem_for
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,13 @@ MIN_LOCAL_LOGICAL_CPUS = 4
 GPU_BATCH_VIEWS, CPU_BATCH_VIEWS = 640, 64
 
 
-def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = None) -> dict[str, Any]:
+def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = None,
+          stand_in: CeilingStandIn | None = None) -> dict[str, Any]:
     """Run a scoring job to completion (or resume one); returns the summary written to summary.json.
 
     `manifest`: INPUT's rows when the caller built them already (the CLI does, before importing torch).
+    `stand_in`: benchmark-only (`benchmarks/pipeline_ceiling.py`): bytes instead of pictures, a constant instead
+    of the model; the CLI never passes it.
     """
     started = time.perf_counter()
     check_gpu_request(cfg)
@@ -97,7 +100,7 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
             log.info("itinerary: %s (%s)", itinerary.path, itinerary.reason)
             startup["weights_loaded_s"] = time.perf_counter() - started
             try:
-                for table in _dataset(todo, cfg, state_dict, labels, itinerary).iter_batches(
+                for table in _dataset(todo, cfg, state_dict, labels, itinerary, stand_in).iter_batches(
                         batch_format="pyarrow", batch_size=None):
                     startup.setdefault("first_film_s", time.perf_counter() - started)
                     writer.add(table)
@@ -203,7 +206,8 @@ def _cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dict[str, str], itinerary: Itinerary):
+def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dict[str, str], itinerary: Itinerary,
+             stand_in: CeilingStandIn | None = None):
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -220,6 +224,8 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
     state_ref = [ray.put(state_dict)]
     rows = ray.data.from_pandas(blocks)
     if itinerary.path == "device":
+        if stand_in is not None:
+            raise ValueError("the benchmark stand-in runs on the CPU itinerary only (--gpu-preprocess off)")
         return (
             rows.map_batches(prepare_encoded_batch, fn_kwargs={"settings": settings}, batch_format="pandas",
                              batch_size=None, num_cpus=1)
@@ -236,13 +242,13 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
     )
     engine = "exact" if cfg.preprocess == "seed" else "none"
     return (
-        rows.map_batches(prepare_batch, fn_kwargs={"settings": settings}, batch_format="pandas", batch_size=None,
-                         num_cpus=1)
+        rows.map_batches(prepare_batch if stand_in is None else read_bytes_batch, fn_kwargs={"settings": settings},
+                         batch_format="pandas", batch_size=None, num_cpus=1)
         .map_batches(
             PredictStage,
             fn_constructor_kwargs={"state_dict_ref": state_ref, "predictor_config": predictor,
                                    "labels": {**labels, "decode_device": "cpu", "preprocess_engine": engine},
-                                   "saliency": cfg.saliency},
+                                   "saliency": cfg.saliency, "stand_in": stand_in},
             batch_format="pandas",
             batch_size=images_per_batch,
             compute=actors,
