@@ -125,7 +125,7 @@ def light_pair(manifest: Path, weights: Path, work: Path, args: argparse.Namespa
             sides["loop"] = {"wall_s": run.wall_s, "ok": extra["ok"], "scores": extra.pop("scores"),
                              "load_s": extra["load_s"], "stage_s": extra["stage_s"]}
         else:
-            out = work / f"out-light-{k}"
+            out = fresh(work / f"out-light-{k}")
             run = heavy.run_measured(f"cxrage score #{k + 1}", heavy.cxrage(
                 "score", str(manifest), str(out), "--weights", str(weights), "--no-progress", *LIGHT_ARGS,
                 "--batch-size", str(args.batch_size), *shlex.split(args.score_args)), args.interval, heavy.child_env())
@@ -144,6 +144,14 @@ def light_pair(manifest: Path, weights: Path, work: Path, args: argparse.Namespa
         "max_abs_cxr_age_diff": max((abs(loop["scores"][i] - ours["scores"][i]) for i in common), default=float("nan")),
         "rows_compared": len(common), "command": ours["command"],
     }
+
+
+def fresh(folder: Path) -> Path:
+    """An output folder with nothing in it: a kept one (`--keep`) would resume, i.e. score nothing."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
 
 
 def light(args: argparse.Namespace, pngs: list[Path], weights: Path, work: Path) -> dict:
@@ -166,7 +174,7 @@ def ceiling(args: argparse.Namespace, pngs: list[Path], weights: Path, work: Pat
     print(f"ceiling: {args.ceiling_films} films (bytes only, constant model), cores {args.cores}", flush=True)
     runs = []
     for cores in args.cores:
-        out = work / f"out-ceiling-{cores}"
+        out = fresh(work / f"out-ceiling-{cores}")
         command = this_script("--ceiling-worker", str(manifest), str(out), str(weights),
                               "--batch-size", str(args.batch_size),
                               *(["--rows-per-task", str(args.rows_per_task)] if args.rows_per_task else []))

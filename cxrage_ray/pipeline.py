@@ -215,14 +215,17 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
     if hasattr(ctx, "execution_no_progress_timeout_s"):
         ctx.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
     settings = PrepareSettings(storage=cfg.storage, decode=cfg.decode, preprocess=cfg.preprocess, orient=cfg.orient)
-    blocks = [todo.iloc[i : i + cfg.ray.rows_per_task] for i in range(0, len(todo), cfg.ray.rows_per_task)]
+    per_task = cfg.ray.rows_per_task_for(cfg.preprocess)
+    blocks = [todo.iloc[i : i + per_task] for i in range(0, len(todo), per_task)]
     gpus = _gpus_for_inference(cfg)
     predictor = cfg.predictor
     if predictor.batch_size <= 0:  # auto: large batches keep a GPU busy; a CPU gains nothing beyond ~64 views
         predictor = replace(predictor, batch_size=GPU_BATCH_VIEWS if gpus else CPU_BATCH_VIEWS)
     images_per_batch = max(1, predictor.batch_size // (5 if predictor.tta == "seed" else 1))
     state_ref = [ray.put(state_dict)]
-    rows = ray.data.from_pandas(blocks)
+    # from_blocks computes the blocks' metadata here; from_pandas ran a remote task per block for it, which on a
+    # 2-core node waited for worker processes to start and held the whole itinerary back ~8 s (issue 15)
+    rows = ray.data.from_blocks(blocks)
     if itinerary.path == "device":
         if stand_in is not None:
             raise ValueError("the benchmark stand-in runs on the CPU itinerary only (--gpu-preprocess off)")
