@@ -11,14 +11,16 @@ Out: a table on stdout (and `--json PATH`):
      - ceiling: the real `cxrage score` pipeline (embedded Ray Data, the real CPU tasks' fetch, the predictor
        actor's batch handling, the Parquet writer) with prepare reduced to reading bytes and the model to a
        constant (`cxrage_ray.stages.CeilingStandIn`, passed to `pipeline.score` by this script only: the CLI
-       cannot select it) on `--ceiling-films` rows, pinned to 1 core and then to `--cores` cores with
-       `taskset`; films/s once the first film is out (steady state) and from spawn (start-up included).
+       cannot select it) on `--ceiling-films` rows, pinned with `taskset` to each of `--cores` cores
+       (default 1, then 2); films/s once the first film is out (steady state) and from spawn (start-up included), and the
+       process tree's and the driver's CPU seconds per film (start-up included; `--rows-per-task` overrides
+       cxrage's rows per CPU task for these runs).
 
     python benchmarks/pipeline_ceiling.py                         # 1000 films light x1, ceiling 4000 films on 1 and 2 cores
     python benchmarks/pipeline_ceiling.py --films 200 --repeats 2 # quicker light-work pairs
     python benchmarks/pipeline_ceiling.py --skip-light            # the ceiling only
 
-A shared machine is noisy: both sides of each pair run back to back, and the ratio is only quoted per pair.
+A shared machine is noisy: both sides of a pair run back to back, so a pair's ratio is the figure to quote.
 """
 
 from __future__ import annotations
@@ -113,9 +115,10 @@ def this_script(*args: str) -> list[str]:
 
 
 def light_pair(manifest: Path, weights: Path, work: Path, args: argparse.Namespace, k: int) -> dict:
-    """One loop run and one `cxrage score` run back to back (order alternates with `k`); their figures."""
+    """One loop run and one `cxrage score` run back to back (order alternates with `k`, `--ours-first` flips it);
+    their figures."""
     sides: dict[str, dict] = {}
-    for side in (["loop", "ours"] if k % 2 == 0 else ["ours", "loop"]):
+    for side in (["loop", "ours"] if (k + args.ours_first) % 2 == 0 else ["ours", "loop"]):
         if side == "loop":
             run = heavy.run_measured(f"light loop #{k + 1}", this_script(
                 "--light-loop-worker", str(manifest), str(weights), "--batch-size", str(args.batch_size)),
@@ -227,6 +230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--films", type=int, default=1000, help="light-work films (the issue's 1,000)")
     parser.add_argument("--repeats", type=int, default=1, help="light-work pairs (loop and ours back to back)")
+    parser.add_argument("--ours-first", action="store_true", help="the first pair runs cxrage score first")
     parser.add_argument("--ceiling-films", type=int, default=4000, help="ceiling films (more than light: it is fast)")
     parser.add_argument("--cores", type=int, nargs="+", default=[1, 2], help="cores the ceiling runs are pinned to")
     parser.add_argument("--batch-size", type=int, default=32, help="model views per forward pass")
