@@ -33,7 +33,7 @@ import pyarrow as pa
 
 import cxrage_ray
 from cxrage_ray.checkpoint import load_state_dict
-from cxrage_ray.config import RayConfig, ScoreConfig
+from cxrage_ray.config import SEED_ROWS_PER_TASK, RayConfig, ScoreConfig
 from cxrage_ray.console import native_stderr_to_session_log, progress_bar, quiet_ray_console, ray_init_options
 from cxrage_ray.errors import InputError, StalledError, error_kind
 from cxrage_ray.manifest import build_manifest
@@ -216,7 +216,10 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
         ctx.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
     settings = PrepareSettings(storage=cfg.storage, decode=cfg.decode, preprocess=cfg.preprocess, orient=cfg.orient)
     per_task = cfg.ray.rows_per_task_for(cfg.preprocess)
-    blocks = [todo.iloc[i : i + per_task] for i in range(0, len(todo), per_task)]
+    # the first block no larger than a seed-chain one: the predictor starts on it while the larger blocks follow
+    first = min(per_task, SEED_ROWS_PER_TASK)
+    starts = [0, *range(first, len(todo), per_task)] if len(todo) > first else [0]
+    blocks = [todo.iloc[i:j] for i, j in zip(starts, [*starts[1:], len(todo)])]
     gpus = _gpus_for_inference(cfg)
     predictor = cfg.predictor
     if predictor.batch_size <= 0:  # auto: large batches keep a GPU busy; a CPU gains nothing beyond ~64 views
