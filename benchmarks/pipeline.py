@@ -96,6 +96,8 @@ class Measured:
     extra: dict = field(default_factory=dict)
     per_process: list = field(default_factory=list)
     per_process_pss: list = field(default_factory=list)  # (name, peak PSS MiB, USS MiB at that peak)
+    cpu_s: float = 0.0  # CPU seconds (user + system) of the whole tree, as last sampled per process
+    cpu_s_driver: float = 0.0
 
 
 class TreeSampler(threading.Thread):
@@ -121,6 +123,7 @@ class TreeSampler(threading.Thread):
         self.peak_tree = self.peak_driver = self.peak_processes = self.peak_tree_pss = 0
         self.per_process_pss: dict[int, tuple[str, int, int]] = {}  # pid -> (name, peak PSS, USS at that peak)
         self.per_process: dict[int, tuple[str, int]] = {}  # pid -> (name, peak RSS): where the memory sits
+        self.cpu_s: dict[int, float] = {}  # pid -> CPU seconds at its last sample (a lower bound for each)
 
     def sample(self) -> None:
         import psutil
@@ -136,8 +139,10 @@ class TreeSampler(threading.Thread):
             try:
                 rss = proc.memory_info().rss
                 full = proc.memory_full_info() if with_pss else None
+                times = proc.cpu_times()
             except psutil.Error:  # exited between listing and reading
                 continue
+            self.cpu_s[proc.pid] = times.user + times.system
             total += rss
             if full is not None:
                 total_pss += full.pss
@@ -194,6 +199,8 @@ def run_measured(label: str, command: list[str], interval: float, env: dict[str,
         result.per_process = sorted(((name, rss // 2**20) for name, rss in sampler.per_process.values()),
                                     key=lambda item: -item[1])
         result.peak_tree_pss = sampler.peak_tree_pss
+        result.cpu_s = sum(sampler.cpu_s.values())
+        result.cpu_s_driver = sampler.cpu_s.get(proc.pid, 0.0)
         result.per_process_pss = sorted(
             ((name, pss // 2**20, uss // 2**20) for name, pss, uss in sampler.per_process_pss.values()),
             key=lambda item: -item[1])

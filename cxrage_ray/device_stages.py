@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -85,7 +85,7 @@ def frame_from_row(codestream: bytes, header_json: str) -> EncodedFrame:
     return EncodedFrame(codestream=codestream, params=GreyscaleParams(**params), meta={}, **header)
 
 
-def prepare_encoded_row(row: pd.Series, settings: PrepareSettings, fetched: bytes | BaseException) -> dict[str, Any]:
+def prepare_encoded_row(row: Mapping[str, Any], settings: PrepareSettings, fetched: bytes | BaseException) -> dict[str, Any]:
     """One manifest row -> payload row (never raises)."""
     out: dict[str, Any] = {"status": "ok", "error": None, "payload": b"", "payload_kind": "", "payload_header": "",
                            "alpha": b"", "meta_json": "{}"}

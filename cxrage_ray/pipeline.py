@@ -33,7 +33,7 @@ import pyarrow as pa
 
 import cxrage_ray
 from cxrage_ray.checkpoint import load_state_dict
-from cxrage_ray.config import RayConfig, ScoreConfig
+from cxrage_ray.config import SEED_ROWS_PER_TASK, RayConfig, ScoreConfig
 from cxrage_ray.console import native_stderr_to_session_log, progress_bar, quiet_ray_console, ray_init_options
 from cxrage_ray.errors import InputError, StalledError, error_kind
 from cxrage_ray.lifetime import reaped_on_kill, terminate_as_interrupt
@@ -56,7 +56,14 @@ from cxrage_ray.sink import (
 )
 from cxrage_ray.device_stages import DeviceScoreStage, prepare_encoded_batch
 from cxrage_ray.spill import Spill
-from cxrage_ray.stages import PrepareSettings, PredictStage, prepare_batch, retry_counts
+from cxrage_ray.stages import (
+    CeilingStandIn,
+    PrepareSettings,
+    PredictStage,
+    prepare_batch,
+    read_bytes_batch,
+    retry_counts,
+)
 from cxrage_ray.storage import filesystem_for
 
 log = logging.getLogger(__name__)
@@ -68,10 +75,13 @@ MIN_LOCAL_LOGICAL_CPUS = 4
 GPU_BATCH_VIEWS, CPU_BATCH_VIEWS = 640, 64
 
 
-def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = None) -> dict[str, Any]:
+def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = None,
+          stand_in: CeilingStandIn | None = None) -> dict[str, Any]:
     """Run a scoring job to completion (or resume one); returns the summary written to summary.json.
 
     `manifest`: INPUT's rows when the caller built them already (the CLI does, before importing torch).
+    `stand_in`: benchmark-only (`benchmarks/pipeline_ceiling.py`): bytes instead of pictures, a constant instead
+    of the model; the CLI never passes it.
     """
     started = time.perf_counter()
     check_gpu_request(cfg)
@@ -106,7 +116,7 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
             log.info("itinerary: %s (%s)", itinerary.path, itinerary.reason)
             startup["weights_loaded_s"] = time.perf_counter() - started
             try:
-                for table in _dataset(todo, cfg, state_dict, labels, itinerary).iter_batches(
+                for table in _dataset(todo, cfg, state_dict, labels, itinerary, stand_in).iter_batches(
                         batch_format="pyarrow", batch_size=None):
                     startup.setdefault("first_film_s", time.perf_counter() - started)
                     writer.add(table)
@@ -215,7 +225,8 @@ def _cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dict[str, str], itinerary: Itinerary):
+def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dict[str, str], itinerary: Itinerary,
+             stand_in: CeilingStandIn | None = None):
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -223,17 +234,25 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
     if hasattr(ctx, "execution_no_progress_timeout_s"):
         ctx.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
     settings = PrepareSettings(storage=cfg.storage, decode=cfg.decode, preprocess=cfg.preprocess, orient=cfg.orient)
-    blocks = [todo.iloc[i : i + cfg.ray.rows_per_task] for i in range(0, len(todo), cfg.ray.rows_per_task)]
+    per_task = cfg.ray.rows_per_task_for(cfg.preprocess)
+    # the first block no larger than a seed-chain one: the predictor starts on it while the larger blocks follow
+    first = min(per_task, SEED_ROWS_PER_TASK)
+    starts = [0, *range(first, len(todo), per_task)] if len(todo) > first else [0]
+    blocks = [todo.iloc[i:j] for i, j in zip(starts, [*starts[1:], len(todo)])]
     gpus = _gpus_for_inference(cfg)
     predictor = cfg.predictor
     if predictor.batch_size <= 0:  # auto: large batches keep a GPU busy; a CPU gains nothing beyond ~64 views
         predictor = replace(predictor, batch_size=GPU_BATCH_VIEWS if gpus else CPU_BATCH_VIEWS)
     images_per_batch = max(1, predictor.batch_size // (5 if predictor.tta == "seed" else 1))
     state_ref = [ray.put(state_dict)]
-    rows = ray.data.from_pandas(blocks)
+    # from_blocks computes the blocks' metadata here; from_pandas ran a remote task per block for it, which on a
+    # 2-core node waited for worker processes to start and held the whole itinerary back ~8 s (issue 15)
+    rows = ray.data.from_blocks(blocks)
     # the scheduler places prepare tasks by the memory their worst film may take, not only by CPU
     prepare_memory = prepare_memory_request(cfg.decode.max_pixels, _largest_node_memory())
     if itinerary.path == "device":
+        if stand_in is not None:
+            raise ValueError("the benchmark stand-in runs on the CPU itinerary only (--gpu-preprocess off)")
         return (
             rows.map_batches(prepare_encoded_batch, fn_kwargs={"settings": settings}, batch_format="pandas",
                              batch_size=None, num_cpus=1, memory=prepare_memory)
@@ -250,13 +269,13 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
     )
     engine = "exact" if cfg.preprocess == "seed" else "none"
     return (
-        rows.map_batches(prepare_batch, fn_kwargs={"settings": settings}, batch_format="pandas", batch_size=None,
-                         num_cpus=1, memory=prepare_memory)
+        rows.map_batches(prepare_batch if stand_in is None else read_bytes_batch, fn_kwargs={"settings": settings},
+                         batch_format="pandas", batch_size=None, num_cpus=1, memory=prepare_memory)
         .map_batches(
             PredictStage,
             fn_constructor_kwargs={"state_dict_ref": state_ref, "predictor_config": predictor,
                                    "labels": {**labels, "decode_device": "cpu", "preprocess_engine": engine},
-                                   "saliency": cfg.saliency},
+                                   "saliency": cfg.saliency, "stand_in": stand_in},
             batch_format="pandas",
             batch_size=images_per_batch,
             compute=actors,

@@ -6,6 +6,8 @@ fails becomes `status="error"` with `error="<Kind>: message"`, and every input r
 - `PrepareSettings` + `prepare_batch`: CPU stage. uri -> bytes -> DecodedImage -> seed chain -> orientation,
   emitting the 8-bit picture as compact bytes (`pixels`, `height`, `width`, `channels`) plus metadata.
 - `PredictStage`: the inference actor wrapping `AgePredictor`; drops the pixels and adds the scores.
+- `CeilingStandIn`: benchmark-only; bytes instead of pictures and a trivial model, to measure what the pipeline
+  alone can carry (`benchmarks/pipeline_ceiling.py`).
 
 A row the manifest marked (`cxrage_ray.manifest.PROBLEM_COLUMN`: empty uri, duplicate image_id) is not
 fetched: it becomes a `ManifestError` row. Prepared rows also carry `RETRIES_COLUMN`, the storage retries
@@ -14,13 +16,14 @@ their read took by kind (JSON), which the driver sums into summary.json; it is n
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 import pandas as pd
@@ -86,7 +89,7 @@ def _picture(decoded: DecodedImage, settings: PrepareSettings) -> np.ndarray:
     return seed_chain(decoded)
 
 
-def _chronological_age(meta: dict[str, Any], row: pd.Series, age_column: str | None) -> float | None:
+def _chronological_age(meta: dict[str, Any], row: Mapping[str, Any], age_column: str | None) -> float | None:
     age = meta.get("chronological_age")
     if age is None and age_column and age_column in row and row[age_column] is not None:
         try:
@@ -96,7 +99,7 @@ def _chronological_age(meta: dict[str, Any], row: pd.Series, age_column: str | N
     return None if age is None or (isinstance(age, float) and math.isnan(age)) else float(age)
 
 
-def _plausible_age(meta: dict[str, Any], row: pd.Series, settings: PrepareSettings) -> tuple[float | None, bool]:
+def _plausible_age(meta: dict[str, Any], row: Mapping[str, Any], settings: PrepareSettings) -> tuple[float | None, bool]:
     """The row's chronological age, None when outside 0-110 years, and whether it was (flag `age_implausible`)."""
     from cxrage_ray.orient import plausible_age
 
@@ -133,7 +136,7 @@ def retry_counts(table: Any) -> RetryCounts:
     return total
 
 
-def prepare_row(row: pd.Series, settings: PrepareSettings, fetched: bytes | BaseException | None = None
+def prepare_row(row: Mapping[str, Any], settings: PrepareSettings, fetched: bytes | BaseException | None = None
                 ) -> dict[str, Any]:
     """One manifest row -> one prepared row (never raises). `fetched`: the row's bytes, if already read."""
     # every key present in every row, with one type per column, so Ray never falls back to pickled objects
@@ -170,7 +173,7 @@ def prepare_row(row: pd.Series, settings: PrepareSettings, fetched: bytes | Base
     return out
 
 
-def _apply_orientation(picture: np.ndarray, decoded: DecodedImage | None, row: pd.Series, out: dict[str, Any],
+def _apply_orientation(picture: np.ndarray, decoded: DecodedImage | None, row: Mapping[str, Any], out: dict[str, Any],
                        settings: PrepareSettings) -> np.ndarray:
     """Detect on the seed-chain picture; correct the decoded film and rerun the chain (rare: turned films).
 
@@ -205,17 +208,79 @@ def prepare_batch(batch: pd.DataFrame, settings: PrepareSettings) -> pd.DataFram
 
 
 def prepare_rows(batch: pd.DataFrame, settings: PrepareSettings,
-                 prepare_one: Callable[[pd.Series, PrepareSettings, bytes | BaseException], dict[str, Any]]
+                 prepare_one: Callable[[Mapping[str, Any], PrepareSettings, bytes | BaseException], dict[str, Any]]
                  ) -> pd.DataFrame:
     """Fetch a batch's bytes concurrently, then `prepare_one` each row on this CPU; the batch's own columns
-    come first, replaced where `prepare_one` returns a column of the same name (same order, same count)."""
-    rows = [row for _, row in batch.iterrows()]
-    with ThreadPoolExecutor(max_workers=max(1, min(settings.fetch_threads, len(rows)))) as pool:
-        fetched = list(pool.map(lambda row: fetch_row(row, settings.storage), rows))
+    come first, replaced where `prepare_one` returns a column of the same name (same order, same count).
+
+    Rows are handed over as plain dicts: `iterrows` built a pandas Series per row, which cost as much as reading
+    the file on light work (issue 15)."""
+    rows = batch.to_dict("records")
+    fetched = list(_fetch_pool(settings.fetch_threads).map(lambda row: fetch_row(row, settings.storage), rows))
     prepared = pd.DataFrame([prepare_one(row, settings, data) for row, (data, _) in zip(rows, fetched)],
                             index=batch.index)
     prepared[RETRIES_COLUMN] = [json.dumps(dict(retries), sort_keys=True) for _, retries in fetched]
     return pd.concat([batch.drop(columns=[c for c in prepared.columns if c in batch.columns]), prepared], axis=1)
+
+
+@functools.lru_cache(maxsize=4)
+def _fetch_pool(threads: int) -> ThreadPoolExecutor:
+    """This worker process's fetch threads, kept across batches: starting 16 threads per batch cost ~1 ms per
+    film on a busy 2-core machine (issue 15); idle threads cost nothing."""
+    return ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cxrage-fetch")
+
+
+@dataclass(frozen=True)
+class CeilingStandIn:
+    """Benchmark-only: run the pipeline with prepare reduced to reading bytes and the model to a constant.
+
+    Everything else is the real `cxrage score` pipeline (Ray Data, the concurrent fetch in `prepare_rows`, the
+    predictor actor's batch handling in `score_prepared`, the Parquet writer), so films/s measures what the
+    pipeline itself can carry. Only `cxrage_ray.pipeline.score(..., stand_in=...)` accepts one; the CLI never
+    builds it and no flag, config file or environment variable selects it (tests/test_benchmarks.py checks).
+
+    Args:
+        score: the raw output every film gets (any constant: the ages mean nothing).
+    """
+
+    score: float = 0.0
+
+
+def read_bytes_batch(batch: pd.DataFrame, settings: PrepareSettings) -> pd.DataFrame:
+    """`CeilingStandIn`'s CPU stage: manifest rows -> rows whose `pixels` are the file's bytes, unread."""
+    return prepare_rows(batch, settings, _bytes_row)
+
+
+def _bytes_row(row: Mapping[str, Any], settings: PrepareSettings, fetched: bytes | BaseException | None = None
+               ) -> dict[str, Any]:
+    """One row of `read_bytes_batch`: the columns `prepare_row` gives, the bytes as a 1-pixel-high picture."""
+    data = read_bytes(row["uri"], settings.storage) if fetched is None else fetched
+    out: dict[str, Any] = {"status": "ok", "error": None, "pixels": b"", "height": 0, "width": 0, "channels": 0,
+                           "orientation": None, "rotation_source": None, "qc": [], "chronological_age": None,
+                           **dict.fromkeys(META_COLUMNS)}
+    if isinstance(data, BaseException):
+        out.update(status="error", error=error_text(data))
+    else:
+        out.update(pixels=data, height=1, width=len(data), channels=1)
+    return out
+
+
+@dataclass(frozen=True)
+class StandInPrediction:
+    raw: np.ndarray
+    raw_sd: np.ndarray
+    cxr_age: np.ndarray
+
+
+class StandInPredictor:
+    """`CeilingStandIn`'s model: the same `predict` interface as `AgePredictor`, a constant per film, no torch."""
+
+    def __init__(self, stand_in: CeilingStandIn):
+        self.score = stand_in.score
+
+    def predict(self, images: list[np.ndarray]) -> StandInPrediction:
+        raw = np.full(len(images), self.score, dtype=np.float64)
+        return StandInPrediction(raw=raw, raw_sd=np.full(len(images), np.nan), cxr_age=raw.copy())
 
 
 def unpack_picture(row: pd.Series) -> np.ndarray:
@@ -242,10 +307,17 @@ class PredictStage:
         predictor_config: `PredictorConfig`.
         labels: constant columns for every row (weights_sha256, preprocess, tta, decode).
         saliency: write a saliency map per scored film, computed in batches on the same model.
+        stand_in: benchmark-only (`CeilingStandIn`): a constant instead of the model; never set by the CLI.
     """
 
     def __init__(self, state_dict_ref: list, predictor_config, labels: dict[str, str],
-                 saliency: SaliencySettings | None = None):
+                 saliency: SaliencySettings | None = None, stand_in: CeilingStandIn | None = None):
+        self.saliency = saliency
+        self.saliency_maker = None
+        if stand_in is not None:
+            self.predictor = StandInPredictor(stand_in)
+            self.labels = {**labels, "device": "stand-in"}
+            return
         from cxrage_ray.predict import AgePredictor
 
         state_dict = state_dict_ref[0]
@@ -257,15 +329,13 @@ class PredictStage:
         precision = str(self.predictor.dtype).removeprefix("torch.")
         # where the numbers came from: GPU autocast and CPU fp32 agree only to ~1e-3 raw
         self.labels = {**labels, "device": f"{self.predictor.device.type}/{precision}"}
-        self.saliency = saliency
-        self.saliency_maker = None
         if saliency is not None:
             from cxrage_ray.saliency import SaliencyMaker
 
             self.saliency_maker = SaliencyMaker(self.predictor.model, saliency.method)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        scored = score_prepared(batch.copy(), self.predictor, self.labels, drop_pixels=False)
+        scored = score_prepared(batch, self.predictor, self.labels, drop_pixels=False)
         if self.saliency is not None:
             write_saliency(scored, self.saliency_maker, self.saliency)
         return scored.drop(columns=PIXEL_COLUMNS)
@@ -320,7 +390,10 @@ def score_prepared(batch: pd.DataFrame, predictor, labels: dict[str, str], drop_
 def _score_rows(batch: pd.DataFrame, positions: np.ndarray, predictor) -> None:
     if len(positions) == 0:
         return
-    pictures = [unpack_picture(batch.iloc[i]) for i in positions]
+    # from the columns' arrays: a Series per row (`batch.iloc[i]`) cost more than a light film's decode
+    pixels, height, width, channels = (batch[name].to_numpy() for name in PIXEL_COLUMNS)
+    pictures = [np.frombuffer(pixels[i], dtype=np.uint8).reshape(int(height[i]), int(width[i]), int(channels[i]))
+                for i in positions]
     pred = predictor.predict(pictures)
     for name in ("raw", "raw_sd", "cxr_age"):
         batch.iloc[positions, batch.columns.get_loc(name)] = getattr(pred, name)

@@ -48,3 +48,49 @@ def test_gpu_pipeline_script_runs_without_ray_on_cpu(shared_dir):
     assert float(row.group(1)) > 0 and float(row.group(2)) > 0 and float(row.group(4)) == 0.0
     assert re.search(r"AgePredictor \(compiled=False\)\s+[\d.]+\s+[\d.]+", stdout), stdout
     assert "ray imported: False" in stdout
+
+
+@pytest.mark.timeout(900)
+def test_pipeline_ceiling_script_reports_light_ratio_and_ceiling(shared_dir, tmp_path):
+    """The issue-15 benchmark at toy sizes: one light-work pair and one ceiling run, with sane figures."""
+    env = {**os.environ, "CXRAGE_SHARED": str(shared_dir), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    result = subprocess.run([sys.executable, "benchmarks/pipeline_ceiling.py", "--films", "8", "--ceiling-films", "64",
+                             "--cores", "2", "--json", str(tmp_path / "figures.json")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=880)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    pair = re.search(r"ours/loop = ([\d.]+)\s+max \|d cxr_age\| ([\d.e+-]+) over (\d+)", result.stdout)
+    assert pair, result.stdout
+    # both sides scored all 8 films to the same ages (same pictures, CPU fp32 network, same batches)
+    assert float(pair.group(1)) > 0 and float(pair.group(2)) < 1e-6 and pair.group(3) == "8"
+    steady = re.search(r"2 core\(s\):\s+([\d.]+) films/s after the first film", result.stdout)
+    assert steady and float(steady.group(1)) > 0, result.stdout
+    assert re.search(r"next to it: light-work ours/loop = [\d.]+", result.stdout)
+
+
+def test_ceiling_stand_in_is_not_reachable_from_the_cli(tmp_path, monkeypatch, capsys):
+    """The benchmark-only stand-in (`CeilingStandIn`) has no flag, and `cxrage score` never passes it."""
+    from cxrage_ray import cli, pipeline
+
+    with pytest.raises(SystemExit):
+        cli.main(["score", "--help"])
+    help_text = capsys.readouterr().out.lower()
+    assert "score a folder" in help_text
+    assert not any(word in help_text for word in ("stand-in", "stand_in", "ceiling", "benchmark"))
+    score_parser = cli.build_parser()._subparsers._group_actions[0].choices["score"]
+    assert not [a.dest for a in score_parser._actions if "stand" in a.dest or "ceiling" in a.dest]
+    with pytest.raises(SystemExit):  # no abbreviation or spelling of it parses either
+        cli.build_parser().parse_args(["score", "in", "out", "--stand-in"])
+
+    calls = []
+
+    def fake_score(cfg, weights_home, manifest=None, **kwargs):
+        calls.append(kwargs)
+        return {"rows_ok": 1, "rows_error": 0, "rows_total": 1, "rows_scored_this_run": 1, "images_per_s": 1.0,
+                "errors_by_kind": {}}
+
+    monkeypatch.setattr(pipeline, "score", fake_score)
+    (tmp_path / "film.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    cli.main(["score", str(tmp_path), str(tmp_path / "out"), "--weights", "demo", "--no-progress"],
+             env={"CXRAGE_HOME": str(tmp_path / "home")})
+    assert calls == [{}]  # the CLI passes cfg, weights home and manifest only: never `stand_in`
+    assert "stand_in" not in (REPO / "cxrage_ray" / "cli.py").read_text()

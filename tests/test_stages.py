@@ -67,3 +67,28 @@ def test_retry_counts_sum_the_rows_of_a_batch():
     assert retry_counts(table) == {"SlowDown": 3, "Timeout": 1}
     assert retry_counts(table.to_pandas()) == {"SlowDown": 3, "Timeout": 1}
     assert retry_counts(table.drop(["read_retries"])) == {}
+
+
+def test_ceiling_stand_in_rows_have_the_prepared_columns_and_constant_scores(tmp_path):
+    """The benchmark-only stand-in keeps the real stage's columns (so the real writer takes its rows)."""
+    from cxrage_ray.stages import CeilingStandIn, PredictStage, read_bytes_batch
+
+    Image.fromarray(_film()).save(tmp_path / "film.png")
+    rows = pd.DataFrame({"row_id": [0, 1], "image_id": ["film.png", "gone.png"],
+                         "uri": [str(tmp_path / "film.png"), str(tmp_path / "gone.png")]})
+    settings = PrepareSettings(storage=StorageConfig(), preprocess="none", orient=OrientConfig(mode="off"))
+    real, stand_in = prepare_batch(rows, settings), read_bytes_batch(rows, settings)
+    assert list(stand_in.columns) == list(real.columns)
+    assert stand_in["pixels"].iloc[0] == (tmp_path / "film.png").read_bytes()
+    assert stand_in["status"].tolist() == ["ok", "error"] and stand_in["error"].iloc[1].startswith("ReadError")
+    scored = PredictStage([{}], None, {"tta": "none"}, stand_in=CeilingStandIn(score=1.5))(stand_in)
+    assert scored["cxr_age"].iloc[0] == 1.5 and np.isnan(scored["cxr_age"].iloc[1])
+    assert scored["device"].iloc[0] == "stand-in" and "pixels" not in scored.columns
+
+
+def test_rows_per_task_auto_is_larger_for_pre_made_pictures():
+    from cxrage_ray.config import LIGHT_ROWS_PER_TASK, SEED_ROWS_PER_TASK, RayConfig
+
+    assert RayConfig().rows_per_task_for("seed") == SEED_ROWS_PER_TASK == 16  # heavy work: unchanged
+    assert RayConfig().rows_per_task_for("none") == LIGHT_ROWS_PER_TASK > SEED_ROWS_PER_TASK
+    assert RayConfig(rows_per_task=3).rows_per_task_for("none") == 3
