@@ -201,16 +201,22 @@ class PartWriter:
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
         name = f"part-{self.run_id}-{self.parts_written:05d}.parquet"
-        self._buffer, self._buffered_rows = [], 0
-        self.parts_written += 1
-        self._window_s = min(2 * self._window_s, self.commit_every_s)
         uri = _join(self.output, PARTS_DIR, name)
         try:
             write_bytes(uri, sink.getvalue(), self.storage)
         except Exception as exc:
+            self._next_part()  # the rows are in the spill now, or the error says they are not
             self.failure = self._refused(uri, name, sink.getvalue(), len(table), exc)
             raise self.failure from exc
+        # cleared only now: Ctrl-C during the write leaves the rows buffered, and the interrupted job's last
+        # flush commits them under the same name (a part appears whole, once)
+        self._next_part()
         self.rows_written += len(table)
+
+    def _next_part(self) -> None:
+        self._buffer, self._buffered_rows = [], 0
+        self.parts_written += 1
+        self._window_s = min(2 * self._window_s, self.commit_every_s)
 
     def _refused(self, uri: str, name: str, data: bytes, rows: int, exc: Exception) -> OutputError:
         """Keep a refused part in the spill; the error says why OUTPUT refused it and where the rows are."""

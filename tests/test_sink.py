@@ -234,3 +234,24 @@ def test_the_first_commit_windows_are_short_and_grow_to_commit_every(tmp_path):
         writer.add(_rows([i], {}))
         writer.flush()
     assert windows == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+
+
+def test_ctrl_c_during_a_write_keeps_the_rows_for_the_last_flush(tmp_path, monkeypatch):
+    import cxrage_ray.sink as sink
+
+    out = str(tmp_path / "out")
+    writer = PartWriter(out, SCHEMA, StorageConfig(), part_rows=2)
+    real_write, calls = sink.write_bytes, []
+
+    def interrupted_once(uri, data, storage):
+        calls.append(uri)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real_write(uri, data, storage)
+
+    monkeypatch.setattr(sink, "write_bytes", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        writer.add(_rows([0, 1], {}))
+    writer.flush()  # what the pipeline's Ctrl-C handler does
+    assert completed_row_ids(out, StorageConfig()) == {0, 1}
+    assert calls[0] == calls[1]  # the same part name: whole, once
