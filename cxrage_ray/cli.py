@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from cxrage_ray.errors import CxrAgeError, InputError, OutputError
-from cxrage_ray.lifetime import Terminated
+from cxrage_ray.lifetime import Terminated, terminate_as_interrupt
 
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 3, 2, 4, 130
 #: SIGTERM ends the job like Ctrl-C, with the shell's code for it (128 + 15)
@@ -262,7 +262,8 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         write_back=_write_back(args),
         uri_column=args.uri_column,
     )
-    summary = score(cfg, _weights_home(env), manifest=manifest)
+    with terminate_as_interrupt():  # SIGTERM at any point of the job ends it like Ctrl-C, with exit 143
+        summary = score(cfg, _weights_home(env), manifest=manifest)
     demo = " with DEMO weights (ages are meaningless)" if summary.get("weights_name") == "demo" else ""
     print(
         f"cxrage: {summary['rows_ok']} ok, {summary['rows_error']} error of {summary['rows_total']} rows "

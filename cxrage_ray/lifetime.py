@@ -2,7 +2,8 @@
 
 - `terminate_as_interrupt`: SIGTERM (what `kill`, `timeout`, systemd and Kubernetes send) raises `Terminated`,
   a KeyboardInterrupt, so the job commits what it has scored and exits as after Ctrl-C (exit 143, not 130).
-  `ray.init` installs its own SIGTERM handler (`sys.exit`), so this is entered after Ray has started.
+  `ray.init` installs its own SIGTERM handler (`sys.exit`): `raise_on_sigterm` puts ours back after it, and the
+  block's exit restores the handler from before Ray (a SIGTERM during `ray.shutdown` is still ours).
 - `ReaperGuard`: the embedded Ray's processes outlive a driver killed with SIGKILL (its DashboardAgent and
   RuntimeEnvAgent were measured alive 20-40 s later, workers a few seconds). A small watcher process, started
   with the embedded Ray and in its own session (so Ctrl-C or a kill of the driver's process group does not reach
@@ -41,7 +42,8 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises `Terminated` in the main thread; the previous handler comes back after."""
+    """Within the block, SIGTERM raises `Terminated` in the main thread; the handler from before the block comes
+    back after it, whatever replaced it in between (`ray.init`)."""
     if not _in_main_thread():
         yield
         return
@@ -50,6 +52,12 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def raise_on_sigterm() -> None:
+    """SIGTERM raises `Terminated` from now on (main thread only): after `ray.init` replaced the handler."""
+    if _in_main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _in_main_thread() -> bool:

@@ -36,7 +36,7 @@ from cxrage_ray.checkpoint import load_state_dict
 from cxrage_ray.config import SEED_ROWS_PER_TASK, RayConfig, ScoreConfig
 from cxrage_ray.console import native_stderr_to_session_log, progress_bar, quiet_ray_console, ray_init_options
 from cxrage_ray.errors import InputError, StalledError, error_kind
-from cxrage_ray.lifetime import reaped_on_kill, terminate_as_interrupt
+from cxrage_ray.lifetime import raise_on_sigterm, reaped_on_kill, terminate_as_interrupt
 from cxrage_ray.manifest import PROBLEM_COLUMN, build_manifest
 from cxrage_ray.registry import DEFAULT_MODEL, resolve_weights
 from cxrage_ray.sink import (
@@ -338,8 +338,8 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
     """Join `rc.address`, or start an embedded local Ray (reused, not stopped, if one is already up).
 
     The embedded Ray's processes die with this one even when it is killed with SIGKILL (`lifetime.reaped_on_kill`),
-    and SIGTERM stops the job like Ctrl-C (`lifetime.terminate_as_interrupt`; entered after `ray.init`, which
-    installs a handler of its own).
+    and SIGTERM stops the job like Ctrl-C (`lifetime.terminate_as_interrupt`, put back by `raise_on_sigterm` after
+    `ray.init` installed a handler of its own, and kept until Ray has shut down).
     """
     import ray
 
@@ -351,6 +351,7 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
     loud = rc.verbose or bool(rc.address)
     kwargs: dict[str, Any] = {"include_dashboard": False, **ray_init_options(loud)}
     with contextlib.ExitStack() as stack:
+        stack.enter_context(terminate_as_interrupt())  # left after ray.shutdown: a SIGTERM during it is ours too
         if rc.address:
             ray.init(address=rc.address, **kwargs)
         else:
@@ -363,7 +364,7 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
         quiet_ray_console(loud)
         stack.enter_context(native_stderr_to_session_log(loud))
         stack.callback(ray.shutdown)  # inside the redirect: shutdown's complaints about dying actors stay in the log
-        stack.enter_context(terminate_as_interrupt())
+        raise_on_sigterm()  # ray.init replaced our handler with its own sys.exit
         yield
 
 
