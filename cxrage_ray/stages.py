@@ -106,7 +106,7 @@ def _plausible_age(meta: dict[str, Any], row: Mapping[str, Any], settings: Prepa
     return plausible_age(_chronological_age(meta, row, settings.age_column))
 
 
-def fetch_row(row: pd.Series, storage: StorageConfig) -> tuple[bytes | BaseException, RetryCounts]:
+def fetch_row(row: Mapping[str, Any], storage: StorageConfig) -> tuple[bytes | BaseException, RetryCounts]:
     """A manifest row's bytes, or the exception that stands for them, and the retries the read took.
 
     A row the manifest marked with a problem is not read: its `ManifestError` is returned instead.
@@ -136,12 +136,18 @@ def retry_counts(table: Any) -> RetryCounts:
     return total
 
 
+def empty_prepared_row() -> dict[str, Any]:
+    """A prepared row with every column and no picture yet: every key is present in every row, with one type per
+    column, so Ray never falls back to pickled objects."""
+    return {"status": "ok", "error": None, "pixels": b"", "height": 0, "width": 0, "channels": 0,
+            "orientation": None, "rotation_source": None, "qc": [], "chronological_age": None,
+            **dict.fromkeys(META_COLUMNS)}
+
+
 def prepare_row(row: Mapping[str, Any], settings: PrepareSettings, fetched: bytes | BaseException | None = None
                 ) -> dict[str, Any]:
     """One manifest row -> one prepared row (never raises). `fetched`: the row's bytes, if already read."""
-    # every key present in every row, with one type per column, so Ray never falls back to pickled objects
-    out: dict[str, Any] = {"status": "ok", "error": None, "pixels": b"", "height": 0, "width": 0, "channels": 0,
-                           "orientation": None, "rotation_source": None, "qc": []}
+    out = empty_prepared_row()
     meta: dict[str, Any] = {}
     try:
         data = fetch_row(row, settings.storage)[0] if fetched is None else fetched
@@ -167,7 +173,8 @@ def prepare_row(row: Mapping[str, Any], settings: PrepareSettings, fetched: byte
     except Exception as exc:  # a bug or an unexpected library failure: keep the row, keep going
         log.warning("unexpected %s while preparing row %s", type(exc).__name__, row.get("row_id"))
         out.update(status="error", error=error_text(exc))
-    out.setdefault("chronological_age", _plausible_age(meta, row, settings)[0])
+    if out["chronological_age"] is None:  # the film failed before its age was read: the manifest's, if any
+        out["chronological_age"] = _plausible_age(meta, row, settings)[0]
     for key in META_COLUMNS:
         out[key] = meta.get(key)
     return out
@@ -254,10 +261,8 @@ def read_bytes_batch(batch: pd.DataFrame, settings: PrepareSettings) -> pd.DataF
 def _bytes_row(row: Mapping[str, Any], settings: PrepareSettings, fetched: bytes | BaseException | None = None
                ) -> dict[str, Any]:
     """One row of `read_bytes_batch`: the columns `prepare_row` gives, the bytes as a 1-pixel-high picture."""
-    data = read_bytes(row["uri"], settings.storage) if fetched is None else fetched
-    out: dict[str, Any] = {"status": "ok", "error": None, "pixels": b"", "height": 0, "width": 0, "channels": 0,
-                           "orientation": None, "rotation_source": None, "qc": [], "chronological_age": None,
-                           **dict.fromkeys(META_COLUMNS)}
+    data = fetch_row(row, settings.storage)[0] if fetched is None else fetched
+    out = empty_prepared_row()
     if isinstance(data, BaseException):
         out.update(status="error", error=error_text(data))
     else:
@@ -283,10 +288,13 @@ class StandInPredictor:
         return StandInPrediction(raw=raw, raw_sd=np.full(len(images), np.nan), cxr_age=raw.copy())
 
 
-def unpack_picture(row: pd.Series) -> np.ndarray:
-    return np.frombuffer(row["pixels"], dtype=np.uint8).reshape(
-        int(row["height"]), int(row["width"]), int(row["channels"])
-    )
+def unpack_picture(row: Mapping[str, Any]) -> np.ndarray:
+    """A prepared row's uint8 (H, W, C) picture, from its `PIXEL_COLUMNS` (a view of the bytes, no copy)."""
+    return picture_from(row["pixels"], row["height"], row["width"], row["channels"])
+
+
+def picture_from(pixels: bytes, height: int, width: int, channels: int) -> np.ndarray:
+    return np.frombuffer(pixels, dtype=np.uint8).reshape(int(height), int(width), int(channels))
 
 
 @dataclass(frozen=True)
@@ -392,8 +400,7 @@ def _score_rows(batch: pd.DataFrame, positions: np.ndarray, predictor) -> None:
         return
     # from the columns' arrays: a Series per row (`batch.iloc[i]`) cost more than a light film's decode
     pixels, height, width, channels = (batch[name].to_numpy() for name in PIXEL_COLUMNS)
-    pictures = [np.frombuffer(pixels[i], dtype=np.uint8).reshape(int(height[i]), int(width[i]), int(channels[i]))
-                for i in positions]
+    pictures = [picture_from(pixels[i], height[i], width[i], channels[i]) for i in positions]
     pred = predictor.predict(pictures)
     for name in ("raw", "raw_sd", "cxr_age"):
         batch.iloc[positions, batch.columns.get_loc(name)] = getattr(pred, name)

@@ -30,7 +30,8 @@ from cxrage_ray.decode.dicom import looks_like_acr_nema
 from cxrage_ray.decode.raster import sniff_format
 from cxrage_ray.errors import CxrAgeError, DecodeError, EmptyFileError, error_kind, error_text
 from cxrage_ray.sink import CONTRACT_NAMES
-from cxrage_ray.stages import PIXEL_COLUMNS, PrepareSettings, prepare_row, score_prepared, unpack_picture
+from cxrage_ray.stages import (PIXEL_COLUMNS, PrepareSettings, empty_prepared_row, prepare_row, score_prepared,
+                               unpack_picture)
 
 SaliencyMethod = Literal["grad", "gradcam"]
 #: Contract fields a served result never fills: identifiers, dates and storage locations.
@@ -87,14 +88,9 @@ def prepare_upload(upload: Upload, settings: PrepareSettings, position: int = 0)
     try:
         check_is_image(upload)
     except CxrAgeError as exc:
-        return {**_empty_prepared(), "status": "error", "error": error_text(exc)}
+        return {**empty_prepared_row(), "status": "error", "error": error_text(exc)}
     prepared = prepare_row(row, settings, fetched=upload.data)
     return {**prepared, "row_id": position, "image_id": upload.filename}
-
-
-def _empty_prepared() -> dict[str, Any]:
-    return {"status": "ok", "error": None, "pixels": b"", "height": 0, "width": 0, "channels": 0,
-            "orientation": None, "rotation_source": None, "qc": [], "chronological_age": None}
 
 
 def score_films(prepared: Sequence[dict[str, Any]], predictor, labels: dict[str, str],
