@@ -36,7 +36,15 @@ import pyarrow.parquet as pq
 
 from cxrage_ray.errors import InputError, OutputError, error_kind
 from cxrage_ray.spill import Spill
-from cxrage_ray.storage import StorageConfig, exists, filesystem_for, list_files, read_bytes, write_bytes
+from cxrage_ray.storage import (
+    StorageConfig,
+    error_reason,
+    exists,
+    filesystem_for,
+    list_files,
+    read_bytes,
+    write_bytes,
+)
 
 #: The output contract (issue 2 + DICOM metadata); other tools read these names.
 CONTRACT_FIELDS: list[pa.Field] = [
@@ -203,11 +211,11 @@ class PartWriter:
         name = f"part-{self.run_id}-{self.parts_written:05d}.parquet"
         uri = _join(self.output, PARTS_DIR, name)
         try:
-            write_bytes(uri, sink.getvalue(), self.storage)
-        except Exception as exc:
+            _write_or_refuse(uri, sink.getvalue(), self.storage)
+        except OutputError as refused:
             self._next_part()  # the rows are in the spill now, or the error says they are not
-            self.failure = self._refused(uri, name, sink.getvalue(), len(table), exc)
-            raise self.failure from exc
+            self.failure = self._refused(refused, name, sink.getvalue(), len(table))
+            raise self.failure from refused
         # cleared only now: Ctrl-C during the write leaves the rows buffered, and the interrupted job's last
         # flush commits them under the same name (a part appears whole, once)
         self._next_part()
@@ -218,16 +226,16 @@ class PartWriter:
         self.parts_written += 1
         self._window_s = min(2 * self._window_s, self.commit_every_s)
 
-    def _refused(self, uri: str, name: str, data: bytes, rows: int, exc: Exception) -> OutputError:
+    def _refused(self, refused: OutputError, name: str, data: bytes, rows: int) -> OutputError:
         """Keep a refused part in the spill; the error says why OUTPUT refused it and where the rows are."""
-        reason = f"cannot write {uri}: {write_failure_reason(exc)}; the job stopped at the first part OUTPUT refused"
+        reason = f"{refused}; the job stopped at the first part OUTPUT refused"
         if self.spill is None:
             return OutputError(f"{reason}; {rows} scored rows of that part were not kept and the rerun scores them")
         try:
             kept = self.spill.keep(name, data)
         except OSError as spill_exc:
             return OutputError(f"{reason}; {rows} scored rows could not be kept locally either "
-                               f"({write_failure_reason(spill_exc)}) and the rerun scores them")
+                               f"({error_reason(spill_exc)}) and the rerun scores them")
         return OutputError(f"{reason}. {rows} scored rows are kept in {kept.parent}; once OUTPUT can be written, "
                            "rerun the same command: it commits them and scores only what is missing")
 
@@ -252,20 +260,17 @@ def committing_on_time(writer: PartWriter, tick_s: float | None = None) -> Itera
         timer.join()
 
 
-def write_failure_reason(exc: BaseException) -> str:
-    """Why a write failed, in words (an OSError's strerror, not its repr with temp-file paths)."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc).strip() or type(exc).__name__
+def _write_or_refuse(uri: str, data: bytes, storage: StorageConfig) -> None:
+    """`write_bytes`, with whatever the store raises as ``OutputError("cannot write URI: reason")``."""
+    try:
+        write_bytes(uri, data, storage)
+    except Exception as exc:
+        raise OutputError(f"cannot write {uri}: {error_reason(exc)}") from exc
 
 
 def commit_part(output: str, name: str, data: bytes, storage: StorageConfig) -> None:
     """Commit one whole part (bytes of a Parquet file) as OUTPUT/parts/<name> (`OutputError` when refused)."""
-    uri = _join(output, PARTS_DIR, name)
-    try:
-        write_bytes(uri, data, storage)
-    except Exception as exc:
-        raise OutputError(f"cannot write {uri}: {write_failure_reason(exc)}") from exc
+    _write_or_refuse(_join(output, PARTS_DIR, name), data, storage)
 
 
 def committed_parts(output: str, storage: StorageConfig) -> list[str]:
@@ -322,11 +327,7 @@ def read_output(output: str, storage: StorageConfig) -> pa.Table:
 
 def write_json(output: str, name: str, payload: dict[str, Any], storage: StorageConfig) -> None:
     """Write the record OUTPUT/_cxrage/<name> (`OutputError` when OUTPUT refuses it)."""
-    uri = record_uri(output, name)
-    try:
-        write_bytes(uri, json.dumps(payload, indent=2, sort_keys=True).encode(), storage)
-    except Exception as exc:
-        raise OutputError(f"cannot write {uri}: {write_failure_reason(exc)}") from exc
+    _write_or_refuse(record_uri(output, name), json.dumps(payload, indent=2, sort_keys=True).encode(), storage)
 
 
 def read_json(output: str, name: str, storage: StorageConfig) -> dict[str, Any] | None:

@@ -497,12 +497,12 @@ def _as_read_error(e: Exception, uri: str, what: str, transient: bool, attempts:
     if transient:
         return ReadError(f"could not {what} {uri} after {attempts} attempts (throttled or unreachable): "
                          f"{_failure(e, uri, storage)}")
-    return ReadError(f"could not {what} {uri}: {_reason(e, uri, path)}")
+    return ReadError(f"could not {what} {uri}: {error_reason(e, uri, path)}")
 
 
-def _reason(e: BaseException, uri: str, path: str | None) -> str:
-    """An exception's message without local paths the uri does not already hold: an OSError says only its
-    strerror, and the backend's spelling of the path becomes the uri."""
+def error_reason(e: BaseException, uri: str = "", path: str | None = None) -> str:
+    """An exception's message without local paths the uri does not already hold: an OSError about a file says only
+    its strerror (not the resolved or temporary path), and the backend's spelling of the path becomes the uri."""
     if isinstance(e, OSError) and e.strerror and e.filename is not None:
         return e.strerror.lower()
     text = _short(e)
