@@ -173,7 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--decode", choices=["fast", "exact"], default="exact",
                     help="fast: reduced-resolution JPEG 2000 / JPEG decode; exact: full resolution")
 
-
     r = _subparser(sub, "report", "write OUTPUT/_cxrage/report.html and analysis.json")
     r.add_argument("output", help="OUTPUT folder of `cxrage score`")
     r.add_argument("--time-col", help="manifest column with follow-up time, for the Cox models")

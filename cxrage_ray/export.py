@@ -112,11 +112,11 @@ def export_seed_chain_pngs(
         else:
             results = pool.map(export_one, [u for u, _ in jobs], [d for _, d in jobs],
                                [storage] * len(jobs), [options] * len(jobs), chunksize=8)
-        failures = int(marked.sum())
+        unwritten = 0
         for (uri, dest), error in zip(jobs, results):
             if error is not None:
-                failures += 1
+                unwritten += 1
                 print(f"cxrage preprocess: {dest.name}: {error}", file=sys.stderr)
-    written = len(jobs) - (failures - int(marked.sum()))
-    print(f"cxrage preprocess: {written} written, {failures} failed -> {outdir}", file=sys.stderr)
+    failures = unwritten + int(marked.sum())
+    print(f"cxrage preprocess: {len(jobs) - unwritten} written, {failures} failed -> {outdir}", file=sys.stderr)
     return failures

@@ -11,9 +11,9 @@ tifffile for TIFF (Pillow as a fallback), and imagecodecs (libpng) for 16-bit co
 truncate to 8 bits, and for plain 1/8/16-bit grey and 8-bit RGB PNGs: it decodes straight into one array of
 the file's depth, where Pillow holds its own copy (1 byte a pixel even for 1-bit, 4 for RGB) and hands numpy
 a second one (a 16384² 16-bit PNG peaked at 2.7 GB through Pillow). Every PNG's critical chunks are checked
-against their CRC first, as libpng and ImageMagick do (Pillow skips the IDAT CRC). The declared size is checked against `max_pixels` from the header, before any
-pixel is decoded; Pillow's own process-wide bomb limit is bypassed (its plugin classes are opened
-directly) so the one limit that applies is the caller's.
+against their CRC first, as libpng and ImageMagick do (Pillow skips the IDAT CRC). The declared size is checked
+against `max_pixels` from the header, before any pixel is decoded; Pillow's own process-wide bomb limit is
+bypassed (its plugin classes are opened directly) so the one limit that applies is the caller's.
 """
 
 from __future__ import annotations
