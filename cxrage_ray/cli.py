@@ -222,10 +222,9 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     storage = _storage(args, env)
     manifest = _preflight(args, storage)
 
-    from cxrage_ray.config import RayConfig, ScoreConfig
+    from cxrage_ray.config import PredictorConfig, RayConfig, ScoreConfig
     from cxrage_ray.decode import DecodeOptions
     from cxrage_ray.pipeline import score
-    from cxrage_ray.predict import PredictorConfig
     from cxrage_ray.orient import OrientConfig, load_rotation_list
     from cxrage_ray.spill import default_spill_root
     from cxrage_ray.stages import SaliencySettings
@@ -375,7 +374,7 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     import torch
 
     from cxrage_ray.decode import DecodeOptions
-    from cxrage_ray.predict import PredictorConfig
+    from cxrage_ray.config import PredictorConfig
     from cxrage_ray.registry import resolve_weights
     from cxrage_ray.serve.config import ServeConfig
     from cxrage_ray.serve.run import serve_until_stopped

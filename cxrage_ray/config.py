@@ -4,14 +4,43 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from cxrage_ray.decode import DecodeOptions
 from cxrage_ray.orient import OrientConfig
-from cxrage_ray.predict import PredictorConfig
 from cxrage_ray.stages import PreprocessMode, SaliencySettings
 from cxrage_ray.storage import StorageConfig
 from cxrage_ray.writeback import WriteBackConfig
+
+if TYPE_CHECKING:  # annotations only: importing predict imports torch, which the driver defers (issue 15)
+    from cxrage_ray.predict import Device, Precision
+    from cxrage_ray.preprocess.fastai import TTAMode
+
+
+@dataclass(frozen=True, slots=True)
+class PredictorConfig:
+    """How to run the model.
+
+    Args:
+        device: "auto" picks CUDA when available, else CPU.
+        precision: "auto" is bf16 autocast on GPUs that support it (else fp16) and fp32 on CPU.
+        tta: "seed" (centre + 4 corners, the original's composite) or "none" (centre only).
+        batch_size: model views per forward pass (5 views per image with TTA); same-shaped pictures
+            are transformed together on the inference device.
+        num_threads: torch intra-op threads on CPU; 0 means all cores of this machine. Ray workers start
+            with OMP_NUM_THREADS=1, so this must be set explicitly.
+        compile: `torch.compile` the network ("auto": on GPU; a failure falls back to eager, logged).
+        fold_batchnorm: fold the body's batch norms into its convolutions ("auto": on GPU; on the CPU the
+            unfolded network keeps fp32 scores equal to the plain model's).
+    """
+
+    device: Device = "auto"
+    precision: Precision = "auto"
+    tta: TTAMode = "seed"
+    batch_size: int = 64
+    num_threads: int = 0
+    compile: Literal["auto", "on", "off"] = "auto"
+    fold_batchnorm: Literal["auto", "on", "off"] = "auto"
 
 
 #: Manifest rows per CPU task by default: with the seed chain (heavy per film), and for pre-made pictures.

@@ -32,7 +32,6 @@ import pandas as pd
 import pyarrow as pa
 
 import cxrage_ray
-from cxrage_ray.checkpoint import load_state_dict
 from cxrage_ray.config import SEED_ROWS_PER_TASK, RayConfig, ScoreConfig
 from cxrage_ray.console import native_stderr_to_session_log, progress_bar, quiet_ray_console, ray_init_options
 from cxrage_ray.errors import InputError, StalledError, error_kind
@@ -54,7 +53,6 @@ from cxrage_ray.sink import (
     write_json,
     write_original_csv,
 )
-from cxrage_ray.device_stages import DeviceScoreStage, prepare_encoded_batch
 from cxrage_ray.spill import Spill
 from cxrage_ray.stages import (
     CeilingStandIn,
@@ -104,9 +102,10 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
     startup: dict[str, float] = {"before_ray_s": time.perf_counter() - started}
     itinerary = Itinerary("cpu", "nothing left to score")
     if len(todo):
-        # the weights are read (torch imported, ~85 MB parsed) on a thread while Ray starts
+        # the weights are read (torch imported, ~85 MB parsed) on a thread while Ray starts: nothing on the way
+        # to ray.init imports torch (~2.5 s on a 2-core machine, issue 15)
         loading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrage-weights")
-        state_dict_future = loading.submit(load_state_dict, weights.path)
+        state_dict_future = loading.submit(_load_state_dict, weights.path)
         loading.shutdown(wait=False)
         with ray_session(cfg.ray), progress_bar(len(todo), len(manifest), cfg.progress) as bar, \
                 committing_on_time(writer):
@@ -155,6 +154,12 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
         write_original_csv(read_output(cfg.output, cfg.storage), cfg.csv, cfg.storage,
                            weights_name=weights_name)
     return summary
+
+
+def _load_state_dict(path: Path) -> dict:
+    from cxrage_ray.checkpoint import load_state_dict
+
+    return load_state_dict(path)
 
 
 @dataclass(frozen=True)
@@ -251,6 +256,8 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
     # the scheduler places prepare tasks by the memory their worst film may take, not only by CPU
     prepare_memory = prepare_memory_request(cfg.decode.max_pixels, _largest_node_memory())
     if itinerary.path == "device":
+        from cxrage_ray.device_stages import DeviceScoreStage, prepare_encoded_batch
+
         if stand_in is not None:
             raise ValueError("the benchmark stand-in runs on the CPU itinerary only (--gpu-preprocess off)")
         return (

@@ -18,6 +18,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from cxrage_ray.config import PredictorConfig  # defined beside the other job settings, without torch
 from cxrage_ray.model import build_model, calibrate
 from cxrage_ray.preprocess.fastai import SIZE, TTAMode, batch_tta_views, combine_tta
 
@@ -25,32 +26,6 @@ log = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-
-
-@dataclass(frozen=True, slots=True)
-class PredictorConfig:
-    """How to run the model.
-
-    Args:
-        device: "auto" picks CUDA when available, else CPU.
-        precision: "auto" is bf16 autocast on GPUs that support it (else fp16) and fp32 on CPU.
-        tta: "seed" (centre + 4 corners, the original's composite) or "none" (centre only).
-        batch_size: model views per forward pass (5 views per image with TTA); same-shaped pictures
-            are transformed together on the inference device.
-        num_threads: torch intra-op threads on CPU; 0 means all cores of this machine. Ray workers start
-            with OMP_NUM_THREADS=1, so this must be set explicitly.
-        compile: `torch.compile` the network ("auto": on GPU; a failure falls back to eager, logged).
-        fold_batchnorm: fold the body's batch norms into its convolutions ("auto": on GPU; on the CPU the
-            unfolded network keeps fp32 scores equal to the plain model's).
-    """
-
-    device: Device = "auto"
-    precision: Precision = "auto"
-    tta: TTAMode = "seed"
-    batch_size: int = 64
-    num_threads: int = 0
-    compile: Literal["auto", "on", "off"] = "auto"
-    fold_batchnorm: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(slots=True)

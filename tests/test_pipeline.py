@@ -274,3 +274,27 @@ def test_choose_itinerary_auto_needs_a_gpu_and_nvimgcodec_and_says_why():
                     dict(predictor=PredictorConfig(device="cpu"))):
         with pytest.raises(InputError):
             check_gpu_request(replace(on, **changed), local_cuda=lambda: True)
+
+
+def test_the_driver_reaches_ray_init_without_importing_torch():
+    """Importing torch (+ torchvision) costs the driver ~2.5 s on a 2-core machine; on the way to `ray.init` it
+    must not happen, so Ray starts while a thread loads the weights (issue 15)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "import cxrage_ray.cli, cxrage_ray.pipeline, cxrage_ray.manifest, cxrage_ray.preflight, cxrage_ray.spill\n"
+        "from cxrage_ray.config import PredictorConfig, RayConfig, ScoreConfig\n"
+        "from cxrage_ray.orient import OrientConfig\n"
+        "ScoreConfig(input='in', output='out', predictor=PredictorConfig(device='cpu'), ray=RayConfig(),\n"
+        "            orient=OrientConfig(mode='off'))\n"
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    from cxrage_ray.config import PredictorConfig as defined
+    from cxrage_ray.predict import PredictorConfig as exported
+
+    assert exported is defined  # `from cxrage_ray.predict import PredictorConfig` keeps working

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from cxrage_ray.decode import DecodeOptions
 from cxrage_ray.orient import OrientConfig
-from cxrage_ray.predict import PredictorConfig
+from cxrage_ray.config import PredictorConfig
 
 
 @dataclass(frozen=True)
