@@ -64,7 +64,7 @@ class PrepareSettings:
 
 
 def picture_from_bytes(data: bytes, name: str, settings: PrepareSettings) -> tuple[np.ndarray, DecodedImage | None]:
-    """bytes -> (uint8 (H, W, C) picture the model's transform reads, the decoded film it came from).
+    """bytes -> (uint8 picture the model's transform reads: (H, W) grey or (H, W, C), the decoded film it came from).
 
     The decoded film is None for `--preprocess none` raster inputs, which are the picture already.
     """
@@ -74,6 +74,8 @@ def picture_from_bytes(data: bytes, name: str, settings: PrepareSettings) -> tup
 
         try:
             with Image.open(io.BytesIO(data)) as im:
+                if im.mode == "L":  # grey: fastai's RGB copy has R = G = B = L, which the model's views
+                    return np.asarray(im), None  # replicate from one channel (a third of the bytes to ship)
                 return np.asarray(im.convert("RGB")), None
         except Exception as exc:  # Pillow raises many types for bad bytes
             raise DecodeError(f"not a readable image: {exc}") from exc

@@ -92,3 +92,35 @@ def test_rows_per_task_auto_is_larger_for_pre_made_pictures():
     assert RayConfig().rows_per_task_for("seed") == SEED_ROWS_PER_TASK == 16  # heavy work: unchanged
     assert RayConfig().rows_per_task_for("none") == LIGHT_ROWS_PER_TASK > SEED_ROWS_PER_TASK
     assert RayConfig(rows_per_task=3).rows_per_task_for("none") == 3
+
+
+def test_grey_pictures_ship_one_channel_and_score_as_fastais_rgb_copy(tmp_path):
+    """`--preprocess none`: a grey PNG is shipped as one channel (a third of the bytes); the model's views
+    replicate it, so its scores are bit-identical to those of fastai's `convert('RGB')` copy (issue 15)."""
+    from checkpoints import random_state_dict
+
+    from cxrage_ray.predict import AgePredictor, PredictorConfig
+    from cxrage_ray.stages import picture_from_bytes
+
+    films = [_film(), np.rot90(_film()).copy(), (255 - _film()).astype(np.uint8)]
+    settings = PrepareSettings(storage=StorageConfig(), preprocess="none")
+    grey, rgb = [], []
+    for i, film in enumerate(films):
+        path = tmp_path / f"f{i}.png"
+        Image.fromarray(film).save(path)
+        picture, _ = picture_from_bytes(path.read_bytes(), path.name, settings)
+        assert picture.shape == film.shape and np.array_equal(picture, film)
+        grey.append(picture)
+        rgb.append(np.asarray(Image.open(path).convert("RGB")))  # fastai's open_image
+    Image.fromarray(films[0]).convert("RGB").save(tmp_path / "rgb.png")
+    assert picture_from_bytes((tmp_path / "rgb.png").read_bytes(), "rgb.png", settings)[0].shape[2] == 3
+
+    rows = prepare_batch(pd.DataFrame({"row_id": [0], "image_id": ["f0"], "uri": [str(tmp_path / "f0.png")]}),
+                         PrepareSettings(storage=StorageConfig(), preprocess="none", orient=OrientConfig(mode="off")))
+    assert rows.loc[0, "channels"] == 1 and len(rows.loc[0, "pixels"]) == films[0].size
+
+    state = random_state_dict(seed=3)
+    for tta in ("none", "seed"):
+        predictor = AgePredictor(state, PredictorConfig(device="cpu", tta=tta, batch_size=15))
+        ours, fastai = predictor.predict(grey), predictor.predict(rgb)
+        assert np.array_equal(ours.raw, fastai.raw) and np.array_equal(ours.raw_sd, fastai.raw_sd, equal_nan=True)
