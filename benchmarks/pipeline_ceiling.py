@@ -18,6 +18,7 @@ Out: a table on stdout (and `--json PATH`):
 
     python benchmarks/pipeline_ceiling.py                         # 1000 films light x1, ceiling 4000 films on 1 and 2 cores
     python benchmarks/pipeline_ceiling.py --films 200 --repeats 2 # quicker light-work pairs
+    python benchmarks/pipeline_ceiling.py --films 250 1000 3000 --skip-ceiling  # fixed cost and cost per film
     python benchmarks/pipeline_ceiling.py --skip-light            # the ceiling only
 
 A shared machine is noisy: both sides of a pair run back to back, so a pair's ratio is the figure to quote.
@@ -157,13 +158,31 @@ def fresh(folder: Path) -> Path:
     return folder
 
 
-def light(args: argparse.Namespace, pngs: list[Path], weights: Path, work: Path) -> dict:
-    manifest = heavy.write_manifest(work / f"manifest-light-{args.films}.csv", pngs, args.films)
-    print(f"light work: {args.films} films, {args.repeats} pair(s)", flush=True)
+def light(args: argparse.Namespace, pngs: list[Path], weights: Path, work: Path, films: int) -> dict:
+    manifest = heavy.write_manifest(work / f"manifest-light-{films}.csv", pngs, films)
+    print(f"light work: {films} films, {args.repeats} pair(s)", flush=True)
     pairs = [light_pair(manifest, weights, work, args, k) for k in range(args.repeats)]
     total = sum(p["ours_wall_s"] for p in pairs), sum(p["loop_wall_s"] for p in pairs)
-    return {"films": args.films, "batch_size": args.batch_size, "pairs": pairs,
+    return {"films": films, "batch_size": args.batch_size, "pairs": pairs,
             "ratio_all_pairs": round(total[1] / total[0], 3)}
+
+
+def wall_lines(runs: list[dict]) -> dict:
+    """Least-squares wall = fixed + per_film * films for each side over every pair of every film count; the
+    film count from which ours/loop stays >= 0.9, and the ratio as films grow (loop per film / ours per film)."""
+    import numpy as np
+
+    films = np.array([run["films"] for run in runs for _ in run["pairs"]], dtype=float)
+    fit = {}
+    for side in ("loop", "ours"):
+        walls = np.array([p[f"{side}_wall_s"] for run in runs for p in run["pairs"]])
+        per_film, fixed = np.polyfit(films, walls, 1)
+        fit[side] = {"fixed_s": round(float(fixed), 2), "per_film_ms": round(1000 * float(per_film), 2)}
+    (a_loop, b_loop), (a_ours, b_ours) = ((fit[s]["fixed_s"], fit[s]["per_film_ms"] / 1000) for s in ("loop", "ours"))
+    # (a_loop + b_loop n) / (a_ours + b_ours n) >= 0.9  <=>  n >= (0.9 a_ours - a_loop) / (b_loop - 0.9 b_ours)
+    reach = (0.9 * a_ours - a_loop) / (b_loop - 0.9 * b_ours) if b_loop > 0.9 * b_ours else None
+    return {**fit, "ratio_as_films_grow": round(b_loop / b_ours, 3),
+            "films_for_0_9": None if reach is None else max(0, int(np.ceil(reach)))}
 
 
 def pinned(cores: int, command: list[str]) -> list[str]:
@@ -200,8 +219,7 @@ def ceiling(args: argparse.Namespace, pngs: list[Path], weights: Path, work: Pat
 
 def report(results: dict) -> None:
     print()
-    if "light" in results:
-        lw = results["light"]
+    for lw in results.get("light_runs", []):
         print(f"light work ({lw['films']} films, --preprocess none --tta none --rotation off, batch "
               f"{lw['batch_size']}; wall clock from spawn, start-up included)")
         for k, p in enumerate(lw["pairs"]):
@@ -211,6 +229,14 @@ def report(results: dict) -> None:
             print(f"          loop ms/film {p['loop_ms_per_film']}, model load {p['loop_load_s']} s; "
                   f"ours start-up {p['ours_startup']}")
         print(f"  ours/loop over all pairs = {lw['ratio_all_pairs']:.3f} (target >= 0.9)")
+    if "light_lines" in results:
+        line = results["light_lines"]
+        print(f"wall = fixed + per film x films, fitted over {len(results['light_runs'])} film counts: "
+              f"loop {line['loop']['fixed_s']} s + {line['loop']['per_film_ms']} ms/film, "
+              f"ours {line['ours']['fixed_s']} s + {line['ours']['per_film_ms']} ms/film")
+        reach = line["films_for_0_9"]
+        print(f"  as films grow ours/loop -> {line['ratio_as_films_grow']:.3f}; "
+              + (f"ours/loop >= 0.9 from ~{reach} films" if reach is not None else "never >= 0.9 at these paces"))
     if "ceiling" in results:
         c = results["ceiling"]
         print(f"ceiling ({c['films']} films: real pipeline, prepare = read bytes, model = constant)")
@@ -228,7 +254,9 @@ def report(results: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--films", type=int, default=1000, help="light-work films (the issue's 1,000)")
+    parser.add_argument("--films", type=int, nargs="+", default=[1000],
+                        help="light-work films (the issue's 1,000); with several counts, wall = fixed + per film "
+                             "x films is fitted for each side")
     parser.add_argument("--repeats", type=int, default=1, help="light-work pairs (loop and ours back to back)")
     parser.add_argument("--ours-first", action="store_true", help="the first pair runs cxrage score first")
     parser.add_argument("--ceiling-films", type=int, default=4000, help="ceiling films (more than light: it is fast)")
@@ -267,8 +295,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start", flush=True)
         results: dict = {"cpus": os.cpu_count(), "load_average_start": os.getloadavg()}
         if not args.skip_light:
-            results["light"] = light(args, pngs, weights, work)
-            heavy.save(results, args.json)
+            results["light_runs"] = []
+            for films in args.films:
+                results["light_runs"].append(light(args, pngs, weights, work, films))
+                heavy.save(results, args.json)
+            results["light"] = results["light_runs"][0]  # the first count's (the issue's 1,000 by default)
+            if len(args.films) > 1:
+                results["light_lines"] = wall_lines(results["light_runs"])
         if not args.skip_ceiling:
             results["ceiling"] = ceiling(args, pngs, weights, work)
         results["load_average_end"] = os.getloadavg()

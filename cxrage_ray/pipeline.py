@@ -271,9 +271,15 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, gpus)), num_gpus=1, num_cpus=1,
             )
         )
-    actors = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus) if gpus else ray.data.ActorPoolStrategy(
-        size=cfg.ray.predict_actors
-    )
+    if gpus:
+        actors, actor_cpus = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus), 1.0
+    else:
+        layout = cpu_inference_layout(cfg.ray.predict_actors, _embedded_cores(cfg.ray),
+                                      films=len(todo), images_per_batch=images_per_batch)
+        log.info("CPU inference: %d predictor actor(s), torch threads each: %s", layout.actors,
+                 layout.threads or "every core of its node")
+        predictor = replace(predictor, num_threads=layout.threads)
+        actors, actor_cpus = ray.data.ActorPoolStrategy(size=layout.actors), _cpu_predictor_cpus(layout.actors)
     engine = "exact" if cfg.preprocess == "seed" else "none"
     return (
         rows.map_batches(prepare_batch if stand_in is None else read_bytes_batch, fn_kwargs={"settings": settings},
@@ -287,9 +293,52 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
             batch_size=images_per_batch,
             compute=actors,
             num_gpus=1 if gpus else 0,
-            num_cpus=1 if gpus else _cpu_predictor_cpus(),
+            num_cpus=actor_cpus,
         )
     )
+
+
+#: CPU inference on the embedded node: at most this many predictor actors (each holds torch and the model, ~1 GB).
+MAX_AUTO_CPU_ACTORS = 4
+
+
+@dataclass(frozen=True)
+class CpuInference:
+    """How CPU inference is laid out: `actors` predictor actors of `threads` torch threads each (0: every core of
+    the actor's node)."""
+
+    actors: int
+    threads: int
+
+
+def cpu_inference_layout(requested: int | None, cores: int | None, films: int, images_per_batch: int) -> CpuInference:
+    """The predictor actors for CPU inference, and their torch threads.
+
+    In:  `--predict-actors` (None: auto); the embedded node's cores (None on a cluster, whose nodes' cores are
+         their actors' own: one actor, every core of its node, unless more are asked for); the films to score.
+    Out: on the embedded node, the cores split between the actors: auto is one single-threaded actor per core, up
+         to `MAX_AUTO_CPU_ACTORS` (then `cores // actors` threads each), and no more actors than there are films for
+         four batches each (a small job pays for one actor's start only).
+
+    Why several actors rather than one using every core: torch's threads in one process meet at every layer, so
+    when another process takes a core for a moment (a prepare task, the driver, Ray's own processes: all of
+    them run beside inference here) the whole forward pass waits for the preempted thread. On this 2-core
+    machine, with a process taking ~17% of one core beside it, one 2-thread model scored 17-19 films/s and two
+    1-thread models 21-22 films/s together; with nothing beside them both did 19-22 (issue 15).
+    """
+    if cores is None:
+        return CpuInference(actors=requested or 1, threads=0)
+    actors = requested or max(1, min(cores, MAX_AUTO_CPU_ACTORS, films // (4 * images_per_batch)))
+    return CpuInference(actors=actors, threads=max(1, cores // actors))
+
+
+def _embedded_cores(rc: RayConfig) -> int | None:
+    """The cores inference may use on the embedded local Ray (this process's CPUs, at most `--num-cpus`); None when
+    the job runs on a cluster."""
+    if rc.address:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, rc.num_cpus or cores))
 
 
 #: Bytes one prepare task may hold per pixel of the largest film it accepts (`DecodeOptions.max_pixels`): a 16-bit
@@ -321,16 +370,17 @@ def _largest_node_memory() -> float:
                default=0.0)
 
 
-def _cpu_predictor_cpus() -> float:
-    """Logical CPUs a CPU predictor actor reserves.
+def _cpu_predictor_cpus(actors: int = 1) -> float:
+    """Logical CPUs one CPU predictor actor reserves.
 
-    It runs torch on several threads, so it asks for 2 where the cluster has room; the request must also
-    differ from the prepare tasks' 1 CPU, or Ray Data fuses both stages into the actor and decode then runs
+    A lone actor runs torch on several threads, so it asks for 2 where the cluster has room; several actors ask
+    for 0.5 each, so the prepare tasks keep their parallelism (the operating system shares the cores). The request
+    must differ from the prepare tasks' 1 CPU, or Ray Data fuses both stages into the actor and decode then runs
     serially inside inference.
     """
     import ray
 
-    return 2 if ray.cluster_resources().get("CPU", 0) >= 4 else 0.5
+    return 2 if actors == 1 and ray.cluster_resources().get("CPU", 0) >= 4 else 0.5
 
 
 def _gpus_for_inference(cfg: ScoreConfig) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -54,7 +55,7 @@ def test_gpu_pipeline_script_runs_without_ray_on_cpu(shared_dir):
 def test_pipeline_ceiling_script_reports_light_ratio_and_ceiling(shared_dir, tmp_path):
     """The issue-15 benchmark at toy sizes: one light-work pair and one ceiling run, with sane figures."""
     env = {**os.environ, "CXRAGE_SHARED": str(shared_dir), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    result = subprocess.run([sys.executable, "benchmarks/pipeline_ceiling.py", "--films", "8", "--ceiling-films", "64",
+    result = subprocess.run([sys.executable, "benchmarks/pipeline_ceiling.py", "--films", "8", "16", "--ceiling-films", "64",
                              "--cores", "2", "--json", str(tmp_path / "figures.json")],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=880)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -65,6 +66,12 @@ def test_pipeline_ceiling_script_reports_light_ratio_and_ceiling(shared_dir, tmp
     steady = re.search(r"2 core\(s\):\s+([\d.]+) films/s after the first film", result.stdout)
     assert steady and float(steady.group(1)) > 0, result.stdout
     assert re.search(r"next to it: light-work ours/loop = [\d.]+", result.stdout)
+    # two film counts: each side's wall clock split into a fixed cost and a cost per film
+    assert re.search(r"wall = fixed \+ per film x films, fitted over 2 film counts: loop [-\d.]+ s \+ [-\d.]+ ms/film, "
+                     r"ours [-\d.]+ s \+ [-\d.]+ ms/film", result.stdout), result.stdout
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert [run["films"] for run in figures["light_runs"]] == [8, 16]
+    assert set(figures["light_lines"]) == {"loop", "ours", "ratio_as_films_grow", "films_for_0_9"}
 
 
 def test_ceiling_stand_in_is_not_reachable_from_the_cli(tmp_path, monkeypatch, capsys):

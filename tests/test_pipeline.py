@@ -298,3 +298,42 @@ def test_the_driver_reaches_ray_init_without_importing_torch():
     from cxrage_ray.predict import PredictorConfig as exported
 
     assert exported is defined  # `from cxrage_ray.predict import PredictorConfig` keeps working
+
+
+def test_cpu_inference_splits_the_embedded_nodes_cores_between_single_threaded_actors():
+    from cxrage_ray.pipeline import MAX_AUTO_CPU_ACTORS, CpuInference, cpu_inference_layout
+
+    many = 10_000
+    assert cpu_inference_layout(None, cores=2, films=many, images_per_batch=32) == CpuInference(actors=2, threads=1)
+    assert cpu_inference_layout(None, cores=16, films=many, images_per_batch=32) == CpuInference(
+        actors=MAX_AUTO_CPU_ACTORS, threads=16 // MAX_AUTO_CPU_ACTORS)
+    assert cpu_inference_layout(None, cores=1, films=many, images_per_batch=32) == CpuInference(actors=1, threads=1)
+    # a small job starts one actor: a second pays for itself only with a few batches of work each
+    assert cpu_inference_layout(None, cores=2, films=200, images_per_batch=32) == CpuInference(actors=1, threads=2)
+    assert cpu_inference_layout(None, cores=2, films=256, images_per_batch=32) == CpuInference(actors=2, threads=1)
+    # asked for: that many actors, the cores split between them (never fewer than one thread)
+    assert cpu_inference_layout(3, cores=8, films=10, images_per_batch=32) == CpuInference(actors=3, threads=2)
+    assert cpu_inference_layout(4, cores=2, films=10, images_per_batch=32) == CpuInference(actors=4, threads=1)
+    # on a cluster the actors' nodes are not this machine: every core of the actor's own node, as asked
+    assert cpu_inference_layout(None, cores=None, films=many, images_per_batch=32) == CpuInference(actors=1, threads=0)
+    assert cpu_inference_layout(2, cores=None, films=many, images_per_batch=32) == CpuInference(actors=2, threads=0)
+
+
+def test_two_single_threaded_predictor_actors_score_like_one(ray_local, archive, weights, tmp_path, caplog):
+    """Enough films for two CPU actors (batch 2, no TTA): every row scored once, the same ages as one actor's."""
+    import logging
+
+    films = [archive / "a.png", archive / "sub" / "b.jpg", archive / "c.tif"]
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"image_id": [f"r{i}" for i in range(24)],
+                  "uri": [str(films[i % len(films)]) for i in range(24)]}).to_csv(manifest, index=False)
+    common = [str(manifest), "--weights", str(weights), "--no-progress", "--tta", "none", "--batch-size", "2",
+              "--rotation", "off", "--device", "cpu"]
+    with caplog.at_level(logging.INFO, logger="cxrage_ray.pipeline"):
+        assert main(["score", common[0], str(tmp_path / "two"), *common[1:], "--predict-actors", "2"]) == 0
+    assert "CPU inference: 2 predictor actor(s), torch threads each: 1" in caplog.text
+    assert main(["score", common[0], str(tmp_path / "one"), *common[1:], "--predict-actors", "1"]) == 0
+    two, one = _read(tmp_path / "two"), _read(tmp_path / "one")
+    assert len(two) == 24 and two["row_id"].is_unique and (two["status"] == "ok").all()
+    ages = two.set_index("image_id")["cxr_age"].sort_index()
+    assert np.allclose(ages, one.set_index("image_id")["cxr_age"].sort_index(), rtol=0, atol=1e-4)
