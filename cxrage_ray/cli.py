@@ -85,9 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray)")
     s.add_argument("--num-cpus", type=int, help="logical CPUs for the embedded local Ray (default: this machine's, "
                    "at least 4)")
-    s.add_argument("--predict-actors", type=int, default=None,
-                   help="predictor actors for CPU inference (default: one per core, up to 4, sharing this machine's "
-                        "cores; 1 on a cluster)")
+    s.add_argument("--predict-actors", type=int, default=1,
+                   help="predictor actors for CPU inference (on this machine they share its cores)")
     s.add_argument("--rotation", choices=["auto", "list", "off"], default="auto",
                    help="auto: rotation list, then DICOM orientation, then our orientation model; list: the list only")
     s.add_argument("--rotation-list", metavar="CSV",

@@ -55,9 +55,8 @@ class RayConfig:
         address: an existing cluster ("auto", "ray://...") or None for an embedded local Ray.
         num_cpus: logical CPUs for the embedded local Ray; None = this machine's count, but at least 4 so
             the predictor actor can never starve the CPU tasks on a 2-core laptop (environment.md).
-        predict_actors: predictor actors for CPU inference; None: auto, on the embedded local Ray one per core (up
-            to 4, fewer for a small job) sharing this machine's cores, on a cluster 1 (see
-            `cxrage_ray.pipeline.cpu_inference_layout`). GPU runs use one actor per GPU.
+        predict_actors: predictor actors for CPU inference; on the embedded local Ray they share this machine's
+            cores (`cxrage_ray.pipeline.cpu_inference_layout`). GPU runs use one actor per GPU.
         rows_per_task: manifest rows per CPU task (one Ray block); None: `SEED_ROWS_PER_TASK` with the seed chain,
             `LIGHT_ROWS_PER_TASK` with `--preprocess none` (see `rows_per_task_for`).
         no_progress_timeout_s: fail with an explanation when no row finishes for this long.
@@ -67,7 +66,7 @@ class RayConfig:
 
     address: str | None = None
     num_cpus: int | None = None
-    predict_actors: int | None = None
+    predict_actors: int = 1
     rows_per_task: int | None = None
     no_progress_timeout_s: float = 600.0
     verbose: bool = False

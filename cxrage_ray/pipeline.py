@@ -274,8 +274,7 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
     if gpus:
         actors, actor_cpus = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus), 1.0
     else:
-        layout = cpu_inference_layout(cfg.ray.predict_actors, _embedded_cores(cfg.ray),
-                                      films=len(todo), images_per_batch=images_per_batch)
+        layout = cpu_inference_layout(cfg.ray.predict_actors, _embedded_cores(cfg.ray))
         log.info("CPU inference: %d predictor actor(s), torch threads each: %s", layout.actors,
                  layout.threads or "every core of its node")
         predictor = replace(predictor, num_threads=layout.threads)
@@ -298,10 +297,6 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
     )
 
 
-#: CPU inference on the embedded node: at most this many predictor actors (each holds torch and the model, ~1 GB).
-MAX_AUTO_CPU_ACTORS = 4
-
-
 @dataclass(frozen=True)
 class CpuInference:
     """How CPU inference is laid out: `actors` predictor actors of `threads` torch threads each (0: every core of
@@ -311,25 +306,18 @@ class CpuInference:
     threads: int
 
 
-def cpu_inference_layout(requested: int | None, cores: int | None, films: int, images_per_batch: int) -> CpuInference:
-    """The predictor actors for CPU inference, and their torch threads.
+def cpu_inference_layout(actors: int, cores: int | None) -> CpuInference:
+    """The torch threads of each of `actors` CPU predictor actors.
 
-    In:  `--predict-actors` (None: auto); the embedded node's cores (None on a cluster, whose nodes' cores are
-         their actors' own: one actor, every core of its node, unless more are asked for); the films to score.
-    Out: on the embedded node, the cores split between the actors: auto is one single-threaded actor per core, up
-         to `MAX_AUTO_CPU_ACTORS` (then `cores // actors` threads each), and no more actors than there are films for
-         four batches each (a small job pays for one actor's start only).
+    In:  `--predict-actors`; the embedded node's cores (None on a cluster, whose nodes' cores are their actors' own).
+    Out: on the embedded node the cores are split between the actors (`cores // actors` threads, at least one):
+         N actors each running torch on every core would ask N times the cores there are. On a cluster, every core
+         of the actor's own node.
 
-    Why several actors rather than one using every core: torch's threads in one process meet at every layer, so
-    when another process takes a core for a moment (a prepare task, the driver, Ray's own processes: all of
-    them run beside inference here) the whole forward pass waits for the preempted thread. On this 2-core
-    machine, with a process taking ~17% of one core beside it, one 2-thread model scored 17-19 films/s and two
-    1-thread models 21-22 films/s together; with nothing beside them both did 19-22 (issue 15).
+    One actor on every core stays the default: single-threaded actors beat it by ~20% in a two-process experiment
+    with a little CPU noise beside them, but not in the pipeline itself (issue 15, benchmarks/README.md).
     """
-    if cores is None:
-        return CpuInference(actors=requested or 1, threads=0)
-    actors = requested or max(1, min(cores, MAX_AUTO_CPU_ACTORS, films // (4 * images_per_batch)))
-    return CpuInference(actors=actors, threads=max(1, cores // actors))
+    return CpuInference(actors=actors, threads=0 if cores is None else max(1, cores // actors))
 
 
 def _embedded_cores(rc: RayConfig) -> int | None:

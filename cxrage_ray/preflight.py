@@ -26,7 +26,7 @@ class Limits:
 
     batch_size: int = 0
     part_rows: int = 10_000
-    predict_actors: int | None = None
+    predict_actors: int = 1
     num_cpus: int | None = None
     no_progress_timeout_s: float = 600.0
     commit_every_s: float = 30.0
@@ -38,7 +38,7 @@ def check_limits(limits: Limits) -> None:
         raise InputError(f"--batch-size {limits.batch_size}: give 0 (automatic) or a positive number of views")
     if limits.part_rows < 1:
         raise InputError(f"--part-rows {limits.part_rows}: give a positive number of rows per Parquet part")
-    if limits.predict_actors is not None and limits.predict_actors < 1:
+    if limits.predict_actors < 1:
         raise InputError(f"--predict-actors {limits.predict_actors}: give at least 1")
     if limits.num_cpus is not None and limits.num_cpus < 1:
         raise InputError(f"--num-cpus {limits.num_cpus}: give at least 1")

@@ -300,23 +300,15 @@ def test_the_driver_reaches_ray_init_without_importing_torch():
     assert exported is defined  # `from cxrage_ray.predict import PredictorConfig` keeps working
 
 
-def test_cpu_inference_splits_the_embedded_nodes_cores_between_single_threaded_actors():
-    from cxrage_ray.pipeline import MAX_AUTO_CPU_ACTORS, CpuInference, cpu_inference_layout
+def test_cpu_predictor_actors_share_the_embedded_nodes_cores():
+    from cxrage_ray.pipeline import CpuInference, cpu_inference_layout
 
-    many = 10_000
-    assert cpu_inference_layout(None, cores=2, films=many, images_per_batch=32) == CpuInference(actors=2, threads=1)
-    assert cpu_inference_layout(None, cores=16, films=many, images_per_batch=32) == CpuInference(
-        actors=MAX_AUTO_CPU_ACTORS, threads=16 // MAX_AUTO_CPU_ACTORS)
-    assert cpu_inference_layout(None, cores=1, films=many, images_per_batch=32) == CpuInference(actors=1, threads=1)
-    # a small job starts one actor: a second pays for itself only with a few batches of work each
-    assert cpu_inference_layout(None, cores=2, films=200, images_per_batch=32) == CpuInference(actors=1, threads=2)
-    assert cpu_inference_layout(None, cores=2, films=256, images_per_batch=32) == CpuInference(actors=2, threads=1)
-    # asked for: that many actors, the cores split between them (never fewer than one thread)
-    assert cpu_inference_layout(3, cores=8, films=10, images_per_batch=32) == CpuInference(actors=3, threads=2)
-    assert cpu_inference_layout(4, cores=2, films=10, images_per_batch=32) == CpuInference(actors=4, threads=1)
-    # on a cluster the actors' nodes are not this machine: every core of the actor's own node, as asked
-    assert cpu_inference_layout(None, cores=None, films=many, images_per_batch=32) == CpuInference(actors=1, threads=0)
-    assert cpu_inference_layout(2, cores=None, films=many, images_per_batch=32) == CpuInference(actors=2, threads=0)
+    assert cpu_inference_layout(1, cores=2) == CpuInference(actors=1, threads=2)
+    assert cpu_inference_layout(2, cores=2) == CpuInference(actors=2, threads=1)
+    assert cpu_inference_layout(3, cores=8) == CpuInference(actors=3, threads=2)
+    assert cpu_inference_layout(4, cores=2) == CpuInference(actors=4, threads=1)  # never fewer than one thread
+    # on a cluster the actors' nodes are not this machine: every core of the actor's own node
+    assert cpu_inference_layout(2, cores=None) == CpuInference(actors=2, threads=0)
 
 
 def test_two_single_threaded_predictor_actors_score_like_one(ray_local, archive, weights, tmp_path, caplog):
