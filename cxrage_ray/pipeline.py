@@ -275,9 +275,10 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
         actors, actor_cpus = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus), 1.0
     else:
         layout = cpu_inference_layout(cfg.ray.predict_actors, _embedded_cores(cfg.ray))
+        if predictor.num_threads == 0:  # a count the caller chose is kept
+            predictor = replace(predictor, num_threads=layout.threads)
         log.info("CPU inference: %d predictor actor(s), torch threads each: %s", layout.actors,
-                 layout.threads or "every core of its node")
-        predictor = replace(predictor, num_threads=layout.threads)
+                 predictor.num_threads or "every core of its node")
         actors, actor_cpus = ray.data.ActorPoolStrategy(size=layout.actors), _cpu_predictor_cpus(layout.actors)
     engine = "exact" if cfg.preprocess == "seed" else "none"
     return (
