@@ -101,3 +101,20 @@ def test_ceiling_stand_in_is_not_reachable_from_the_cli(tmp_path, monkeypatch, c
              env={"CXRAGE_HOME": str(tmp_path / "home")})
     assert calls == [{}]  # the CLI passes cfg, weights home and manifest only: never `stand_in`
     assert "stand_in" not in (REPO / "cxrage_ray" / "cli.py").read_text()
+
+
+def test_timeline_script_reports_each_process_title_and_cpu(tmp_path):
+    """`benchmarks/timeline.py` on a command with a busy child: both processes, the child's retitling (a new
+    program), their CPU and the windowed slice are reported."""
+    child = "import time; t = time.process_time(); [None for _ in iter(lambda: time.process_time() - t > 0.6, True)]"
+    parent = ("import subprocess, sys, time; time.sleep(0.3); "
+              f"subprocess.run([sys.executable, '-c', {child!r}]); time.sleep(0.3)")
+    result = subprocess.run([sys.executable, "benchmarks/timeline.py", "--interval", "0.05", "--window", "0.2", "0.9",
+                             "--", sys.executable, "-c", parent], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^\s*[\d.]+\s+\d+\s+.*python.* -c import subprocess", result.stdout, re.M), result.stdout
+    assert re.search(r"^\s*[\d.]+\s+\d+\s+.*python.* -c import time; t = ", result.stdout, re.M), result.stdout
+    busy = re.search(r"^\s+([\d.]+)\s+\d+ .* -c import time; t = ", result.stdout.split("CPU seconds per process")[1], re.M)
+    assert busy and float(busy.group(1)) >= 0.5, result.stdout  # the child burnt ~0.6 s of CPU
+    assert re.search(r"total over 0.7 s", result.stdout), result.stdout
+    assert re.search(r"^\s*[\d.]+ exit 0$", result.stdout, re.M)
