@@ -310,6 +310,11 @@ class Thumbnails:
         self._grey = pil.convert("F")
         self._sized: dict[int, np.ndarray] = {}
 
+    @classmethod
+    def of(cls, picture: np.ndarray | Thumbnails) -> Thumbnails:
+        """`picture`'s thumbnails: itself when it already is one (the QC functions take either)."""
+        return picture if isinstance(picture, Thumbnails) else cls(picture)
+
     def __call__(self, size: int) -> np.ndarray:
         if size not in self._sized:
             from PIL import Image
@@ -457,7 +462,7 @@ class OrientationClassifier:
 
     def predict(self, images: Sequence[np.ndarray | Thumbnails], batch_size: int = 64) -> list[OrientationPrediction]:
         """Pictures (or their `Thumbnails`) -> one prediction each."""
-        thumbs = [image if isinstance(image, Thumbnails) else Thumbnails(image) for image in images]
+        thumbs = [Thumbnails.of(image) for image in images]
         stacked = np.stack([thumb(self.size) for thumb in thumbs]) if len(thumbs) else np.zeros((0,))
         return self.predict_thumbnails(stacked, batch_size=batch_size)
 
@@ -600,8 +605,7 @@ def dicom_non_chest(meta: Mapping[str, Any]) -> bool:
 
 def template_thumbnail(image_u8: np.ndarray | Thumbnails, size: int = CHEST_TEMPLATE_SIZE) -> np.ndarray:
     """Seed-chain picture (or its `Thumbnails`) -> (size, size) float64 thumbnail with zero mean and unit variance."""
-    thumbs = image_u8 if isinstance(image_u8, Thumbnails) else Thumbnails(image_u8)
-    thumb = thumbs(size).astype(np.float64)
+    thumb = Thumbnails.of(image_u8)(size).astype(np.float64)
     return (thumb - thumb.mean()) / (thumb.std() + 1e-6)
 
 
@@ -643,8 +647,7 @@ def plausible_age(age: float | None) -> tuple[float | None, bool]:
 
 def is_blank(image_u8: np.ndarray | Thumbnails) -> bool:
     """Near-uniform picture: the std of its 32x32 block means is under `BLANK_STD` 8-bit levels."""
-    thumbs = image_u8 if isinstance(image_u8, Thumbnails) else Thumbnails(image_u8)
-    return float(thumbs(BLANK_GRID).std()) < BLANK_STD
+    return float(Thumbnails.of(image_u8)(BLANK_GRID).std()) < BLANK_STD
 
 
 def orient(
