@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ class Spill:
             return []
         return sorted(self.folder.glob("part-*.parquet"))
 
-    def restore(self, commit: Any) -> int:
+    def restore(self, commit: Callable[[str, bytes], None]) -> int:
         """Commit every spilled part with `commit(name, data)` (raises when OUTPUT still refuses), deleting each
         local copy once committed; returns the number of parts restored."""
         restored = 0
