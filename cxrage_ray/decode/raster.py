@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -127,6 +128,16 @@ def _png_ihdr(data: bytes) -> tuple[int, int, int, int]:
 _CRITICAL_CHUNKS = frozenset((b"IHDR", b"PLTE", b"IDAT", b"IEND"))
 
 
+def _chunk_headers(data: bytes) -> Iterator[tuple[int, bytes, int]]:
+    """(position, type, end of data) of each PNG chunk whose 8-byte header is in the file, in order; the chunk's
+    data and CRC may run past the end of a truncated file (the callers check `end`)."""
+    pos = len(PNG_MAGIC)
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        yield pos, data[pos + 4:pos + 8], pos + 8 + length
+        pos += 12 + length
+
+
 def check_png_crcs(data: bytes) -> None:
     """Refuse a PNG whose critical chunk (IHDR, PLTE, IDAT, IEND) fails its CRC, as libpng and ImageMagick do.
 
@@ -134,11 +145,7 @@ def check_png_crcs(data: bytes) -> None:
     is left to the decoder (it reports the truncation). One pass of zlib.crc32 over the file: ~1 ms a MB.
     """
     view = memoryview(data)  # slices of a view are not copies (one IDAT may hold the whole image)
-    pos = len(PNG_MAGIC)
-    while pos + 12 <= len(data):
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind = data[pos + 4:pos + 8]
-        end = pos + 8 + length
+    for pos, kind, end in _chunk_headers(data):
         if end + 4 > len(data):
             return
         if kind in _CRITICAL_CHUNKS:
@@ -149,18 +156,15 @@ def check_png_crcs(data: bytes) -> None:
                     f"in storage or transfer; libpng and ImageMagick refuse it too)")
         if kind == b"IEND":
             return
-        pos = end + 4
 
 
 def _has_chunk(data: bytes, kind: bytes) -> bool:
     """Whether a chunk of this type is present (a cheap walk over the chunk headers, no CRC)."""
-    pos = len(PNG_MAGIC)
-    while pos + 8 <= len(data):
-        if data[pos + 4:pos + 8] == kind:
+    for _, found, _ in _chunk_headers(data):
+        if found == kind:
             return True
-        if data[pos + 4:pos + 8] == b"IDAT":  # the chunks that change the samples' meaning come before IDAT
+        if found == b"IDAT":  # the chunks that change the samples' meaning come before IDAT
             return False
-        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
     return False
 
 
