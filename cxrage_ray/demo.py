@@ -28,7 +28,7 @@ def demo_state_dict(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = CXRAgeNet()  # torchvision's kaiming-normal convs; default Linear init in the head
+        net = CXRAgeNet()  # torchvision's ResNet init (kaiming-normal convs); default Linear init in the head
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for module in net.modules():

@@ -14,7 +14,6 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-import torchvision
 from torch import nn
 
 from cxrage_ray.errors import WeightsError
@@ -48,9 +47,57 @@ class Flatten(nn.Module):
         return torch.flatten(x, 1)
 
 
+class BasicBlock(nn.Module):
+    """torchvision's ResNet `BasicBlock`: two 3x3 convs plus the input, through a strided 1x1 conv + BN
+    (`downsample`) where the shape changes. (N, inplanes, H, W) -> (N, planes, H / stride, W / stride)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        # built before the convs, as torchvision's _make_layer does: the same order of draws from the RNG
+        downsample = (nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+                      if stride != 1 or inplanes != planes else None)
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+#: ResNet-34's stages: (channels, blocks, stride of the first block).
+RESNET34_LAYERS = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
+
+
 def _body() -> nn.Sequential:
-    """ResNet-34 without avgpool/fc (fastai `create_body`, cut=-2): conv1 bn1 relu maxpool layer1..4."""
-    return nn.Sequential(*list(torchvision.models.resnet34(weights=None).children())[:-2])
+    """ResNet-34 without avgpool/fc (fastai `create_body`, cut=-2): conv1 bn1 relu maxpool layer1..4.
+
+    The same modules, names, initialisation and order of random draws as `torchvision.models.resnet34()`
+    (`tests/test_model.py` checks it value for value), written here because importing torchvision costs every
+    process that builds the model ~1 s on a small CPU (issue 15), for these thirty lines.
+    """
+    stem = [nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, padding=1)]
+    layers, inplanes = [], 64
+    for planes, blocks, stride in RESNET34_LAYERS:
+        layers.append(nn.Sequential(BasicBlock(inplanes, planes, stride),
+                                    *(BasicBlock(planes, planes) for _ in range(blocks - 1))))
+        inplanes = planes
+    nn.Linear(512, 1000)  # torchvision's fc, dropped by the cut: built all the same for its draws from the RNG
+    body = nn.Sequential(*stem, *layers)
+    for module in body.modules():  # torchvision's ResNet init
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.constant_(module.weight, 1)
+            nn.init.constant_(module.bias, 0)
+    return body
 
 
 def _head() -> nn.Sequential:
@@ -163,7 +210,7 @@ def build_model(state_dict: dict[str, torch.Tensor]) -> CXRAgeNet:
     """
     check_state_dict(state_dict)
     # Built on the meta device and then allocated uninitialised: every value is overwritten by the
-    # strict load, so torchvision's kaiming init (about a second on a small CPU) would be wasted.
+    # strict load, so the kaiming init (about a second on a small CPU) would be wasted.
     with torch.device("meta"):
         model = CXRAgeNet()
     model = model.to_empty(device="cpu")

@@ -82,6 +82,31 @@ def test_module_tree(net):
     assert all(m.eps == 1e-5 for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
+def test_body_is_torchvisions_resnet34_value_for_value():
+    """The body is written out (importing torchvision cost ~1 s per process); against torchvision itself: the same
+    modules, the same seeded initial values (demo weights depend on them), and the same forward pass."""
+    import torchvision
+
+    from cxrage_ray.model import _body
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        ours = _body()
+        torch.manual_seed(3)
+        theirs = nn.Sequential(*list(torchvision.models.resnet34(weights=None).children())[:-2])
+    assert [(n, type(m).__name__) for n, m in ours.named_modules()] == \
+        [(n, type(m).__name__) for n, m in theirs.named_modules()]
+    ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
+    assert list(ours_sd) == list(theirs_sd)
+    for key in theirs_sd:
+        assert torch.equal(ours_sd[key], theirs_sd[key]), key
+    assert float(ours_sd["4.1.conv2.weight"].std()) > 0  # the values compared are random draws, not zeros
+    ours.eval(), theirs.eval()
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+
+
 def test_forward_equals_hand_composed_forward():
     model = build_model(random_state_dict(seed=5))
     assert not model.training
