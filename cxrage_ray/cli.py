@@ -13,10 +13,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NoReturn, Sequence
 
 from cxrage_ray.errors import CxrAgeError, InputError, OutputError
-from cxrage_ray.lifetime import Terminated, terminate_as_interrupt
+from cxrage_ray.lifetime import Terminated, exit_now, terminate_as_interrupt
 
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 3, 2, 4, 130
 #: SIGTERM ends the job like Ctrl-C, with the shell's code for it (128 + 15)
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show our INFO logs and Ray's own log lines on the terminal")
     parser.add_argument("--version", action="version", version=f"cxrage {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
+    parser.set_defaults(exits_after=False)  # no option: `main(exits_after=True)` sets it (see `entry`)
 
     s = _subparser(sub, "score", "score a folder or manifest into Parquet under OUTPUT")
     s.add_argument("input", help="folder/prefix (recursive) or CSV/Parquet manifest with a path column (--uri-column)")
@@ -246,7 +247,8 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         predictor=PredictorConfig(device=args.device, precision=args.precision, tta=args.tta,
                                   batch_size=args.batch_size),
         ray=RayConfig(address=args.ray_address, num_cpus=args.num_cpus, predict_actors=args.predict_actors,
-                      no_progress_timeout_s=args.no_progress_timeout, verbose=args.verbose),
+                      no_progress_timeout_s=args.no_progress_timeout, verbose=args.verbose,
+                      stop_at_exit=args.exits_after),
         orient=OrientConfig(mode=args.rotation, skip_flagged=args.skip_flagged,
                             rotation_list=load_rotation_list(args.rotation_list) if args.rotation_list else None),
         saliency=SaliencySettings(args.saliency, args.saliency_method, storage) if args.saliency else None,
@@ -411,8 +413,14 @@ COMMANDS = {"score": cmd_score, "weights": cmd_weights, "preprocess": cmd_prepro
             "report": cmd_report, "serve": cmd_serve}
 
 
-def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None, exits_after: bool = False) -> int:
+    """Run one `cxrage` command; returns its exit code.
+
+    `exits_after`: this process ends right after (`entry`), so an embedded Ray is left to the lifetime watcher,
+    which stops it as the process exits, instead of being shut down process by process (`RayConfig.stop_at_exit`).
+    """
     args = build_parser().parse_args(argv)
+    args.exits_after = exits_after
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args, dict(os.environ) if env is None else env)
@@ -430,5 +438,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
+def entry() -> NoReturn:
+    """The `cxrage` command: `main`, then an immediate exit (`lifetime.exit_now`): ~3 s sooner on 2 cores than
+    Ray's shutdown and the interpreter's teardown, once every result is written (issue 15)."""
+    exit_now(main(exits_after=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -62,6 +62,10 @@ class RayConfig:
         no_progress_timeout_s: fail with an explanation when no row finishes for this long.
         verbose: let Ray's and Ray Data's own log lines through to the terminal (they always reach the session
             log under Ray's temp folder).
+        stop_at_exit: leave the embedded Ray running when the job ends; the lifetime watcher stops it when this
+            process exits (`lifetime.exit_now`). For the `cxrage` command, which exits right after its job: Ray's
+            own shutdown stops its processes one by one (~1.4 s on 2 cores), the watcher kills them at once.
+            Library callers keep the default (the job stops its Ray); a cluster (`address`) is only disconnected.
     """
 
     address: str | None = None
@@ -70,6 +74,7 @@ class RayConfig:
     rows_per_task: int | None = None
     no_progress_timeout_s: float = 600.0
     verbose: bool = False
+    stop_at_exit: bool = False
 
     def rows_per_task_for(self, preprocess: PreprocessMode) -> int:
         """Rows per CPU task for this job: each task costs Ray tens of ms (scheduling, a block through the object

@@ -402,14 +402,16 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
             ray.init(address=rc.address, **kwargs)
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            stack.enter_context(reaped_on_kill())  # entered first, left last: after ray.shutdown below
+            # entered first, left last: after ray.shutdown below
+            stack.enter_context(reaped_on_kill(at_exit=rc.stop_at_exit))
             # address="local": always a new embedded instance, never a cluster another process on this machine
             # advertised in /tmp/ray/ray_current_cluster (`ray start`, ray.cluster_utils.Cluster)
             ray.init(address="local", num_cpus=rc.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS),
                      **kwargs)
         quiet_ray_console(loud)
         stack.enter_context(native_stderr_to_session_log(loud))
-        stack.callback(ray.shutdown)  # inside the redirect: shutdown's complaints about dying actors stay in the log
+        if rc.address or not rc.stop_at_exit:  # else the watcher stops Ray when this process exits
+            stack.callback(ray.shutdown)  # inside the redirect: shutdown's complaints about dying actors stay in the log
         raise_on_sigterm()  # ray.init replaced our handler with its own sys.exit
         yield
 

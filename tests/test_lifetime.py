@@ -20,11 +20,11 @@ import pytest
 from cxrage_ray.lifetime import Terminated, terminate_as_interrupt
 
 DRIVER = textwrap.dedent("""
-    import json, subprocess, sys, time
-    from cxrage_ray.lifetime import reaped_on_kill
+    import atexit, json, os, subprocess, sys, time
+    from cxrage_ray.lifetime import exit_now, reaped_on_kill
 
     sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
-    with reaped_on_kill():
+    with reaped_on_kill(at_exit=sys.argv[1] == "exit_now"):
         # a child with a grandchild, like raylet and its workers
         child = subprocess.Popen([sys.executable, "-c",
             "import subprocess, sys, time; g = subprocess.Popen(sys.argv[1:]); print(g.pid, flush=True); "
@@ -41,11 +41,18 @@ DRIVER = textwrap.dedent("""
         print(json.dumps([child.pid, grandchild, orphan]), flush=True)
         if sys.argv[1] == "hang":
             time.sleep(120)
+    if sys.argv[1] == "exit_now":
+        time.sleep(1.0)  # past the block: what it started still runs
+        alive = [os.path.exists(f"/proc/{pid}") for pid in (child.pid, grandchild, orphan)]
+        atexit.register(print, "exit handler ran")  # not flushed by itself either
+        print(json.dumps(alive), flush=False)  # left in the buffer (stdout is a pipe): exit_now must flush it
+        exit_now(7)
 """)
 
 
 def _start_driver(mode: str) -> tuple[subprocess.Popen, list[int]]:
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, mode], stdout=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output buffered, as by default
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, mode], stdout=subprocess.PIPE, text=True, env=env)
     line = driver.stdout.readline()
     assert line, "the driver printed no pids"
     return driver, json.loads(line)
@@ -86,6 +93,23 @@ def test_a_driver_that_ends_normally_leaves_other_processes_alone():
         assert driver.wait(timeout=30) == 0
         time.sleep(1.0)  # a watcher that wrongly reaped would have done so by now
         assert all(_alive(pid) for pid in pids)
+    finally:
+        _kill_all(pids)
+
+
+def test_exit_now_after_leaving_processes_to_the_watcher_takes_them_along():
+    """`reaped_on_kill(at_exit=True)`: what the driver started outlives the block and dies with the driver, which
+    `exit_now` ends with its code, its buffered output and its exit handlers."""
+    driver, pids = _start_driver("exit_now")
+    try:
+        rest = driver.communicate(timeout=30)[0].splitlines()
+        assert driver.returncode == 7
+        assert json.loads(rest[0]) == [True, True, True]
+        assert "exit handler ran" in rest
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in pids if _alive(pid)], "still alive 5 s after the driver exited"
     finally:
         _kill_all(pids)
 

@@ -6,6 +6,7 @@ its first parts; the rerun of the same command must score only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -111,8 +112,33 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _finish_and_check(cmd: list[str], out: Path, done_before: int) -> None:
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """Run `cmd` to the end; every row is in OUTPUT exactly once, and no process it started outlives it by more
+    than a few seconds (the command leaves its embedded Ray to the lifetime watcher, `lifetime.exit_now`)."""
+    import psutil
+
+    with open(out.parent / f"{out.name}.log", "w+") as log:
+        proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+        started: dict[int, psutil.Process] = {}
+        names: set[str] = set()
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    if child.pid not in started:
+                        started[child.pid] = child
+                        with contextlib.suppress(psutil.Error):
+                            names.add(" ".join(child.cmdline()))
+            time.sleep(0.3)
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        log.seek(0)
+        output = log.read()
+    assert proc.returncode == 0, output[-3000:]
+    if done_before < N_FILMS:  # else nothing is left to score, and no Ray starts
+        assert any("raylet" in name for name in names), "the run's Ray processes were not seen"
+    alive_until = time.monotonic() + 10
+    while (survivors := [p.pid for p in started.values() if _still_running(p)]) and time.monotonic() < alive_until:
+        time.sleep(0.2)
+    assert not survivors, f"processes of the finished run still alive 10 s after it exited: {survivors}"
     rows = _committed_rows(out)
     assert sorted(rows) == list(range(N_FILMS)), "every manifest row exactly once"
     summary = json.loads((out / "_cxrage" / "summary.json").read_text())
@@ -147,6 +173,15 @@ def test_killed_driver_then_rerun(job, tmp_path):
     done = _committed_rows(out)
     assert len(done) < N_FILMS
     _finish_and_check(cmd, out, len(done))
+
+
+def _still_running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _pids_matching(text: str) -> list[int]:
