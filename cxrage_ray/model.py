@@ -51,16 +51,17 @@ class BasicBlock(nn.Module):
     """torchvision's ResNet `BasicBlock`: two 3x3 convs plus the input, through a strided 1x1 conv + BN
     (`downsample`) where the shape changes. (N, inplanes, H, W) -> (N, planes, H / stride, W / stride)."""
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, device: torch.device | str | None = None) -> None:
         super().__init__()
         # built before the convs, as torchvision's _make_layer does: the same order of draws from the RNG
-        downsample = (nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+        downsample = (nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False, device=device),
+                                    nn.BatchNorm2d(planes, device=device))
                       if stride != 1 or inplanes != planes else None)
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False, device=device)
+        self.bn1 = nn.BatchNorm2d(planes, device=device)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False, device=device)
+        self.bn2 = nn.BatchNorm2d(planes, device=device)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,22 +76,24 @@ class BasicBlock(nn.Module):
 RESNET34_LAYERS = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
 
 
-def _body() -> nn.Sequential:
+def _body(device: torch.device | str | None = None) -> nn.Sequential:
     """ResNet-34 without avgpool/fc (fastai `create_body`, cut=-2): conv1 bn1 relu maxpool layer1..4.
 
     The same modules, names, initialisation and order of random draws as `torchvision.models.resnet34()`
     (`tests/test_model.py` checks it value for value), written here because importing torchvision costs every
     process that builds the model ~1 s on a small CPU (issue 15), for these thirty lines.
     """
-    stem = [nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, stride=2, padding=1)]
+    stem = [nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False, device=device), nn.BatchNorm2d(64, device=device),
+            nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1)]
     layers, inplanes = [], 64
     for planes, blocks, stride in RESNET34_LAYERS:
-        layers.append(nn.Sequential(BasicBlock(inplanes, planes, stride),
-                                    *(BasicBlock(planes, planes) for _ in range(blocks - 1))))
+        layers.append(nn.Sequential(BasicBlock(inplanes, planes, stride, device),
+                                    *(BasicBlock(planes, planes, device=device) for _ in range(blocks - 1))))
         inplanes = planes
-    nn.Linear(512, 1000)  # torchvision's fc, dropped by the cut: built all the same for its draws from the RNG
+    nn.Linear(512, 1000, device=device)  # torchvision's fc, dropped by the cut: built all the same for its draws from the RNG
     body = nn.Sequential(*stem, *layers)
+    if torch.device(device or "cpu").type == "meta":
+        return body  # no values to set; and normal_ on meta tensors imports torch._dynamo (~1.4 s)
     for module in body.modules():  # torchvision's ResNet init
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -100,21 +103,21 @@ def _body() -> nn.Sequential:
     return body
 
 
-def _head() -> nn.Sequential:
+def _head(device: torch.device | str | None = None) -> nn.Sequential:
     """The head after run_model.py's surgery: indices 0-3 from fastai's head, 4-11 appended."""
     return nn.Sequential(
         AdaptiveConcatPool2d(),  # 0
         Flatten(),  # 1
-        nn.BatchNorm1d(1024),  # 2
+        nn.BatchNorm1d(1024, device=device),  # 2
         nn.Dropout(0.25),  # 3
-        nn.Linear(1024, 512),  # 4
+        nn.Linear(1024, 512, device=device),  # 4
         nn.ReLU(inplace=True),  # 5
-        nn.BatchNorm1d(512),  # 6
+        nn.BatchNorm1d(512, device=device),  # 6
         nn.Dropout(0.5),  # 7
-        nn.Linear(512, 16),  # 8
+        nn.Linear(512, 16, device=device),  # 8
         nn.ReLU(inplace=True),  # 9
-        nn.BatchNorm1d(16),  # 10
-        nn.Linear(16, 1),  # 11
+        nn.BatchNorm1d(16, device=device),  # 10
+        nn.Linear(16, 1, device=device),  # 11
     )
 
 
@@ -147,14 +150,13 @@ class CXRAgeNet(nn.Sequential):
         >>> ages = calibrate(raw[:, 0].numpy())   # years, float64
     """
 
-    def __init__(self) -> None:
-        super().__init__(_body(), _head())
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        super().__init__(_body(device), _head(device))
 
 
 @functools.lru_cache(maxsize=1)
 def _expected_shapes() -> tuple[tuple[str, tuple[int, ...]], ...]:
-    with torch.device("meta"):  # no allocation, no init cost
-        net = CXRAgeNet()
+    net = CXRAgeNet(device="meta")  # no allocation, no init cost
     return tuple((k, tuple(v.shape)) for k, v in net.state_dict().items())
 
 
@@ -209,12 +211,14 @@ def build_model(state_dict: dict[str, torch.Tensor]) -> CXRAgeNet:
         WeightsError: the state dict's keys or shapes are not CXR-Age's.
     """
     check_state_dict(state_dict)
-    # Built on the meta device and then allocated uninitialised: every value is overwritten by the
-    # strict load, so the kaiming init (about a second on a small CPU) would be wasted.
-    with torch.device("meta"):
-        model = CXRAgeNet()
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(state_dict, strict=True)
+    # Built on the meta device, then given copies of the checkpoint's tensors (in the model's own dtypes): every
+    # value comes from the strict load, so the kaiming init (about a second on a small CPU) would be wasted. Not
+    # `with torch.device("meta")` nor `to_empty`: their first use imports torch._dynamo (~1.4 s) and torch's
+    # symbolic shapes (~0.45 s), in every process that builds the model.
+    model = CXRAgeNet(device="meta")
+    dtypes = {key: value.dtype for key, value in model.state_dict().items()}
+    owned = {key: value.to(dtype=dtypes[key], device="cpu", copy=True) for key, value in state_dict.items()}
+    model.load_state_dict(owned, strict=True, assign=True)
     return model.eval()
 
 
