@@ -239,16 +239,15 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
     if hasattr(ctx, "execution_no_progress_timeout_s"):
         ctx.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
     settings = PrepareSettings(storage=cfg.storage, decode=cfg.decode, preprocess=cfg.preprocess, orient=cfg.orient)
-    per_task = cfg.ray.rows_per_task_for(cfg.preprocess)
-    # the first block no larger than a seed-chain one: the predictor starts on it while the larger blocks follow
-    first = min(per_task, SEED_ROWS_PER_TASK)
-    starts = [0, *range(first, len(todo), per_task)] if len(todo) > first else [0]
-    blocks = [todo.iloc[i:j] for i, j in zip(starts, [*starts[1:], len(todo)])]
     gpus = _gpus_for_inference(cfg)
     predictor = cfg.predictor
     if predictor.batch_size <= 0:  # auto: large batches keep a GPU busy; a CPU gains nothing beyond ~64 views
         predictor = replace(predictor, batch_size=GPU_BATCH_VIEWS if gpus else CPU_BATCH_VIEWS)
     images_per_batch = max(1, predictor.batch_size // (5 if predictor.tta == "seed" else 1))
+    per_task = cfg.ray.rows_per_task_for(cfg.preprocess)
+    first = first_block_rows(per_task, images_per_batch)
+    starts = [0, *range(first, len(todo), per_task)] if len(todo) > first else [0]
+    blocks = [todo.iloc[i:j] for i, j in zip(starts, [*starts[1:], len(todo)])]
     state_ref = [ray.put(state_dict)]
     # from_blocks computes the blocks' metadata here; from_pandas ran a remote task per block for it, which on a
     # 2-core node waited for worker processes to start and held the whole itinerary back ~8 s (issue 15)
@@ -296,6 +295,14 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
             num_cpus=actor_cpus,
         )
     )
+
+
+def first_block_rows(per_task: int, images_per_batch: int) -> int:
+    """Rows of the first block (one CPU task): no more than a seed-chain task's, so the predictor starts on it
+    while the larger blocks follow, but no fewer than one predictor batch: Ray Data gathers an actor's input
+    until it holds a whole batch, so a smaller first block only waited for the second (~2 s on 2 cores, issue 15).
+    """
+    return min(per_task, max(SEED_ROWS_PER_TASK, images_per_batch))
 
 
 @dataclass(frozen=True)

@@ -311,6 +311,19 @@ def test_cpu_predictor_actors_share_the_embedded_nodes_cores():
     assert cpu_inference_layout(2, cores=None) == CpuInference(actors=2, threads=0)
 
 
+def test_the_first_block_holds_a_whole_predictor_batch():
+    """The predictor's actor waits for a whole batch of rows: a smaller first block would only wait for the
+    second; and it stays no larger than a seed-chain task's where the batch allows."""
+    from cxrage_ray.config import LIGHT_ROWS_PER_TASK, SEED_ROWS_PER_TASK
+    from cxrage_ray.pipeline import first_block_rows
+
+    assert first_block_rows(LIGHT_ROWS_PER_TASK, images_per_batch=32) == 32  # --preprocess none --batch-size 32
+    assert first_block_rows(LIGHT_ROWS_PER_TASK, images_per_batch=12) == SEED_ROWS_PER_TASK  # small batches
+    assert first_block_rows(SEED_ROWS_PER_TASK, images_per_batch=12) == SEED_ROWS_PER_TASK  # seed chain + TTA
+    assert first_block_rows(SEED_ROWS_PER_TASK, images_per_batch=128) == SEED_ROWS_PER_TASK  # never over a task
+    assert first_block_rows(LIGHT_ROWS_PER_TASK, images_per_batch=500) == LIGHT_ROWS_PER_TASK
+
+
 def test_two_predictor_actors_share_the_cores_and_score_like_one(ray_local, archive, weights, tmp_path, caplog):
     """Two CPU actors (batch 2, no TTA) get half this machine's cores each: every row scored once, the same ages
     as one actor's."""
