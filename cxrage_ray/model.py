@@ -90,10 +90,10 @@ def _body(device: torch.device | str | None = None) -> nn.Sequential:
         layers.append(nn.Sequential(BasicBlock(inplanes, planes, stride, device),
                                     *(BasicBlock(planes, planes, device=device) for _ in range(blocks - 1))))
         inplanes = planes
-    nn.Linear(512, 1000, device=device)  # torchvision's fc, dropped by the cut: built all the same for its draws from the RNG
+    nn.Linear(512, 1000, device=device)  # torchvision's fc, cut off: built all the same for its draws from the RNG
     body = nn.Sequential(*stem, *layers)
     if torch.device(device or "cpu").type == "meta":
-        return body  # no values to set; and normal_ on meta tensors imports torch._dynamo (~1.4 s)
+        return body  # no values to set; and the init functions on meta tensors import torch._dynamo (~1.4 s)
     for module in body.modules():  # torchvision's ResNet init
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -212,9 +212,9 @@ def build_model(state_dict: dict[str, torch.Tensor]) -> CXRAgeNet:
     """
     check_state_dict(state_dict)
     # Built on the meta device, then given copies of the checkpoint's tensors (in the model's own dtypes): every
-    # value comes from the strict load, so the kaiming init (about a second on a small CPU) would be wasted. Not
-    # `with torch.device("meta")` nor `to_empty`: their first use imports torch._dynamo (~1.4 s) and torch's
-    # symbolic shapes (~0.45 s), in every process that builds the model.
+    # value comes from the strict load, so the kaiming init (about a second on a small CPU) would be wasted. No
+    # init on meta tensors and no `to_empty`: those go through torch's Python reference ops, whose first use
+    # imports torch._dynamo (~1.4 s) and torch's symbolic shapes (~0.45 s), in every process that builds the model.
     model = CXRAgeNet(device="meta")
     dtypes = {key: value.dtype for key, value in model.state_dict().items()}
     owned = {key: value.to(dtype=dtypes[key], device="cpu", copy=True) for key, value in state_dict.items()}

@@ -107,6 +107,27 @@ def test_body_is_torchvisions_resnet34_value_for_value():
         assert torch.equal(ours(x), theirs(x))
 
 
+def test_building_the_model_imports_no_compiler_machinery():
+    """In a fresh interpreter, `build_model` (and the checkpoint check) stay clear of torchvision, torch._dynamo and
+    torch's symbolic shapes: importing them cost every predictor actor ~2.5 s on 2 cores (issue 15)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from cxrage_ray.model import CXRAgeNet, build_model, check_state_dict\n"
+        "state_dict = CXRAgeNet().state_dict()\n"
+        "check_state_dict(state_dict)\n"
+        "model = build_model(state_dict)\n"
+        "assert all(torch.equal(v, state_dict[k]) for k, v in model.state_dict().items())\n"
+        "print(sorted(m for m in ('torchvision', 'torch._dynamo', 'torch.fx.experimental.symbolic_shapes')\n"
+        "             if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
 def test_forward_equals_hand_composed_forward():
     model = build_model(random_state_dict(seed=5))
     assert not model.training
