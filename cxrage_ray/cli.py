@@ -57,7 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show our INFO logs and Ray's own log lines on the terminal")
     parser.add_argument("--version", action="version", version=f"cxrage {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
-    parser.set_defaults(exits_after=False)  # no option: `main(exits_after=True)` sets it (see `entry`)
 
     s = _subparser(sub, "score", "score a folder or manifest into Parquet under OUTPUT")
     s.add_argument("input", help="folder/prefix (recursive) or CSV/Parquet manifest with a path column (--uri-column)")
@@ -420,7 +419,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     which stops it as the process exits, instead of being shut down process by process (`RayConfig.stop_at_exit`).
     """
     args = build_parser().parse_args(argv)
-    args.exits_after = exits_after
+    args.exits_after = exits_after  # read by cmd_score; not an option: only `entry` passes True
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args, dict(os.environ) if env is None else env)
