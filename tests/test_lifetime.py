@@ -16,6 +16,7 @@ import time
 
 import psutil
 import pytest
+from processes import still_running
 
 from cxrage_ray.lifetime import Terminated, terminate_as_interrupt
 
@@ -58,16 +59,9 @@ def _start_driver(mode: str) -> tuple[subprocess.Popen, list[int]]:
     return driver, json.loads(line)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def _kill_all(pids: list[int]) -> None:
     for pid in pids:
-        if _alive(pid):
+        if still_running(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -75,13 +69,13 @@ def test_sigkilled_driver_takes_its_processes_along():
     driver, pids = _start_driver("hang")
     tree = [p.pid for p in psutil.Process(driver.pid).children(recursive=True)]
     try:
-        assert all(_alive(pid) for pid in pids)
+        assert all(still_running(pid) for pid in pids)
         driver.kill()
         driver.wait()
         deadline = time.monotonic() + 5
-        while any(_alive(pid) for pid in pids + tree) and time.monotonic() < deadline:
+        while any(still_running(pid) for pid in pids + tree) and time.monotonic() < deadline:
             time.sleep(0.1)
-        survivors = [pid for pid in pids + tree if _alive(pid)]
+        survivors = [pid for pid in pids + tree if still_running(pid)]
         assert not survivors, f"still alive 5 s after the driver's SIGKILL: {survivors}"
     finally:
         _kill_all(pids + tree)
@@ -92,7 +86,7 @@ def test_a_driver_that_ends_normally_leaves_other_processes_alone():
     try:
         assert driver.wait(timeout=30) == 0
         time.sleep(1.0)  # a watcher that wrongly reaped would have done so by now
-        assert all(_alive(pid) for pid in pids)
+        assert all(still_running(pid) for pid in pids)
     finally:
         _kill_all(pids)
 
@@ -107,9 +101,9 @@ def test_exit_now_after_leaving_processes_to_the_watcher_takes_them_along():
         assert json.loads(rest[0]) == [True, True, True]
         assert "exit handler ran" in rest
         deadline = time.monotonic() + 5
-        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        while any(still_running(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [pid for pid in pids if _alive(pid)], "still alive 5 s after the driver exited"
+        assert not [pid for pid in pids if still_running(pid)], "still alive 5 s after the driver exited"
     finally:
         _kill_all(pids)
 

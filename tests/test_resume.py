@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from checkpoints import random_state_dict, save_fastai_checkpoint
+from processes import still_running
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -136,7 +137,7 @@ def _finish_and_check(cmd: list[str], out: Path, done_before: int) -> None:
     if done_before < N_FILMS:  # else nothing is left to score, and no Ray starts
         assert any("raylet" in name for name in names), "the run's Ray processes were not seen"
     alive_until = time.monotonic() + 10
-    while (survivors := [p.pid for p in started.values() if _still_running(p)]) and time.monotonic() < alive_until:
+    while (survivors := [p.pid for p in started.values() if still_running(p)]) and time.monotonic() < alive_until:
         time.sleep(0.2)
     assert not survivors, f"processes of the finished run still alive 10 s after it exited: {survivors}"
     rows = _committed_rows(out)
@@ -173,15 +174,6 @@ def test_killed_driver_then_rerun(job, tmp_path):
     done = _committed_rows(out)
     assert len(done) < N_FILMS
     _finish_and_check(cmd, out, len(done))
-
-
-def _still_running(proc) -> bool:
-    import psutil
-
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _pids_matching(text: str) -> list[int]:

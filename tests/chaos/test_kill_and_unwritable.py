@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from checkpoints import random_state_dict, save_fastai_checkpoint
+from processes import still_running
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -73,14 +74,7 @@ def _wait_for_rows(proc: subprocess.Popen, out: Path, rows: int, limit_s: float 
 
 
 def _alive(procs: list[psutil.Process]) -> list[str]:
-    alive = []
-    for proc in procs:
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(f"{proc.pid} {proc.name()}")
-        except psutil.NoSuchProcess:
-            pass
-    return alive
+    return [f"{proc.pid} {proc.as_dict(['name'], ad_value='?')['name']}" for proc in procs if still_running(proc)]
 
 
 def _summary(out: Path) -> dict:
