@@ -37,7 +37,8 @@ SHARED = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "tests"))
 import dicomgen  # noqa: E402
 
-from cxrage_ray.decode import DecodedImage, DecodeOptions  # noqa: E402
+from cxrage_ray.config import DecodeOptions
+from cxrage_ray.decode.image import DecodedImage
 from cxrage_ray.decode.dicom import (  # noqa: E402
     GreyscaleParams,
     _encapsulated_frame,
@@ -47,8 +48,8 @@ from cxrage_ray.decode.dicom import (  # noqa: E402
     decode_j2k_pillow,
     j2k_phase_align,
 )
-from cxrage_ray.demo import demo_state_dict  # noqa: E402
-from cxrage_ray.predict import AgePredictor, PredictorConfig  # noqa: E402
+from cxrage_ray.model.demo import demo_state_dict  # noqa: E402
+from cxrage_ray.predict.predictor import AgePredictor, PredictorConfig  # noqa: E402
 from cxrage_ray.preprocess.seed_chain import im_resize, seed_chain  # noqa: E402
 
 SYNTAXES = {

@@ -38,14 +38,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxrage_ray.demo import demo_state_dict
-from cxrage_ray.device_stages import DeviceScoreStage, prepare_encoded_batch
-from cxrage_ray.model import build_model
-from cxrage_ray.orient import OrientConfig
-from cxrage_ray.predict import AgePredictor, PredictorConfig
+from cxrage_ray.model.demo import demo_state_dict
+from cxrage_ray.pipeline.device_stages import DeviceScoreStage, prepare_encoded_batch
+from cxrage_ray.model.network import build_model
+from cxrage_ray.config import OrientConfig
+from cxrage_ray.predict.predictor import AgePredictor, PredictorConfig
 from cxrage_ray.preprocess.fastai import batch_tta_views
-from cxrage_ray.stages import PredictStage, PrepareSettings, prepare_batch
-from cxrage_ray.storage import StorageConfig
+from cxrage_ray.config import PrepareSettings
+from cxrage_ray.pipeline.stages import PredictStage, prepare_batch
+from cxrage_ray.config import StorageConfig
 
 SHARED = Path(os.environ.get("CXRAGE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 LABELS = {"weights_sha256": "bench", "preprocess": "seed", "tta": "seed", "decode": "exact"}

@@ -27,14 +27,13 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-#: The decoders' default pixel limit (`cxrage_ray.decode.DEFAULT_MAX_PIXELS`): the worst films a run accepts.
+#: The decoders' default pixel limit (`cxrage_ray.decode.image.DEFAULT_MAX_PIXELS`): the worst films a run accepts.
 LIMIT_SIDE = 16384
 #: /proc is sampled this often: a prepare at the limit lasts seconds, so 0.2 s catches its peak.
 SAMPLE_INTERVAL_S = 0.2
@@ -142,8 +141,8 @@ def default_dicom_sample() -> Path:
 # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec (see tests/decode/test_limits.py).
 PREPARE_SCRIPT = """
 import json, re, sys, time
-from cxrage_ray.stages import PrepareSettings, picture_from_bytes
-from cxrage_ray.storage import StorageConfig
+from cxrage_ray.pipeline.stages import PrepareSettings, picture_from_bytes
+from cxrage_ray.storage.files import StorageConfig
 path = sys.argv[1]
 data = open(path, "rb").read()
 start = time.perf_counter()
@@ -268,8 +267,8 @@ def score_command(folder: Path, out: Path, weights: Path) -> list[str]:
 
 def output_rows(out: Path) -> list[dict]:
     """The run's rows as dicts (image_id, status, error)."""
-    from cxrage_ray.sink import read_output
-    from cxrage_ray.storage import StorageConfig
+    from cxrage_ray.write.parts import read_output
+    from cxrage_ray.config import StorageConfig
 
     table = read_output(str(out), StorageConfig()).select(["image_id", "status", "error"]).to_pandas()
     return table.to_dict("records")

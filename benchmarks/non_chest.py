@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pictures(shared: Path):
-    from cxrage_ray.decode import DecodeOptions, decode_image
+    from cxrage_ray.config import DecodeOptions
+    from cxrage_ray.decode.image import decode_image
     from cxrage_ray.preprocess.seed_chain import seed_chain
 
     meta = pd.read_csv(shared / "data" / "cxr-sample" / "metadata.csv")
@@ -50,7 +51,8 @@ def _template(thumbs: np.ndarray) -> np.ndarray:
 def main() -> None:
     import argparse
 
-    from cxrage_ray.orient import CHEST_TEMPLATE_SIZE, NON_CHEST_LIKENESS, chest_likeness_thumbs, template_thumbnail
+    from cxrage_ray.config import NON_CHEST_LIKENESS
+    from cxrage_ray.orient.stage import CHEST_TEMPLATE_SIZE, chest_likeness_thumbs, template_thumbnail
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write-templates", metavar="PATH",

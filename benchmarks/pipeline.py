@@ -243,13 +243,16 @@ def loop_worker(manifest: str, weights: str, tta: str, batch_size: int, orient_t
     import numpy as np
     import torch
 
-    from cxrage_ray.checkpoint import load_state_dict
-    from cxrage_ray.decode import DecodedImage, DecodeOptions, decode_image
+    from cxrage_ray.model.checkpoint import load_state_dict
+    from cxrage_ray.config import DecodeOptions
+    from cxrage_ray.decode.image import DecodedImage, decode_image
     from cxrage_ray.errors import CxrAgeError
-    from cxrage_ray.orient import OrientConfig, correct_orientation, default_classifier, orient
-    from cxrage_ray.predict import AgePredictor, PredictorConfig
+    from cxrage_ray.config import OrientConfig
+    from cxrage_ray.orient.stage import correct_orientation, default_classifier, orient
+    from cxrage_ray.predict.predictor import AgePredictor, PredictorConfig
     from cxrage_ray.preprocess.seed_chain import seed_chain
-    from cxrage_ray.storage import StorageConfig, read_bytes
+    from cxrage_ray.config import StorageConfig
+    from cxrage_ray.storage.files import read_bytes
 
     t_import = time.perf_counter()
     predictor = AgePredictor(load_state_dict(weights), PredictorConfig(device="cpu", tta=tta, batch_size=batch_size))
@@ -343,8 +346,8 @@ def run_ours(label: str, manifest: Path, weights: Path, out: Path, score_args: l
 
 
 def our_scores(out: Path) -> dict[str, float]:
-    from cxrage_ray.sink import read_output
-    from cxrage_ray.storage import StorageConfig
+    from cxrage_ray.write.parts import read_output
+    from cxrage_ray.config import StorageConfig
 
     table = read_output(str(out), StorageConfig()).select(["image_id", "status", "cxr_age"]).to_pandas()
     table = table[table["status"] == "ok"]

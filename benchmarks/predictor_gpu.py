@@ -19,9 +19,9 @@ import time
 import numpy as np
 import torch
 
-from cxrage_ray.demo import demo_state_dict
-from cxrage_ray.model import build_model
-from cxrage_ray.predict import AgePredictor, PredictorConfig
+from cxrage_ray.model.demo import demo_state_dict
+from cxrage_ray.model.network import build_model
+from cxrage_ray.predict.predictor import AgePredictor, PredictorConfig
 from cxrage_ray.preprocess.fastai import batch_tta_views
 
 

@@ -35,7 +35,7 @@ def images_dir() -> Path:
 
 
 def _one(args: tuple[str, str]) -> tuple[str, float]:
-    from cxrage_ray.decode import DecodeOptions
+    from cxrage_ray.config import DecodeOptions
     from cxrage_ray.decode.raster import decode_raster
     from cxrage_ray.preprocess.seed_chain import seed_chain_png
 

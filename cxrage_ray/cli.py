@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Mapping, NoReturn, Sequence
 
 from cxrage_ray.errors import CxrAgeError, InputError, OutputError
-from cxrage_ray.lifetime import Terminated, exit_now, terminate_as_interrupt
+from cxrage_ray.runtime.lifetime import Terminated, exit_now, terminate_as_interrupt
 
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 3, 2, 4, 130
 #: SIGTERM ends the job like Ctrl-C, with the shell's code for it (128 + 15)
@@ -183,13 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _storage(args: argparse.Namespace, env: Mapping[str, str]):
-    from cxrage_ray.storage import StorageConfig
+    from cxrage_ray.config import StorageConfig
 
     return StorageConfig.from_env_and_pairs(env, args.storage_option)
 
 
 def _weights_home(env: Mapping[str, str]) -> Path:
-    from cxrage_ray.registry import weights_home
+    from cxrage_ray.model.registry import weights_home
 
     return weights_home(env)
 
@@ -199,8 +199,8 @@ def _preflight(args: argparse.Namespace, storage):
 
     Runs before the heavy imports so a mistake is answered in about a second and nothing is written.
     """
-    from cxrage_ray import preflight
-    from cxrage_ray.manifest import build_manifest
+    from cxrage_ray.runtime import preflight
+    from cxrage_ray.manifest.build import build_manifest
 
     preflight.check_limits(preflight.Limits(batch_size=args.batch_size, part_rows=args.part_rows,
                                             predict_actors=args.predict_actors, num_cpus=args.num_cpus,
@@ -224,11 +224,12 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     manifest = _preflight(args, storage)
 
     from cxrage_ray.config import PredictorConfig, RayConfig, ScoreConfig
-    from cxrage_ray.decode import DecodeOptions
-    from cxrage_ray.pipeline import score
-    from cxrage_ray.orient import OrientConfig, load_rotation_list
-    from cxrage_ray.spill import default_spill_root
-    from cxrage_ray.stages import SaliencySettings
+    from cxrage_ray.config import DecodeOptions
+    from cxrage_ray.pipeline.itinerary import score
+    from cxrage_ray.config import OrientConfig
+    from cxrage_ray.orient.stage import load_rotation_list
+    from cxrage_ray.write.spill import default_spill_root
+    from cxrage_ray.config import SaliencySettings
 
     weights = args.weights
     if weights == "demo":
@@ -286,8 +287,8 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def _write_back(args: argparse.Namespace) -> "WriteBackConfig | None":  # noqa: F821 - imported lazily
     """--write-back sr / --write-back-to URL -> a WriteBackConfig, or None."""
-    from cxrage_ray.dicomweb import parse_query
-    from cxrage_ray.writeback import WriteBackConfig
+    from cxrage_ray.pacs.dicomweb import parse_query
+    from cxrage_ray.config import WriteBackConfig
 
     if args.write_back_saliency and not args.saliency:
         raise InputError("--write-back-saliency stores the maps of --saliency DIR: give --saliency DIR too")
@@ -300,7 +301,7 @@ def _write_back(args: argparse.Namespace) -> "WriteBackConfig | None":  # noqa: 
 
 
 def _demo_weights(home: Path) -> Path:
-    from cxrage_ray.demo import write_demo_checkpoint
+    from cxrage_ray.model.demo import write_demo_checkpoint
 
     path = home / "demo-random-seed0.pth"
     if not path.exists():
@@ -311,8 +312,8 @@ def _demo_weights(home: Path) -> Path:
 
 
 def cmd_weights(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from cxrage_ray import registry
-    from cxrage_ray.checkpoint import convert_to_safetensors
+    from cxrage_ray.model import registry
+    from cxrage_ray.model.checkpoint import convert_to_safetensors
 
     home = _weights_home(env)
     if args.weights_command == "fetch":
@@ -321,7 +322,7 @@ def cmd_weights(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     elif args.weights_command == "convert":
         print(convert_to_safetensors(args.src, args.dst))
     elif args.weights_command == "demo":
-        from cxrage_ray.demo import write_demo_checkpoint
+        from cxrage_ray.model.demo import write_demo_checkpoint
 
         write_demo_checkpoint(Path(args.dst))
         print(args.dst)
@@ -331,8 +332,8 @@ def cmd_weights(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from cxrage_ray.decode import DecodeOptions
-    from cxrage_ray.export import export_seed_chain_pngs
+    from cxrage_ray.config import DecodeOptions
+    from cxrage_ray.preprocess.export import export_seed_chain_pngs
 
     failures = export_seed_chain_pngs(args.input, args.outdir, _storage(args, env),
                                       DecodeOptions(mode=args.decode, allow_any_modality=True), workers=args.workers,
@@ -341,7 +342,7 @@ def cmd_preprocess(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_manifest(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from cxrage_ray.manifest import build_manifest, write_manifest
+    from cxrage_ray.manifest.build import build_manifest, write_manifest
 
     storage = _storage(args, env)
     df = build_manifest(args.prefix, storage)
@@ -363,10 +364,10 @@ def _retry_kinds(args: argparse.Namespace) -> tuple[str, ...] | None:
 
 
 def cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from cxrage_ray.report import write_report
+    from cxrage_ray.report.analysis import write_report
 
     write_report(args.output, time_col=args.time_col, event_col=args.event_col, storage=_storage(args, env))
-    from cxrage_ray.sink import record_uri
+    from cxrage_ray.write.parts import record_uri
 
     print(f"cxrage: wrote {record_uri(args.output, 'report.html')} and analysis.json", file=sys.stderr)
     return EXIT_OK
@@ -375,9 +376,9 @@ def cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     import torch
 
-    from cxrage_ray.decode import DecodeOptions
+    from cxrage_ray.config import DecodeOptions
     from cxrage_ray.config import PredictorConfig
-    from cxrage_ray.registry import resolve_weights
+    from cxrage_ray.model.registry import resolve_weights
     from cxrage_ray.serve.config import ServeConfig
     from cxrage_ray.serve.run import serve_until_stopped
 

@@ -1,20 +1,267 @@
-"""Job configuration: frozen dataclasses built once from the CLI (or a job entrypoint) and passed down."""
+"""Job configuration: plain frozen dataclasses, built once from the CLI (or a job entrypoint) and passed down.
+
+A leaf: it imports nothing of the package but `errors`, so every stage (and a GPU machine without Ray) can read
+its settings without pulling in the others. Each stage's module says what it does with its part.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
-from cxrage_ray.decode import DecodeOptions
-from cxrage_ray.orient import OrientConfig
-from cxrage_ray.stages import PreprocessMode, SaliencySettings
-from cxrage_ray.storage import StorageConfig
-from cxrage_ray.writeback import WriteBackConfig
+from cxrage_ray.errors import InputError
 
-if TYPE_CHECKING:  # annotations only: importing predict imports torch, which the driver defers (issue 15)
-    from cxrage_ray.predict import Device, Precision
-    from cxrage_ray.preprocess.fastai import TTAMode
+#: Refuse images whose declared size exceeds this many pixels (decompression bombs); ~16k x 16k.
+DEFAULT_MAX_PIXELS = 16384 * 16384
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeOptions:
+    """How to decode. Built once from the CLI and passed to every worker.
+
+    Args:
+        mode: "exact" decodes full resolution; "fast" may decode at a reduced resolution
+            (JPEG 2000 resolution levels, JPEG DCT scaling) when the model only needs ~512 px.
+        allow_any_modality: if False, DICOM modalities that are not radiographs are refused.
+        patient_id_salt: when set, DICOM rows carry `patient_id_hash` = sha256(salt + PatientID).
+        max_pixels: larger declared images are refused as decompression bombs.
+    """
+
+    mode: Literal["fast", "exact"] = "exact"
+    allow_any_modality: bool = False
+    patient_id_salt: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+#: Protocols that are the local disk (no storage options, atomic writes by rename).
+LOCAL_PROTOCOLS = frozenset({"file", "local"})
+
+
+#: Protocols that take `endpoint_url` (the S3-compatible ones s3fs serves).
+S3_PROTOCOLS = frozenset({"s3", "s3a"})
+
+
+#: Option names whose values are never shown (s3fs: key/secret/token; others: password, credentials ...).
+_SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential|session", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How to reach remote storage. Built once (CLI / job entrypoint) and passed to every worker.
+
+    Args:
+        options: fsspec storage options as sorted (key, value) pairs, handed to every non-local filesystem
+            (e.g. ``anon=True``, ``requester_pays=True``). A dotted key nests:
+            ``config_kwargs.retries.max_attempts=3`` becomes ``{"config_kwargs": {"retries": {"max_attempts": 3}}}``.
+        endpoint_url: S3 endpoint for s3:// URLs (MinIO, moto, ...); captured from ``AWS_ENDPOINT_URL`` at the
+            CLI so that workers on other nodes, whose environment may lack it, use the same endpoint.
+        retries: retries after the first attempt on transient errors (throttling, 5xx, connection errors).
+        backoff_s: first backoff; doubles each retry, with jitter, capped at `MAX_BACKOFF_S`.
+    """
+
+    options: tuple[tuple[str, Any], ...] = ()
+    endpoint_url: str | None = None
+    retries: int = 5
+    backoff_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.options, Mapping):
+            object.__setattr__(self, "options", tuple(sorted(self.options.items())))
+        else:
+            object.__setattr__(self, "options", tuple(sorted((str(k), v) for k, v in self.options)))
+        if self.retries < 0 or self.backoff_s < 0:
+            raise ValueError("retries and backoff_s must be >= 0")
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[str], **kwargs: Any) -> StorageConfig:
+        """From ``["key=value", ...]`` (the ``--storage-option`` flags); values become bool/int/float when they look so.
+
+        Raises:
+            ValueError: a pair without ``=`` or with an empty key.
+        """
+        options: dict[str, Any] = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ValueError(f"--storage-option expects KEY=VALUE, got {pair!r}")
+            options[key] = _auto_type(value)
+        return cls(options=tuple(options.items()), **kwargs)
+
+    @classmethod
+    def from_env_and_pairs(cls, env: Mapping[str, str], pairs: Iterable[str], **kwargs: Any) -> StorageConfig:
+        """Like `from_pairs`, plus the S3 endpoint from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` in `env`.
+
+        Only the endpoint is captured: credentials stay with the standard AWS chain on each node (environment,
+        instance profile) and never travel inside the config.
+        """
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+        config = cls.from_pairs(pairs, endpoint_url=endpoint, **kwargs)
+        # DICOMweb has no standard credential chain: CXRAGE_DICOMWEB_TOKEN / _USERNAME / _PASSWORD travel as
+        # (redacted) options so workers on other nodes authenticate too; an explicit --storage-option wins.
+        given = dict(config.options)
+        found = {f"dicomweb_{name.lower()}": env[f"CXRAGE_DICOMWEB_{name}"] for name in ("TOKEN", "USERNAME", "PASSWORD")
+                 if env.get(f"CXRAGE_DICOMWEB_{name}") and f"dicomweb_{name.lower()}" not in given}
+        return cls(options={**given, **found}, endpoint_url=endpoint, **kwargs) if found else config
+
+    def fs_options(self, protocol: str) -> dict[str, Any]:
+        """The keyword arguments for `protocol`'s filesystem (nested dicts rebuilt from dotted keys)."""
+        if protocol in LOCAL_PROTOCOLS:
+            return {}
+        kwargs: dict[str, Any] = {}
+        if self.endpoint_url and protocol in S3_PROTOCOLS:
+            kwargs["endpoint_url"] = self.endpoint_url
+        if protocol in S3_PROTOCOLS and not self.client_retries_configured():
+            # our retry loop is the only one, so every retry is counted (botocore: 1 attempt = no retry)
+            kwargs["config_kwargs"] = {"retries": {"total_max_attempts": 1}}
+        for key, value in self.options:
+            if key.startswith("dicomweb_"):  # read by cxrage_ray.pacs.dicomweb, not by any filesystem
+                continue
+            node = kwargs
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return kwargs
+
+    def client_retries_configured(self) -> bool:
+        """True when the options tune botocore's own retries (``config_kwargs.retries.…``): then the S3 client
+        keeps its retries (and s3fs its own), and retries hidden inside it are not counted."""
+        return any(key == "config_kwargs.retries" or key.startswith("config_kwargs.retries.")
+                   for key, _ in self.options)
+
+    def redacted(self) -> dict[str, Any]:
+        """A loggable view: secret-looking option values replaced by ``"***"``."""
+        return {
+            "options": {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in self.options},
+            "endpoint_url": self.endpoint_url,
+            "retries": self.retries,
+            "backoff_s": self.backoff_s,
+        }
+
+    def __repr__(self) -> str:
+        return f"StorageConfig({self.redacted()})"
+
+
+def _auto_type(value: str) -> Any:
+    low = value.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+#: Non-DICOM films whose `chest_likeness` is below this are flagged `non_chest`. Measured by
+#: benchmarks/non_chest.py (leave-one-out for the chest films): 2 of the 250 sample chest films flagged,
+#: 1 of the DICOM sample's 11 decodable non-chest radiographs (4 distinct pictures) missed.
+NON_CHEST_LIKENESS = 0.45
+
+
+Mode = Literal["auto", "list", "off"]
+
+
+RotationSource = Literal["list", "dicom", "model", "none"]
+
+
+@dataclass(frozen=True)
+class OrientConfig:
+    """How to handle orientation (`--rotation`, `--rotation-list`, `--skip-flagged`).
+
+    Args:
+        mode: "auto" (list, then DICOM Patient Orientation, then the classifier), "list" (the list only) or "off"
+            (never rotate). QC flags are computed in every mode.
+        rotation_list: {file name: clockwise degrees to apply} from `load_rotation_list`, or None.
+        skip_flagged: rows with any qc flag are not scored (`OrientResult.skip`).
+        uncertain_threshold: below this classifier confidence the row gets `orientation_uncertain` (the film is
+            still turned to the most likely orientation).
+        lateral_threshold: the view head's probability above which a film is flagged `lateral`.
+        use_view_model: run the classifier for the `lateral` flag even when the rotation came from elsewhere.
+        non_chest_likeness: non-DICOM films whose `chest_likeness` is below this are flagged `non_chest`
+            (None: never judge the picture; DICOM films are judged by their header).
+    """
+
+    mode: Mode = "auto"
+    rotation_list: Mapping[str, int] | None = None
+    skip_flagged: bool = False
+    uncertain_threshold: float = 0.8
+    lateral_threshold: float = 0.5
+    use_view_model: bool = True
+    # repr=False: the job record holds repr(OrientConfig), and outputs written before this field must resume
+    non_chest_likeness: float | None = field(default=NON_CHEST_LIKENESS, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "list", "off"):
+            raise InputError(f"--rotation must be auto, list or off, not {self.mode!r}")
+        if self.mode == "list" and self.rotation_list is None:
+            raise InputError("--rotation list needs --rotation-list FILE")
+
+
+@dataclass(frozen=True)
+class WriteBackConfig:
+    """Where and how to store the reports.
+
+    Args:
+        target: the archive to store into, as ``dicomweb+http(s)://host[:port]/prefix``; None stores each
+            report in the archive its source came from.
+        workers: concurrent metadata-fetch + STOW-RS requests.
+        saliency: also store each row's saliency overlay (the `saliency_uri` PNG of `--saliency DIR`) as a
+            Secondary Capture in the source's study (`build_saliency_capture`).
+    """
+
+    target: str | None = None
+    workers: int = 4
+    saliency: bool = False
+
+
+PreprocessMode = Literal["seed", "none"]
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything the CPU stage needs, built once on the driver and shipped to workers.
+
+    Args:
+        storage: how to read URIs.
+        decode: decoder options (fast/exact, modality policy, bomb limit, patient-id salt).
+        preprocess: "seed" applies the ImageMagick chain; "none" treats inputs as seed-chain PNGs already.
+        orient: an `OrientConfig` (cxrage_ray.orient.stage) or None to skip orientation handling entirely.
+        age_column: manifest column holding chronological age for non-DICOM rows.
+        fetch_threads: concurrent reads per task.
+    """
+
+    storage: StorageConfig
+    decode: DecodeOptions = DecodeOptions()
+    preprocess: PreprocessMode = "seed"
+    orient: Any = None
+    age_column: str | None = "age"
+    fetch_threads: int = 16
+
+
+@dataclass(frozen=True)
+class SaliencySettings:
+    """Where and how to write saliency maps (`--saliency DIR --saliency-method grad|gradcam`)."""
+
+    directory: str
+    method: Literal["grad", "gradcam"] = "grad"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+TTAMode = Literal["seed", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +303,7 @@ class RayConfig:
         num_cpus: logical CPUs for the embedded local Ray; None = this machine's count, but at least 4 so
             the predictor actor can never starve the CPU tasks on a 2-core laptop (environment.md).
         predict_actors: predictor actors for CPU inference; on the embedded local Ray they share this machine's
-            cores (`cxrage_ray.pipeline.cpu_inference_layout`). GPU runs use one actor per GPU.
+            cores (`cxrage_ray.pipeline.itinerary.cpu_inference_layout`). GPU runs use one actor per GPU.
         rows_per_task: manifest rows per CPU task (one Ray block); None: `SEED_ROWS_PER_TASK` with the seed chain,
             `LIGHT_ROWS_PER_TASK` with `--preprocess none` (see `rows_per_task_for`).
         no_progress_timeout_s: fail with an explanation when no row finishes for this long.
@@ -100,14 +347,14 @@ class ScoreConfig:
         uri_column: the manifest column that held the paths (recorded in job.json; the manifest is already
             built with it).
         commit_every_s: scored rows are committed to OUTPUT at least this often (and every `part_rows`).
-        spill_root: where rows OUTPUT refused wait for the rerun (cxrage_ray.spill); None: not kept.
+        spill_root: where rows OUTPUT refused wait for the rerun (cxrage_ray.write.spill); None: not kept.
         overwrite: discard an OUTPUT that holds another job's results instead of refusing.
         retry_errors: None keeps committed error rows (a rerun only scores missing rows); a tuple of error
             kinds (`ReadError`, ...) rescores the error rows of those kinds, the empty tuple every error row.
         gpu_preprocess: "on" sends bytes to GPU actors that decode, preprocess and score (the device
             itinerary); "off" keeps decode and the seed chain on CPU tasks; "auto" is on when the cluster has
-            a GPU and nvImageCodec is installed (see `cxrage_ray.pipeline.choose_itinerary`).
-        write_back: store a CXR-Age Structured Report per ok DICOMweb row (see cxrage_ray.writeback), or None.
+            a GPU and nvImageCodec is installed (see `cxrage_ray.pipeline.itinerary.choose_itinerary`).
+        write_back: store a CXR-Age Structured Report per ok DICOMweb row (see cxrage_ray.pacs.writeback), or None.
     """
 
     input: str

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxrage_ray.demo import demo_state_dict
+from cxrage_ray.model.demo import demo_state_dict
 
 # Adam state for 108 body params + BN1d(1024) weight/bias (spec §2.3: stale fastai layer groups).
 OPT_GROUP_SIZES = (16, 32, 20, 40, 2, 6)

@@ -76,7 +76,8 @@ def test_pipeline_ceiling_script_reports_light_ratio_and_ceiling(shared_dir, tmp
 
 def test_ceiling_stand_in_is_not_reachable_from_the_cli(tmp_path, monkeypatch, capsys):
     """The benchmark-only stand-in (`CeilingStandIn`) has no flag, and `cxrage score` never passes it."""
-    from cxrage_ray import cli, pipeline
+    from cxrage_ray import cli
+    from cxrage_ray.pipeline import itinerary as pipeline
 
     with pytest.raises(SystemExit):
         cli.main(["score", "--help"])

@@ -13,9 +13,9 @@ import torch
 from checkpoints import (OPT_GROUP_SIZES, OPT_STATE_ENTRIES, random_state_dict, save_fastai_checkpoint,
                          save_malicious_checkpoint)
 
-from cxrage_ray.checkpoint import convert_to_safetensors, load_state_dict, sha256_file
+from cxrage_ray.model.checkpoint import convert_to_safetensors, load_state_dict, sha256_file
 from cxrage_ray.errors import UnsafeCheckpointError, WeightsError
-from cxrage_ray.model import expected_shapes
+from cxrage_ray.model.network import expected_shapes
 
 FORMS = [(legacy, with_opt) for legacy in (True, False) for with_opt in (True, False)]
 

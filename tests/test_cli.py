@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from checkpoints import random_state_dict, save_fastai_checkpoint
-from cxrage_ray.checkpoint import load_state_dict, sha256_file
+from cxrage_ray.model.checkpoint import load_state_dict, sha256_file
 from cxrage_ray.cli import EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE, main
-from cxrage_ray.decode import decode_image
+from cxrage_ray.decode.image import decode_image
 from cxrage_ray.preprocess.seed_chain import seed_chain
 
 

@@ -29,8 +29,8 @@ SCRIPT = textwrap.dedent(
     import ray, ray._private.state
     from ray.cluster_utils import Cluster
     from cxrage_ray.config import RayConfig, ScoreConfig
-    from cxrage_ray.pipeline import score
-    from cxrage_ray.predict import PredictorConfig
+    from cxrage_ray.pipeline.itinerary import score
+    from cxrage_ray.predict.predictor import PredictorConfig
 
     from dataclasses import replace
     films, weights, out, out_device = sys.argv[1:5]

@@ -11,11 +11,12 @@ import pytest
 from PIL import Image
 
 from checkpoints import random_state_dict
-from cxrage_ray.device_stages import DeviceScoreStage, prepare_encoded_batch
-from cxrage_ray.orient import OrientConfig
-from cxrage_ray.predict import PredictorConfig
-from cxrage_ray.stages import PredictStage, PrepareSettings, prepare_batch
-from cxrage_ray.storage import StorageConfig
+from cxrage_ray.pipeline.device_stages import DeviceScoreStage, prepare_encoded_batch
+from cxrage_ray.config import OrientConfig
+from cxrage_ray.predict.predictor import PredictorConfig
+from cxrage_ray.config import PrepareSettings
+from cxrage_ray.pipeline.stages import PredictStage, prepare_batch
+from cxrage_ray.config import StorageConfig
 from imagegen import pillow_bytes, radiograph
 
 LABELS = {"weights_sha256": "0" * 64, "preprocess": "seed", "tta": "seed", "decode": "exact"}

@@ -19,7 +19,7 @@ import pytest
 
 from checkpoints import random_state_dict, save_fastai_checkpoint
 from cxrage_ray.cli import EXIT_OK, EXIT_ROW_ERRORS, main
-from cxrage_ray.dicomweb import (
+from cxrage_ray.pacs.dicomweb import (
     DicomwebAuth,
     InstanceRef,
     iter_pages,
@@ -28,8 +28,8 @@ from cxrage_ray.dicomweb import (
     retrieve_instance_bytes,
 )
 from cxrage_ray.errors import InputError
-from cxrage_ray.storage import StorageConfig
-from cxrage_ray.writeback import sr_instance_uid
+from cxrage_ray.config import StorageConfig
+from cxrage_ray.pacs.writeback import sr_instance_uid
 from orthanc_fixtures import ArchiveOutage, OrthancServer, orthanc_binary
 
 pytestmark = [pytest.mark.timeout(300)]
@@ -217,7 +217,7 @@ def test_saliency_overlays_are_stored_as_secondary_captures(scored, orthanc):
     PatientOrientation becomes an RGB Secondary Capture in the source's study."""
     from PIL import Image
 
-    from cxrage_ray.writeback import read_records
+    from cxrage_ray.pacs.writeback import read_records
 
     web = scored["web"].set_index("sop_instance_uid")
     records = read_records(str(scored["work"] / "web"), StorageConfig()).to_pandas()
@@ -259,11 +259,11 @@ def test_archive_stopped_mid_job_then_resume_completes(scored, orthanc, weights,
     from dataclasses import replace
 
     from cxrage_ray.config import RayConfig, ScoreConfig
-    from cxrage_ray.manifest import build_manifest, write_manifest
-    from cxrage_ray.orient import OrientConfig
-    from cxrage_ray.pipeline import score
-    from cxrage_ray.predict import PredictorConfig
-    from cxrage_ray.writeback import WriteBackConfig
+    from cxrage_ray.manifest.build import build_manifest, write_manifest
+    from cxrage_ray.config import OrientConfig
+    from cxrage_ray.pipeline.itinerary import score
+    from cxrage_ray.predict.predictor import PredictorConfig
+    from cxrage_ray.config import WriteBackConfig
 
     storage = StorageConfig(retries=2, backoff_s=0.05)
     reports_before = len(orthanc.qido_instances(Modality="SR"))

@@ -18,11 +18,11 @@ import psutil
 import pytest
 from processes import still_running
 
-from cxrage_ray.lifetime import Terminated, terminate_as_interrupt
+from cxrage_ray.runtime.lifetime import Terminated, terminate_as_interrupt
 
 DRIVER = textwrap.dedent("""
     import atexit, json, os, subprocess, sys, time
-    from cxrage_ray.lifetime import exit_now, reaped_on_kill
+    from cxrage_ray.runtime.lifetime import exit_now, reaped_on_kill
 
     sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
     with reaped_on_kill(at_exit=sys.argv[1] == "exit_now"):

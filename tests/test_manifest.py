@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxrage_ray.errors import InputError
-from cxrage_ray.manifest import PROBLEM_COLUMN, RESERVED_COLUMNS, build_manifest, is_image_name, write_manifest
-from cxrage_ray.storage import StorageConfig
+from cxrage_ray.manifest.build import PROBLEM_COLUMN, RESERVED_COLUMNS, build_manifest, is_image_name, write_manifest
+from cxrage_ray.config import StorageConfig
 
 LOCAL = StorageConfig()
 
@@ -359,7 +359,7 @@ def test_uri_column_errors_say_what_to_do(tmp_path):
 
 def test_marked_rows_are_announced(tmp_path: Path, caplog):
     (tmp_path / "m.csv").write_text("uri,age\na.png,1\nb.png,2\n ,3\n")
-    with caplog.at_level("WARNING", logger="cxrage_ray.manifest"):
+    with caplog.at_level("WARNING", logger="cxrage_ray.manifest.build"):
         df = build_manifest(str(tmp_path / "m.csv"), LOCAL)
     assert df[PROBLEM_COLUMN].notna().sum() == 1
     assert "1 manifest row(s) name no readable image and become ManifestError rows (row 2: empty uri)" in caplog.text

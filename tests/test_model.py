@@ -11,7 +11,7 @@ from checkpoints import random_state_dict
 from torch import nn
 
 from cxrage_ray.errors import WeightsError
-from cxrage_ray.model import AGE_MEAN, AGE_SD, CXRAgeNet, build_model, calibrate, expected_shapes
+from cxrage_ray.model.network import AGE_MEAN, AGE_SD, CXRAgeNet, build_model, calibrate, expected_shapes
 
 BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -87,7 +87,7 @@ def test_body_is_torchvisions_resnet34_value_for_value():
     modules, the same seeded initial values (demo weights depend on them), and the same forward pass."""
     import torchvision
 
-    from cxrage_ray.model import _body
+    from cxrage_ray.model.network import _body
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
@@ -115,7 +115,7 @@ def test_building_the_model_imports_no_compiler_machinery():
 
     code = (
         "import sys, torch\n"
-        "from cxrage_ray.model import CXRAgeNet, build_model, check_state_dict\n"
+        "from cxrage_ray.model.network import CXRAgeNet, build_model, check_state_dict\n"
         "state_dict = CXRAgeNet().state_dict()\n"
         "check_state_dict(state_dict)\n"
         "model = build_model(state_dict)\n"

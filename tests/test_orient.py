@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from cxrage_ray.errors import InputError
-from cxrage_ray.orient import (
+from cxrage_ray.config import OrientConfig
+from cxrage_ray.orient.stage import (
     QC_BLANK,
     QC_LATERAL,
     QC_ORIENTATION_UNCERTAIN,
     QC_PAEDIATRIC,
     OrientationClassifier,
-    OrientConfig,
     dicom_is_lateral,
     dicom_orientation,
     dicom_orientation_hint,
@@ -52,7 +52,7 @@ def classifier() -> OrientationClassifier:
 @pytest.fixture(scope="module")
 def real_films(cxr_sample: Path) -> dict[str, np.ndarray]:
     """Seed-chain pictures of the chosen real films (the same path `cxrage score` takes)."""
-    from cxrage_ray.decode import decode_image
+    from cxrage_ray.decode.image import decode_image
     from cxrage_ray.preprocess.seed_chain import seed_chain
 
     return {f: seed_chain(decode_image((cxr_sample / f).read_bytes(), f)) for f in REAL_FRONTAL + REAL_LATERAL}
@@ -249,7 +249,7 @@ def test_mirror_views_reverse_the_sense_of_rotation(real_films, classifier) -> N
 def test_network_shapes_and_bad_architecture() -> None:
     import torch
 
-    from cxrage_ray.orient import build_network
+    from cxrage_ray.orient.stage import build_network
 
     for size, downsample in [(64, "pool"), (96, "stride"), (128, "stride")]:
         net = build_network(size=size, downsample=downsample).eval()
@@ -262,7 +262,7 @@ def test_network_shapes_and_bad_architecture() -> None:
 
 
 def test_the_known_miss_is_flagged_uncertain_and_left_as_it_is(cxr_sample: Path, classifier) -> None:
-    from cxrage_ray.decode import decode_image
+    from cxrage_ray.decode.image import decode_image
     from cxrage_ray.preprocess.seed_chain import seed_chain
 
     film = seed_chain(decode_image((cxr_sample / HARD_PAEDIATRIC).read_bytes(), HARD_PAEDIATRIC))
@@ -328,7 +328,7 @@ def _sample_headers(dicom_sample: Path):
     import pandas as pd
     import pydicom
 
-    from cxrage_ray.decode import DecodeOptions
+    from cxrage_ray.config import DecodeOptions
     from cxrage_ray.decode.dicom import dicom_meta
 
     index = pd.read_csv(dicom_sample / "index.csv")
@@ -340,7 +340,7 @@ def _sample_headers(dicom_sample: Path):
 def test_non_chest_flag_from_the_real_dicom_headers(dicom_sample):
     """Every film of the real sample: chest films are never flagged; every radiograph whose header names
     another body part (7 EXTREMITY, 2 HIP, 1 HAND, a dental film, an MR shoulder) is."""
-    from cxrage_ray.orient import dicom_non_chest
+    from cxrage_ray.orient.stage import dicom_non_chest
 
     flagged_chest, missed = [], []
     described = 0
@@ -369,13 +369,13 @@ def test_non_chest_flag_from_the_real_dicom_headers(dicom_sample):
     ({}, False),
 ])
 def test_non_chest_rules(meta, expected):
-    from cxrage_ray.orient import dicom_non_chest
+    from cxrage_ray.orient.stage import dicom_non_chest
 
     assert dicom_non_chest(meta) is expected
 
 
 def test_implausible_ages_become_null_and_flagged():
-    from cxrage_ray.orient import plausible_age
+    from cxrage_ray.orient.stage import plausible_age
 
     assert plausible_age(64.5) == (64.5, False)
     assert plausible_age(None) == (None, False)
@@ -395,8 +395,9 @@ def test_orient_puts_non_chest_first_and_skip_flagged_skips_it():
 def test_picture_non_chest_on_real_films(cxr_sample, dicom_sample):
     """The picture-based flag (for files without a header): real non-chest radiographs are flagged, real
     chest films (frontal and lateral) are not. Error rates over all 250 + 11 films: benchmarks/non_chest.py."""
-    from cxrage_ray.decode import DecodeOptions, decode_image
-    from cxrage_ray.orient import picture_non_chest
+    from cxrage_ray.config import DecodeOptions
+    from cxrage_ray.decode.image import decode_image
+    from cxrage_ray.orient.stage import picture_non_chest
     from cxrage_ray.preprocess.seed_chain import seed_chain
 
     def picture(path: Path) -> np.ndarray:

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from checkpoints import random_state_dict, save_fastai_checkpoint
-from cxrage_ray.checkpoint import sha256_file
+from cxrage_ray.model.checkpoint import sha256_file
 from cxrage_ray.cli import EXIT_ROW_ERRORS, EXIT_USAGE, main
-from cxrage_ray.decode import decode_image
-from cxrage_ray.model import calibrate
-from cxrage_ray.predict import AgePredictor, PredictorConfig
+from cxrage_ray.decode.image import decode_image
+from cxrage_ray.model.network import calibrate
+from cxrage_ray.predict.predictor import AgePredictor, PredictorConfig
 from cxrage_ray.preprocess.seed_chain import seed_chain
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -248,10 +248,10 @@ def test_retry_errors_rescores_only_error_rows(ray_local, archive, weights, tmp_
 
 def test_choose_itinerary_auto_needs_a_gpu_and_nvimgcodec_and_says_why():
     from cxrage_ray.config import ScoreConfig
-    from cxrage_ray.decode import DecodeOptions
+    from cxrage_ray.config import DecodeOptions
     from cxrage_ray.errors import InputError
-    from cxrage_ray.pipeline import check_gpu_request, choose_itinerary
-    from cxrage_ray.predict import PredictorConfig
+    from cxrage_ray.pipeline.itinerary import check_gpu_request, choose_itinerary
+    from cxrage_ray.predict.predictor import PredictorConfig
 
     auto = ScoreConfig(input="in", output="out")
     assert choose_itinerary(auto, cluster_gpus=2, nvimgcodec=True).path == "device"
@@ -284,9 +284,9 @@ def test_the_driver_reaches_ray_init_without_importing_torch():
 
     probe = (
         "import sys\n"
-        "import cxrage_ray.cli, cxrage_ray.pipeline, cxrage_ray.manifest, cxrage_ray.preflight, cxrage_ray.spill\n"
+        "import cxrage_ray.cli, cxrage_ray.pipeline.itinerary, cxrage_ray.manifest.build, cxrage_ray.runtime.preflight, cxrage_ray.write.spill\n"
         "from cxrage_ray.config import PredictorConfig, RayConfig, ScoreConfig\n"
-        "from cxrage_ray.orient import OrientConfig\n"
+        "from cxrage_ray.orient.stage import OrientConfig\n"
         "ScoreConfig(input='in', output='out', predictor=PredictorConfig(device='cpu'), ray=RayConfig(),\n"
         "            orient=OrientConfig(mode='off'))\n"
         "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n"
@@ -295,13 +295,13 @@ def test_the_driver_reaches_ray_init_without_importing_torch():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     from cxrage_ray.config import PredictorConfig as defined
-    from cxrage_ray.predict import PredictorConfig as exported
+    from cxrage_ray.predict.predictor import PredictorConfig as exported
 
-    assert exported is defined  # `from cxrage_ray.predict import PredictorConfig` keeps working
+    assert exported is defined  # `from cxrage_ray.predict.predictor import PredictorConfig` keeps working
 
 
 def test_cpu_predictor_actors_share_the_embedded_nodes_cores():
-    from cxrage_ray.pipeline import CpuInference, cpu_inference_layout
+    from cxrage_ray.pipeline.itinerary import CpuInference, cpu_inference_layout
 
     assert cpu_inference_layout(1, cores=2) == CpuInference(actors=1, threads=2)
     assert cpu_inference_layout(2, cores=2) == CpuInference(actors=2, threads=1)
@@ -315,7 +315,7 @@ def test_the_first_block_holds_a_whole_predictor_batch():
     """The predictor's actor waits for a whole batch of rows: a smaller first block would only wait for the
     second; and it stays no larger than a seed-chain task's where the batch allows."""
     from cxrage_ray.config import LIGHT_ROWS_PER_TASK, SEED_ROWS_PER_TASK
-    from cxrage_ray.pipeline import first_block_rows
+    from cxrage_ray.pipeline.itinerary import first_block_rows
 
     assert first_block_rows(LIGHT_ROWS_PER_TASK, images_per_batch=32) == 32  # --preprocess none --batch-size 32
     assert first_block_rows(LIGHT_ROWS_PER_TASK, images_per_batch=12) == SEED_ROWS_PER_TASK  # small batches
@@ -336,7 +336,7 @@ def test_two_predictor_actors_share_the_cores_and_score_like_one(ray_local, arch
                   "uri": [str(films[i % len(films)]) for i in range(24)]}).to_csv(manifest, index=False)
     common = [str(manifest), "--weights", str(weights), "--no-progress", "--tta", "none", "--batch-size", "2",
               "--rotation", "off", "--device", "cpu"]
-    with caplog.at_level(logging.INFO, logger="cxrage_ray.pipeline"):
+    with caplog.at_level(logging.INFO, logger="cxrage_ray.pipeline.itinerary"):
         assert main(["score", common[0], str(tmp_path / "two"), *common[1:], "--predict-actors", "2"]) == 0
     half = max(1, len(os.sched_getaffinity(0)) // 2)  # one each on this project's 2-core machines
     assert f"CPU inference: 2 predictor actor(s), torch threads each: {half}" in caplog.text

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from checkpoints import random_state_dict
-from cxrage_ray.model import build_model, calibrate
-from cxrage_ray.predict import AgePredictor, PredictorConfig
+from cxrage_ray.model.network import build_model, calibrate
+from cxrage_ray.predict.predictor import AgePredictor, PredictorConfig
 from cxrage_ray.preprocess.fastai import combine_tta, tta_views
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrage_ray.preflight import cuda_devices
+from cxrage_ray.runtime.preflight import cuda_devices
 
 #: Wall-time bound for a refused command (the check itself takes ~0.5 s; the rest is slack for a loaded CI box).
 FAST_S = 5.0

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cxrage_ray.errors import WeightsError
-from cxrage_ray.registry import (DEFAULT_MODEL, WeightsSpec, fetch_weights, load_registry, model_card,
+from cxrage_ray.model.registry import (DEFAULT_MODEL, WeightsSpec, fetch_weights, load_registry, model_card,
                                  resolve_weights, weights_home)
 
 # a small synthetic "weights file" (deterministic bytes); the code under test reads in 1 MiB chunks either way

@@ -19,7 +19,7 @@ from scipy import stats
 
 from conftest import require_tool
 from cxrage_ray.errors import InputError
-from cxrage_ray.report import write_report
+from cxrage_ray.report.analysis import write_report
 from outputs import EVENT_COL, SCHEMA, TIME_COL, Cohort, simulate, write_scored_output
 
 TRUE_HR = 1.6

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cxrage_ray.demo import demo_state_dict
-from cxrage_ray.model import build_model
-from cxrage_ray.predict import AgePredictor, PredictorConfig
+from cxrage_ray.model.demo import demo_state_dict
+from cxrage_ray.model.network import build_model
+from cxrage_ray.predict.predictor import AgePredictor, PredictorConfig
 from cxrage_ray.preprocess.fastai import tta_views
-from cxrage_ray.saliency import (
+from cxrage_ray.predict.saliency import (
     SaliencyMaker,
     blend_like_original,
     gradcam,

@@ -28,7 +28,7 @@ from PIL import Image
 
 from checkpoints import random_state_dict, save_fastai_checkpoint
 from conftest import REPO_ROOT
-from cxrage_ray.checkpoint import sha256_file
+from cxrage_ray.model.checkpoint import sha256_file
 
 requests = pytest.importorskip("requests")
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from cxrage_ray.errors import InputError, OutputError
-from cxrage_ray.sink import (
+from cxrage_ray.write.parts import (
     PartWriter,
     commit_part,
     committing_on_time,
@@ -20,8 +20,9 @@ from cxrage_ray.sink import (
     read_output,
     write_json,
 )
-from cxrage_ray.spill import Spill
-from cxrage_ray.storage import StorageConfig, list_files
+from cxrage_ray.write.spill import Spill
+from cxrage_ray.config import StorageConfig
+from cxrage_ray.storage.files import list_files
 
 SCHEMA = output_schema(pa.schema([pa.field("site", pa.string())]))
 
@@ -103,7 +104,7 @@ def test_drop_error_rows_on_object_storage(s3_env):
 
 def test_files_and_folders_follow_the_umask(tmp_path):
     """mkstemp makes 0600 files; a part or record must get what `open()` would give it under the umask."""
-    from cxrage_ray.sink import record_uri, write_json
+    from cxrage_ray.write.parts import record_uri, write_json
 
     old = os.umask(0o022)
     try:
@@ -128,7 +129,7 @@ def test_records_live_under_cxrage_and_old_top_level_records_are_moved(tmp_path)
 
     import pandas as pd
 
-    from cxrage_ray.sink import RECORDS_DIR, move_legacy_records, read_json, write_json
+    from cxrage_ray.write.parts import RECORDS_DIR, move_legacy_records, read_json, write_json
 
     out = tmp_path / "out"
     writer = PartWriter(str(out), SCHEMA, StorageConfig(), part_rows=2)
@@ -237,7 +238,7 @@ def test_the_first_commit_windows_are_short_and_grow_to_commit_every(tmp_path):
 
 
 def test_ctrl_c_during_a_write_keeps_the_rows_for_the_last_flush(tmp_path, monkeypatch):
-    import cxrage_ray.sink as sink
+    import cxrage_ray.write.parts as sink
 
     out = str(tmp_path / "out")
     writer = PartWriter(out, SCHEMA, StorageConfig(), part_rows=2)

@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxrage_ray.orient import OrientConfig
-from cxrage_ray.stages import PrepareSettings, prepare_batch, unpack_picture
-from cxrage_ray.storage import StorageConfig
+from cxrage_ray.config import OrientConfig
+from cxrage_ray.config import PrepareSettings
+from cxrage_ray.pipeline.stages import prepare_batch, unpack_picture
+from cxrage_ray.config import StorageConfig
 
 
 def _film() -> np.ndarray:
@@ -40,8 +41,8 @@ def test_turned_film_is_corrected_before_the_seed_chain(tmp_path):
 def test_manifest_problems_become_error_rows_without_a_read(tmp_path):
     """Both itineraries' CPU stages: a marked row is a ManifestError row (its uri is never opened), the
     others are read as usual, and each row says how many storage retries its read took."""
-    from cxrage_ray.device_stages import prepare_encoded_batch
-    from cxrage_ray.manifest import build_manifest
+    from cxrage_ray.pipeline.device_stages import prepare_encoded_batch
+    from cxrage_ray.manifest.build import build_manifest
 
     Image.fromarray(_film()).save(tmp_path / "a.png")
     (tmp_path / "m.csv").write_text("uri,image_id\na.png,a\n,b\na.png,a\ngopher://h/x.png,g\n")
@@ -61,7 +62,7 @@ def test_manifest_problems_become_error_rows_without_a_read(tmp_path):
 def test_retry_counts_sum_the_rows_of_a_batch():
     import pyarrow as pa
 
-    from cxrage_ray.stages import retry_counts
+    from cxrage_ray.pipeline.stages import retry_counts
 
     table = pa.table({"row_id": [0, 1, 2], "read_retries": ['{"SlowDown": 2}', "{}", '{"SlowDown": 1, "Timeout": 1}']})
     assert retry_counts(table) == {"SlowDown": 3, "Timeout": 1}
@@ -71,7 +72,7 @@ def test_retry_counts_sum_the_rows_of_a_batch():
 
 def test_ceiling_stand_in_rows_have_the_prepared_columns_and_constant_scores(tmp_path):
     """The benchmark-only stand-in keeps the real stage's columns (so the real writer takes its rows)."""
-    from cxrage_ray.stages import CeilingStandIn, PredictStage, read_bytes_batch
+    from cxrage_ray.pipeline.stages import CeilingStandIn, PredictStage, read_bytes_batch
 
     Image.fromarray(_film()).save(tmp_path / "film.png")
     rows = pd.DataFrame({"row_id": [0, 1], "image_id": ["film.png", "gone.png"],
@@ -99,8 +100,8 @@ def test_grey_pictures_ship_one_channel_and_score_as_fastais_rgb_copy(tmp_path):
     replicate it, so its scores are bit-identical to those of fastai's `convert('RGB')` copy (issue 15)."""
     from checkpoints import random_state_dict
 
-    from cxrage_ray.predict import AgePredictor, PredictorConfig
-    from cxrage_ray.stages import picture_from_bytes
+    from cxrage_ray.predict.predictor import AgePredictor, PredictorConfig
+    from cxrage_ray.pipeline.stages import picture_from_bytes
 
     films = [_film(), np.rot90(_film()).copy(), (255 - _film()).astype(np.uint8)]
     settings = PrepareSettings(storage=StorageConfig(), preprocess="none")

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from cxrage_ray.errors import EmptyFileError, ReadError
-from cxrage_ray.storage import (
+from cxrage_ray.config import StorageConfig
+from cxrage_ray.storage.files import (
     RetryCounts,
-    StorageConfig,
     backoff_delay,
     exists,
     filesystem_for,
@@ -270,7 +270,7 @@ def test_read_retries_transient_errors_then_succeeds(s3_env, flaky, caplog, stat
     s3_env.put(f"s3://{bucket}/img.png", b"pixels")
     flaky.fail[f"/{bucket}/img.png"] = [(status, code)] * 3
     cfg = _only_our_retries(flaky.endpoint, retries=4)
-    with caplog.at_level(logging.WARNING, logger="cxrage_ray.storage"):
+    with caplog.at_level(logging.WARNING, logger="cxrage_ray.storage.files"):
         assert read_bytes(f"s3://{bucket}/img.png", cfg) == b"pixels"
     assert flaky.requests_for(f"/{bucket}/img.png") == 4, flaky.seen  # three injected failures, then the real object
     retries = [r for r in caplog.records if "retry" in r.getMessage()]
@@ -283,7 +283,7 @@ def test_slowdown_outlasting_s3fs_own_retries_is_retried_by_ours(s3_env, flaky, 
     s3_env.put(f"s3://{bucket}/img.png", b"pixels")
     # s3fs retries SlowDown 5 times itself; 7 failures exhaust that once, and our layer tries again
     flaky.fail[f"/{bucket}/img.png"] = [(503, "SlowDown")] * 7
-    with caplog.at_level(logging.WARNING, logger="cxrage_ray.storage"):
+    with caplog.at_level(logging.WARNING, logger="cxrage_ray.storage.files"):
         assert read_bytes(f"s3://{bucket}/img.png", _only_our_retries(flaky.endpoint, retries=3)) == b"pixels"
     assert flaky.requests_for(f"/{bucket}/img.png") == 8
     assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 1
@@ -318,7 +318,7 @@ def test_connection_refused_is_retried_then_reported(s3_env, caplog):
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     uri = f"s3://st-dead-{uuid.uuid4().hex[:6]}/x.png"
-    with caplog.at_level(logging.WARNING, logger="cxrage_ray.storage"):
+    with caplog.at_level(logging.WARNING, logger="cxrage_ray.storage.files"):
         with pytest.raises(ReadError, match="after 3 attempts"):
             read_bytes(uri, _only_our_retries(dead, retries=2))
     assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 2
@@ -377,7 +377,7 @@ def test_every_retry_is_ours_and_counted_by_kind(s3_env, flaky):
 
 
 def test_os_errors_say_what_happened_not_the_resolved_path():
-    from cxrage_ray.storage import _as_read_error
+    from cxrage_ray.storage.files import _as_read_error
 
     error = _as_read_error(OSError(5, "Input/output error", "/abs/films/x.png"), "file:///abs/films/x.png", "read",
                            transient=False, attempts=1)

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from cxrage_ray.decode import FAST_DECODE_MIN_SIDE, DecodedImage, DecodeOptions
+from cxrage_ray.config import DecodeOptions
+from cxrage_ray.decode.image import FAST_DECODE_MIN_SIDE, DecodedImage
 from cxrage_ray.decode.limits import check_fill_aspect
 from cxrage_ray.decode.messages import plain_reason
 from cxrage_ray.errors import DecodeError, DecompressionBombError, UnsupportedModalityError
@@ -203,7 +204,7 @@ def parse_patient_age(text: Any) -> float | None:
     """PatientAge in years from every real-world form: `068Y`, `68`, `6M`, `012W`, `003D`, `68 Y`.
 
     Returns None for empty or unparsable values. Implausible ages are returned as they are: the QC step
-    (`cxrage_ray.orient.plausible_age`) nulls them and flags the row `age_implausible`, so they are seen.
+    (`cxrage_ray.orient.stage.plausible_age`) nulls them and flags the row `age_implausible`, so they are seen.
     """
     if text is None:
         return None
@@ -262,7 +263,7 @@ def dicom_meta(ds: Any, options: DecodeOptions) -> dict[str, Any]:
         "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")) or None,
         "image_laterality": _text(ds.get("ImageLaterality") or ds.get("Laterality"), upper=True),
         "patient_orientation": _text(ds.get("PatientOrientation"), upper=True),
-        # what the film shows, for the non_chest QC flag (cxrage_ray.orient.dicom_non_chest)
+        # what the film shows, for the non_chest QC flag (cxrage_ray.orient.stage.dicom_non_chest)
         "study_description": _text(ds.get("StudyDescription"), upper=True),
         "series_description": _text(ds.get("SeriesDescription"), upper=True),
         "protocol_name": _text(ds.get("ProtocolName"), upper=True),

@@ -25,7 +25,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from cxrage_ray.decode import FAST_DECODE_MIN_SIDE, DecodedImage, DecodeOptions
+from cxrage_ray.config import DecodeOptions
+from cxrage_ray.decode.image import FAST_DECODE_MIN_SIDE, DecodedImage
 from cxrage_ray.decode.limits import check_fill_aspect
 from cxrage_ray.decode.messages import plain_reason
 from cxrage_ray.errors import DecodeError, DecompressionBombError

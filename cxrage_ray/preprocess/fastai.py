@@ -14,11 +14,12 @@ pre-filter when downscaling by more than 2x ("hack to get smoother downwards res
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from cxrage_ray.config import TTAMode
 
 SIZE = 224
 TTA_ZOOM = 1.35
@@ -28,8 +29,6 @@ TTA_AVG_WEIGHT = 0.6  # written as the literal the original used, not 1 - beta
 TTA_CORNERS: tuple[tuple[float, float], ...] = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0))
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])
-
-TTAMode = Literal["seed", "none"]
 
 
 def to_unit_tensor(image_u8: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -38,7 +38,7 @@ from typing import Literal
 
 import numpy as np
 
-from cxrage_ray.decode import DecodedImage
+from cxrage_ray.decode.image import DecodedImage
 from cxrage_ray.decode.limits import check_fill_aspect
 
 QUANTUM = 65535

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cxrage_ray.decode import DecodeOptions
-from cxrage_ray.orient import OrientConfig
+from cxrage_ray.config import DecodeOptions
+from cxrage_ray.config import OrientConfig
 from cxrage_ray.config import PredictorConfig
 
 

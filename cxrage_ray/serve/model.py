@@ -18,7 +18,7 @@ from typing import Any
 
 from ray import serve
 
-from cxrage_ray.pipeline import CPU_BATCH_VIEWS, GPU_BATCH_VIEWS  # `--batch-size` auto, as for `cxrage score`
+from cxrage_ray.pipeline.itinerary import CPU_BATCH_VIEWS, GPU_BATCH_VIEWS  # `--batch-size` auto, as for `cxrage score`
 from cxrage_ray.serve.config import ServeConfig
 from cxrage_ray.serve.scoring import ScoreOptions, score_films
 
@@ -34,10 +34,10 @@ class FilmScorer:
     def __init__(self, cfg: ServeConfig):
         import torch
 
-        from cxrage_ray.checkpoint import load_state_dict, sha256_file
+        from cxrage_ray.model.checkpoint import load_state_dict, sha256_file
         from cxrage_ray.errors import WeightsError
-        from cxrage_ray.saliency import SaliencyMaker
-        from cxrage_ray.stages import PredictStage
+        from cxrage_ray.predict.saliency import SaliencyMaker
+        from cxrage_ray.pipeline.stages import PredictStage
 
         sha256 = sha256_file(cfg.weights_path)
         if sha256 != cfg.weights_sha256:

@@ -15,8 +15,8 @@ from typing import Any
 
 from cxrage_ray.serve.config import ServeConfig
 from cxrage_ray.serve.scoring import Upload, prepare_upload
-from cxrage_ray.stages import PrepareSettings
-from cxrage_ray.storage import StorageConfig
+from cxrage_ray.config import PrepareSettings
+from cxrage_ray.config import StorageConfig
 
 
 class FilmPreparer:

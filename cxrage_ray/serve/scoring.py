@@ -2,7 +2,7 @@
 
 In:  `Upload`s (file name, bytes, optional typed chronological age) and the job settings of `cxrage score`
      (`PrepareSettings`: exact decode, radiograph modalities only, seed chain, orientation `auto`).
-Out: per file a JSON-ready dict: `filename`, the output-contract fields (cxrage_ray.sink.CONTRACT_NAMES),
+Out: per file a JSON-ready dict: `filename`, the output-contract fields (cxrage_ray.write.parts.CONTRACT_NAMES),
      and on request the film as scored (`picture`) and its saliency map (`saliency`) as PNG data URIs.
 
 The path is the batch scorer's, function for function: `prepare_row` (decode -> seed chain -> orientation)
@@ -25,13 +25,13 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import pandas as pd
 
-from cxrage_ray.decode import is_dicom
+from cxrage_ray.decode.image import is_dicom
 from cxrage_ray.decode.dicom import looks_like_acr_nema
 from cxrage_ray.decode.raster import sniff_format
 from cxrage_ray.errors import CxrAgeError, DecodeError, EmptyFileError, error_kind, error_text
-from cxrage_ray.sink import CONTRACT_NAMES
-from cxrage_ray.stages import (PIXEL_COLUMNS, PrepareSettings, empty_prepared_row, prepare_row, score_prepared,
-                               unpack_picture)
+from cxrage_ray.write.parts import CONTRACT_NAMES
+from cxrage_ray.config import PrepareSettings
+from cxrage_ray.pipeline.stages import PIXEL_COLUMNS, empty_prepared_row, prepare_row, score_prepared, unpack_picture
 
 SaliencyMethod = Literal["grad", "gradcam"]
 #: Contract fields a served result never fills: identifiers, dates and storage locations.
@@ -100,7 +100,7 @@ def score_films(prepared: Sequence[dict[str, Any]], predictor, labels: dict[str,
 
     Args:
         prepared: rows from `prepare_upload` (ok and error rows mixed; error rows pass through unscored).
-        predictor: the `AgePredictor` (as held by `cxrage_ray.stages.PredictStage`).
+        predictor: the `AgePredictor` (as held by `cxrage_ray.pipeline.stages.PredictStage`).
         labels: constant columns (weights_sha256, preprocess, tta, decode, device).
         saliency_makers: {"grad": SaliencyMaker, "gradcam": SaliencyMaker} on the predictor's model.
         options: per row, what to add to the result (aligned with `prepared`; default nothing).

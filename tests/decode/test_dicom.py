@@ -18,7 +18,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from cxrage_ray.decode import FAST_DECODE_MIN_SIDE, DecodeOptions, decode_image
+from cxrage_ray.config import DecodeOptions
+from cxrage_ray.decode.image import FAST_DECODE_MIN_SIDE, decode_image
 from cxrage_ray.decode.dicom import (
     decode_dicom,
     decode_j2k_pillow,

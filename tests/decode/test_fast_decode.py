@@ -18,7 +18,8 @@ from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 import dicomgen as gen
-from cxrage_ray.decode import FAST_DECODE_MIN_SIDE, DecodedImage, DecodeOptions, decode_image
+from cxrage_ray.config import DecodeOptions
+from cxrage_ray.decode.image import FAST_DECODE_MIN_SIDE, DecodedImage, decode_image
 from cxrage_ray.decode.dicom import _encapsulated_frame, crop_to_fill_grid, decode_j2k_pillow, j2k_phase_align
 from cxrage_ray.preprocess.seed_chain import fill_size, seed_chain
 

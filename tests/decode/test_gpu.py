@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxrage_ray.decode import DecodeOptions
+from cxrage_ray.config import DecodeOptions
 from cxrage_ray.decode.dicom import decode_stored_frame, encoded_first_frame
 from cxrage_ray.decode.gpu import FrameDecoder, load_nvimgcodec
 from cxrage_ray.errors import DecodeError

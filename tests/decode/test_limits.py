@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import dicomgen as gen
-from cxrage_ray.decode import DecodedImage, DecodeOptions, decode_image
+from cxrage_ray.config import DecodeOptions
+from cxrage_ray.decode.image import DecodedImage, decode_image
 from cxrage_ray.decode.dicom import encoded_first_frame
 from cxrage_ray.decode.limits import MAX_FILL_ASPECT, codestream_size
 from cxrage_ray.errors import DecodeError, DecompressionBombError
@@ -111,7 +112,7 @@ def test_every_real_sample_file_still_decodes(dicom_sample: Path, cxr_sample: Pa
 # would report 2 GB before doing anything; VmHWM belongs to the new address space.
 PEAK_SCRIPT = """
 import json, re, sys
-from cxrage_ray.decode import DecodeOptions, decode_image
+from cxrage_ray.decode.image import DecodeOptions, decode_image
 from cxrage_ray.preprocess.seed_chain import seed_chain
 outcome = {}
 for path in sys.argv[1:]:

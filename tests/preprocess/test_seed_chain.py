@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrage_ray.decode import DecodedImage, DecodeOptions
+from cxrage_ray.config import DecodeOptions
+from cxrage_ray.decode.image import DecodedImage
 from cxrage_ray.decode.raster import decode_raster
 from cxrage_ray.preprocess import seed_chain as sc
 from conftest import require_tool, run_reference

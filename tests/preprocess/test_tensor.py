@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import dicomgen as gen
-from cxrage_ray.decode import DecodedImage, DecodeOptions, decode_image
+from cxrage_ray.config import DecodeOptions
+from cxrage_ray.decode.image import DecodedImage, decode_image
 from cxrage_ray.decode.dicom import dcmtk_8bit, decode_stored_frame, encoded_first_frame
 from cxrage_ray.errors import CxrAgeError
 from cxrage_ray.preprocess import seed_chain as sc

@@ -12,7 +12,7 @@ reads the rows and nothing else. Outputs written before that layout kept job.jso
 
 Parts are committed every `part_rows` rows or `commit_every_s` seconds, whichever comes first (`PartWriter`,
 `committing_on_time`). A part OUTPUT refuses raises `OutputError` (the job stops) after the part is kept in the
-local spill (`cxrage_ray.spill`), which the next run of the same job commits before it resumes.
+local spill (`cxrage_ray.write.spill`), which the next run of the same job commits before it resumes.
 
 Resume reads the `row_id`s of the committed parts; a row is in exactly one committed part because the
 driver writes each row once and only whole parts become visible. `--retry-errors` first rewrites the parts
@@ -35,16 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxrage_ray.errors import InputError, OutputError, error_kind
-from cxrage_ray.spill import Spill
-from cxrage_ray.storage import (
-    StorageConfig,
-    error_reason,
-    exists,
-    filesystem_for,
-    list_files,
-    read_bytes,
-    write_bytes,
-)
+from cxrage_ray.write.spill import Spill
+from cxrage_ray.config import StorageConfig
+from cxrage_ray.storage.files import error_reason, exists, filesystem_for, list_files, read_bytes, write_bytes
 
 #: The output contract (issue 2 + DICOM metadata); other tools read these names.
 CONTRACT_FIELDS: list[pa.Field] = [

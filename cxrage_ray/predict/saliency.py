@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cxrage_ray.predict import as_hwc, same_shape_chunks
+from cxrage_ray.predict.predictor import as_hwc, same_shape_chunks
 from cxrage_ray.preprocess.fastai import SIZE, batch_tta_views
 
 SaliencyMethod = Literal["grad", "gradcam"]

@@ -1,6 +1,6 @@
 """`cxrage preprocess`: every input -> `<stem>.png`, the 8-bit image the seed chain produces.
 
-In:  a folder/prefix or manifest (see `cxrage_ray.manifest`).
+In:  a folder/prefix or manifest (see `cxrage_ray.manifest.build`).
 Out: OUTDIR/<image_id without extension>.png for each decodable input (grey when all channels are equal,
      as ImageMagick writes it); the number of inputs that failed (each reported on stderr by image_id).
 
@@ -15,10 +15,12 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from cxrage_ray.decode import DecodeOptions, decode_image
+from cxrage_ray.config import DecodeOptions
+from cxrage_ray.decode.image import decode_image
 from cxrage_ray.errors import error_text
-from cxrage_ray.manifest import PROBLEM_COLUMN, build_manifest
-from cxrage_ray.storage import StorageConfig, read_bytes
+from cxrage_ray.manifest.build import PROBLEM_COLUMN, build_manifest
+from cxrage_ray.config import StorageConfig
+from cxrage_ray.storage.files import read_bytes
 
 
 def png_name(image_id: str) -> str:
@@ -62,7 +64,7 @@ class TensorExporter:
     def __call__(self, uri: str, dest: Path, storage: StorageConfig, options: DecodeOptions) -> str | None:
         import torch
 
-        from cxrage_ray.decode import is_dicom
+        from cxrage_ray.decode.image import is_dicom
         from cxrage_ray.preprocess.seed_chain import encode_png
         from cxrage_ray.preprocess.tensor import dicom_q16_tensor
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxrage_ray.errors import InputError
-from cxrage_ray.storage import is_local
+from cxrage_ray.storage.files import is_local
 
 
 @dataclass(frozen=True)

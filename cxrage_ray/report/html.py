@@ -1,4 +1,4 @@
-"""The cohort report page: the numbers of `cxrage_ray.report.analyze` + the cohort -> one self-contained HTML.
+"""The cohort report page: the numbers of `cxrage_ray.report.analysis.analyze` + the cohort -> one self-contained HTML.
 
 In:  the analysis dict, the scored rows (for error examples) and the cohort frame of `report.cohort`.
 Out: an HTML string. Plots are matplotlib PNGs embedded as data URIs; a Content-Security-Policy forbids

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cxrage_ray.errors import UnsafeCheckpointError, WeightsError
-from cxrage_ray.model import check_state_dict, expected_shapes
+from cxrage_ray.model.network import check_state_dict, expected_shapes
 
 _HASH_CHUNK = 1 << 20
 

@@ -30,7 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxrage_ray.dicomweb import (
+from cxrage_ray.config import WriteBackConfig
+from cxrage_ray.pacs.dicomweb import (
     DicomwebAuth,
     InstanceRef,
     client_for,
@@ -40,7 +41,8 @@ from cxrage_ray.dicomweb import (
     retrieve_instance_metadata,
     translated,
 )
-from cxrage_ray.storage import StorageConfig, list_files, read_bytes, with_retries, write_bytes
+from cxrage_ray.config import StorageConfig
+from cxrage_ray.storage.files import list_files, read_bytes, with_retries, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +53,6 @@ SR_SERIES_NUMBER = 9901
 SALIENCY_SERIES_NUMBER = 9902
 #: Reports stored per records file, so an interrupted pass loses little bookkeeping (never reports).
 RECORD_BATCH = 500
-
-
-@dataclass(frozen=True)
-class WriteBackConfig:
-    """Where and how to store the reports.
-
-    Args:
-        target: the archive to store into, as ``dicomweb+http(s)://host[:port]/prefix``; None stores each
-            report in the archive its source came from.
-        workers: concurrent metadata-fetch + STOW-RS requests.
-        saliency: also store each row's saliency overlay (the `saliency_uri` PNG of `--saliency DIR`) as a
-            Secondary Capture in the source's study (`build_saliency_capture`).
-    """
-
-    target: str | None = None
-    workers: int = 4
-    saliency: bool = False
 
 
 @dataclass
@@ -98,7 +83,7 @@ def sr_series_uid(study_instance_uid: str, weights_sha256: str) -> str:
 
 def sd_in_years(raw: float, raw_sd: float) -> float | None:
     """The TTA spread `raw_sd` (standardised units) as years at `raw`, through the calibration's slope."""
-    from cxrage_ray.model import AGE_MEAN, AGE_SD, CALIB_A, CALIB_B
+    from cxrage_ray.model.network import AGE_MEAN, AGE_SD, CALIB_A, CALIB_B
 
     if raw_sd is None or raw is None or not np.isfinite(raw_sd) or not np.isfinite(raw):
         return None
@@ -214,7 +199,7 @@ def write_back(output: str, config: WriteBackConfig, storage: StorageConfig, wei
     Failures (archive down, rejected report) are counted per kind, never raised, and never name patients.
     """
     import cxrage_ray
-    from cxrage_ray.sink import read_output
+    from cxrage_ray.write.parts import read_output
 
     summary = WriteBackSummary()
     target_root = parse_query(config.target).root if config.target else None

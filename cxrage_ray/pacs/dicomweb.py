@@ -257,7 +257,7 @@ def list_instances(url: str, storage: Any, page_size: int = PAGE_SIZE) -> list[I
         InputError: a malformed URL.
         ReadError: the archive failed a page after the storage retries.
     """
-    from cxrage_ray.storage import with_retries
+    from cxrage_ray.storage.files import with_retries
 
     query = parse_query(url)
     client = client_for(query.root, DicomwebAuth.from_options(storage.options))
@@ -356,7 +356,7 @@ def retrieve_instance_metadata(ref: InstanceRef, storage: Any) -> Any:
     """The instance's header (no bulk data) as a pydicom Dataset, via WADO-RS metadata, with storage retries."""
     import pydicom
 
-    from cxrage_ray.storage import with_retries
+    from cxrage_ray.storage.files import with_retries
 
     client = client_for(ref.root, DicomwebAuth.from_options(storage.options))
     meta = with_retries(lambda: translated(lambda: client.retrieve_instance_metadata(

@@ -13,19 +13,17 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from cxrage_ray.config import Device, Precision
 from cxrage_ray.config import PredictorConfig  # defined beside the other job settings, without torch
-from cxrage_ray.model import build_model, calibrate
-from cxrage_ray.preprocess.fastai import SIZE, TTAMode, batch_tta_views, combine_tta
+from cxrage_ray.model.network import build_model, calibrate
+from cxrage_ray.preprocess.fastai import SIZE, batch_tta_views, combine_tta
 
 log = logging.getLogger(__name__)
-
-Device = Literal["auto", "cpu", "cuda"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 @dataclass(slots=True)
@@ -55,7 +53,7 @@ class AgePredictor:
     """The CXR-Age model with its TTA, ready to score batches of seed-chain images.
 
     Args:
-        state_dict: a verified CXR-Age state dict (see `cxrage_ray.checkpoint.load_state_dict`).
+        state_dict: a verified CXR-Age state dict (see `cxrage_ray.model.checkpoint.load_state_dict`).
         config: device, precision, TTA and batch settings.
 
     On a GPU the pictures go through pinned staging buffers (copied straight into them, no intermediate

@@ -8,7 +8,7 @@
                                                          dcmj2pnm mapping -> seed chain (tensor code) -> orientation
                                                          -> AgePredictor, the picture staying on the device
 
-Rows carry what the CPU stage (`cxrage_ray.stages.prepare_batch`) gives, with the pixels replaced by a payload:
+Rows carry what the CPU stage (`cxrage_ray.pipeline.stages.prepare_batch`) gives, with the pixels replaced by a payload:
 `payload` (bytes), `payload_kind` ("codestream" | "grey8" | "q16"), `payload_header` (JSON: shape, or the
 frame's header facts and mapping parameters), `alpha` (uint16 bytes or empty), `meta_json` (the decoder's
 metadata, for orientation hints; no patient identifiers). The scored rows add `decode_device` ("gpu"/"cpu")
@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxrage_ray.decode import DecodedImage, is_dicom
+from cxrage_ray.decode.image import DecodedImage, is_dicom
 from cxrage_ray.decode.dicom import EncodedFrame, GreyscaleParams
 from cxrage_ray.errors import CxrAgeError, FlaggedSkipped, error_text
-from cxrage_ray.stages import (META_COLUMNS, PIXEL_COLUMNS, PrepareSettings, SaliencySettings, _chronological_age,
-                               prepare_rows)
+from cxrage_ray.config import PrepareSettings, SaliencySettings
+from cxrage_ray.pipeline.stages import META_COLUMNS, PIXEL_COLUMNS, _chronological_age, prepare_rows
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def encode_row(data: bytes, name: str, settings: PrepareSettings) -> tuple[dict[
                     "payload_header": frame_header_json(frame), "alpha": b""}, frame.meta
         decoded = decode_dicom(data, settings.decode)  # JPEG-LS, RLE, lossless JPEG, native: CPU codecs
         return _picture_payload(decoded), decoded.meta
-    from cxrage_ray.decode import decode_image
+    from cxrage_ray.decode.image import decode_image
 
     decoded = decode_image(data, name, settings.decode)  # raster, or an ACR-NEMA file found by content
     return _picture_payload(decoded), decoded.meta
@@ -129,7 +129,7 @@ class DeviceScoreStage:
     def __init__(self, state_dict_ref: list, predictor_config, labels: dict[str, str], orient=None,
                  saliency: SaliencySettings | None = None, gpu_decode: bool = True):
         from cxrage_ray.decode.gpu import FrameDecoder
-        from cxrage_ray.predict import AgePredictor
+        from cxrage_ray.predict.predictor import AgePredictor
         from cxrage_ray.preprocess.tensor import TensorSeedChain
 
         state_dict = state_dict_ref[0]
@@ -147,7 +147,7 @@ class DeviceScoreStage:
         self.saliency = saliency
         self.saliency_maker = None
         if saliency is not None:
-            from cxrage_ray.saliency import SaliencyMaker
+            from cxrage_ray.predict.saliency import SaliencyMaker
 
             self.saliency_maker = SaliencyMaker(self.predictor.model, saliency.method)
 
@@ -174,7 +174,7 @@ class DeviceScoreStage:
         for key, value in self.labels.items():
             batch[key] = value
         if self.saliency is not None:
-            from cxrage_ray.stages import write_saliency
+            from cxrage_ray.pipeline.stages import write_saliency
 
             self._attach_pixels(batch, pictures)
             write_saliency(batch, self.saliency_maker, self.saliency)
@@ -216,7 +216,7 @@ class DeviceScoreStage:
                 q16: dict[int, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[int, torch.Tensor]:
         """Orientation on the batch's pictures (the classifier batched, as `orient_batch` runs it); a turned
         film is corrected before the seed chain and the chain rerun, as the CPU itinerary does."""
-        from cxrage_ray.orient import orient_batch
+        from cxrage_ray.orient.stage import orient_batch
 
         positions = list(pictures)
         ages = [batch.at[i, "chronological_age"] for i in positions]
@@ -272,7 +272,7 @@ class DeviceScoreStage:
 
 
 def turn(array: torch.Tensor, applied: int, mirrored: bool) -> torch.Tensor:
-    """`cxrage_ray.orient.correct_orientation` on a (H, W[, C]) tensor."""
+    """`cxrage_ray.orient.stage.correct_orientation` on a (H, W[, C]) tensor."""
     corrected = torch.rot90(array, k=applied // 90, dims=(0, 1))
     if mirrored:
         corrected = torch.flip(corrected, dims=(1,))

@@ -9,7 +9,7 @@ fails becomes `status="error"` with `error="<Kind>: message"`, and every input r
 - `CeilingStandIn`: benchmark-only; bytes instead of pictures and a trivial model, to measure what the pipeline
   alone can carry (`benchmarks/pipeline_ceiling.py`).
 
-A row the manifest marked (`cxrage_ray.manifest.PROBLEM_COLUMN`: empty uri, duplicate image_id) is not
+A row the manifest marked (`cxrage_ray.manifest.build.PROBLEM_COLUMN`: empty uri, duplicate image_id) is not
 fetched: it becomes a `ManifestError` row. Prepared rows also carry `RETRIES_COLUMN`, the storage retries
 their read took by kind (JSON), which the driver sums into summary.json; it is not an output column.
 """
@@ -22,45 +22,25 @@ import json
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
 
-from cxrage_ray.decode import DecodedImage, DecodeOptions, decode_image, is_dicom
+from cxrage_ray.config import PrepareSettings, SaliencySettings
+from cxrage_ray.decode.image import DecodedImage, decode_image, is_dicom
 from cxrage_ray.errors import CxrAgeError, DecodeError, FlaggedSkipped, ManifestError, error_text
-from cxrage_ray.manifest import PROBLEM_COLUMN
-from cxrage_ray.storage import RetryCounts, StorageConfig, read_bytes
+from cxrage_ray.manifest.build import PROBLEM_COLUMN
+from cxrage_ray.config import StorageConfig
+from cxrage_ray.storage.files import RetryCounts, read_bytes
 
 log = logging.getLogger(__name__)
 
-PreprocessMode = Literal["seed", "none"]
 PIXEL_COLUMNS = ["pixels", "height", "width", "channels"]
 #: Per prepared row: the storage retries its read took, as JSON ``{"SlowDown": 2}`` (``{}`` for none).
 RETRIES_COLUMN = "read_retries"
 META_COLUMNS = ["modality", "view_position", "body_part", "patient_sex", "study_date", "frames", "patient_id_hash"]
-
-
-@dataclass(frozen=True)
-class PrepareSettings:
-    """Everything the CPU stage needs, built once on the driver and shipped to workers.
-
-    Args:
-        storage: how to read URIs.
-        decode: decoder options (fast/exact, modality policy, bomb limit, patient-id salt).
-        preprocess: "seed" applies the ImageMagick chain; "none" treats inputs as seed-chain PNGs already.
-        orient: an `OrientConfig` (cxrage_ray.orient) or None to skip orientation handling entirely.
-        age_column: manifest column holding chronological age for non-DICOM rows.
-        fetch_threads: concurrent reads per task.
-    """
-
-    storage: StorageConfig
-    decode: DecodeOptions = DecodeOptions()
-    preprocess: PreprocessMode = "seed"
-    orient: Any = None
-    age_column: str | None = "age"
-    fetch_threads: int = 16
 
 
 def picture_from_bytes(data: bytes, name: str, settings: PrepareSettings) -> tuple[np.ndarray, DecodedImage | None]:
@@ -103,7 +83,7 @@ def _chronological_age(meta: dict[str, Any], row: Mapping[str, Any], age_column:
 
 def _plausible_age(meta: dict[str, Any], row: Mapping[str, Any], settings: PrepareSettings) -> tuple[float | None, bool]:
     """The row's chronological age, None when outside 0-110 years, and whether it was (flag `age_implausible`)."""
-    from cxrage_ray.orient import plausible_age
+    from cxrage_ray.orient.stage import plausible_age
 
     return plausible_age(_chronological_age(meta, row, settings.age_column))
 
@@ -189,7 +169,7 @@ def _apply_orientation(picture: np.ndarray, decoded: DecodedImage | None, row: M
     Correcting before the chain, as issue 5 asks, makes a corrected film's picture identical to its upright
     original's (the chain's trim and separable resize are not rotation-symmetric).
     """
-    from cxrage_ray.orient import correct_orientation, orient
+    from cxrage_ray.orient.stage import correct_orientation, orient
 
     meta = decoded.meta if decoded is not None else {}
     result = orient(picture, image_id=str(row["image_id"]), uri=str(row["uri"]), meta=meta,
@@ -245,7 +225,7 @@ class CeilingStandIn:
 
     Everything else is the real `cxrage score` pipeline (Ray Data, the concurrent fetch in `prepare_rows`, the
     predictor actor's batch handling in `score_prepared`, the Parquet writer), so films/s measures what the
-    pipeline itself can carry. Only `cxrage_ray.pipeline.score(..., stand_in=...)` accepts one; the CLI never
+    pipeline itself can carry. Only `cxrage_ray.pipeline.itinerary.score(..., stand_in=...)` accepts one; the CLI never
     builds it and no flag, config file or environment variable selects it (tests/test_benchmarks.py checks).
 
     Args:
@@ -299,15 +279,6 @@ def picture_from(pixels: bytes, height: int, width: int, channels: int) -> np.nd
     return np.frombuffer(pixels, dtype=np.uint8).reshape(int(height), int(width), int(channels))
 
 
-@dataclass(frozen=True)
-class SaliencySettings:
-    """Where and how to write saliency maps (`--saliency DIR --saliency-method grad|gradcam`)."""
-
-    directory: str
-    method: Literal["grad", "gradcam"] = "grad"
-    storage: StorageConfig = field(default_factory=StorageConfig)
-
-
 class PredictStage:
     """Ray Data actor: prepared rows -> scored rows. Loads the model once per actor.
 
@@ -328,7 +299,7 @@ class PredictStage:
             self.predictor = StandInPredictor(stand_in)
             self.labels = {**labels, "device": "stand-in"}
             return
-        from cxrage_ray.predict import AgePredictor
+        from cxrage_ray.predict.predictor import AgePredictor
 
         state_dict = state_dict_ref[0]
         if not isinstance(state_dict, dict):  # an ObjectRef on a cluster
@@ -340,7 +311,7 @@ class PredictStage:
         # where the numbers came from: GPU autocast and CPU fp32 agree only to ~1e-3 raw
         self.labels = {**labels, "device": f"{self.predictor.device.type}/{precision}"}
         if saliency is not None:
-            from cxrage_ray.saliency import SaliencyMaker
+            from cxrage_ray.predict.saliency import SaliencyMaker
 
             self.saliency_maker = SaliencyMaker(self.predictor.model, saliency.method)
 
@@ -356,8 +327,8 @@ def write_saliency(batch: pd.DataFrame, maker, settings: SaliencySettings) -> No
 
     Runs after scoring, on the same model in eval mode, so the scores of the run are unchanged.
     """
-    from cxrage_ray.export import png_name
-    from cxrage_ray.storage import write_bytes
+    from cxrage_ray.preprocess.export import png_name
+    from cxrage_ray.storage.files import write_bytes
 
     batch["saliency_uri"] = None
     ok = np.flatnonzero((batch["status"] == "ok").to_numpy())

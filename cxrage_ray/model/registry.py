@@ -67,7 +67,7 @@ class ResolvedWeights:
     """The weights a job will use.
 
     Args:
-        path: the file to hand to `cxrage_ray.checkpoint.load_state_dict`.
+        path: the file to hand to `cxrage_ray.model.checkpoint.load_state_dict`.
         sha256: its hex sha256 (recorded with every output row).
         source: "explicit" (a path the user gave), "cache" (verified published model already cached)
             or "fetched" (downloaded and verified by this call).

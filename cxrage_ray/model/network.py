@@ -1,6 +1,6 @@
 """The CXR-Age network (seed spec §2.1) and its age calibration (§1, §8).
 
-In:  a 237-key state dict (see `cxrage_ray.checkpoint.load_state_dict`) and image batches.
+In:  a 237-key state dict (see `cxrage_ray.model.checkpoint.load_state_dict`) and image batches.
 Out: raw standardised outputs y (N, 1), and `calibrate(y)` -> CXR-Age in years (float64).
 
 The module tree reproduces fastai 1.0.61's `cnn_learner(resnet34)` *after* run_model.py's head surgery,
@@ -143,7 +143,7 @@ class CXRAgeNet(nn.Sequential):
     Linear(512,16), ReLU, BN1d(16), Linear(16,1)), so ``state_dict()`` has the checkpoint's 237 keys.
 
     Example:
-        >>> from cxrage_ray.checkpoint import load_state_dict
+        >>> from cxrage_ray.model.checkpoint import load_state_dict
         >>> model = build_model(load_state_dict("PLCO_Fine_Tuned_120419.pth"))
         >>> with torch.no_grad():
         ...     raw = model(images)               # images: (N, 3, 224, 224) normalised as above

@@ -1,10 +1,10 @@
 """The data's itinerary for `cxrage score`, on Ray Data:
 
     manifest rows (driver: folder listing or CSV/Parquet, minus rows already scored)
-      -> prepare      CPU tasks: fetch bytes, decode, seed chain, orientation  (cxrage_ray.stages.prepare_batch)
+      -> prepare      CPU tasks: fetch bytes, decode, seed chain, orientation  (cxrage_ray.pipeline.stages.prepare_batch)
       -> predict      actor pool, one actor per GPU or CPU actors: fastai views + TTA + calibration
       -> write        driver: whole Parquet parts under OUTPUT/parts, then summary.json
-      -> write-back   driver, optional: a DICOM SR per ok DICOMweb row, stored by STOW-RS (cxrage_ray.writeback)
+      -> write-back   driver, optional: a DICOM SR per ok DICOMweb row, stored by STOW-RS (cxrage_ray.pacs.writeback)
 
 or, on GPU clusters (the device itinerary, `choose_itinerary`):
 
@@ -33,12 +33,12 @@ import pyarrow as pa
 
 import cxrage_ray
 from cxrage_ray.config import SEED_ROWS_PER_TASK, RayConfig, ScoreConfig
-from cxrage_ray.console import native_stderr_to_session_log, progress_bar, quiet_ray_console, ray_init_options
+from cxrage_ray.runtime.console import native_stderr_to_session_log, progress_bar, quiet_ray_console, ray_init_options
 from cxrage_ray.errors import InputError, StalledError, error_kind
-from cxrage_ray.lifetime import raise_on_sigterm, reaped_on_kill, terminate_as_interrupt
-from cxrage_ray.manifest import PROBLEM_COLUMN, build_manifest
-from cxrage_ray.registry import DEFAULT_MODEL, resolve_weights
-from cxrage_ray.sink import (
+from cxrage_ray.runtime.lifetime import raise_on_sigterm, reaped_on_kill, terminate_as_interrupt
+from cxrage_ray.manifest.build import PROBLEM_COLUMN, build_manifest
+from cxrage_ray.model.registry import DEFAULT_MODEL, resolve_weights
+from cxrage_ray.write.parts import (
     PARTS_DIR,
     PartWriter,
     commit_part,
@@ -53,16 +53,10 @@ from cxrage_ray.sink import (
     write_json,
     write_original_csv,
 )
-from cxrage_ray.spill import Spill
-from cxrage_ray.stages import (
-    CeilingStandIn,
-    PrepareSettings,
-    PredictStage,
-    prepare_batch,
-    read_bytes_batch,
-    retry_counts,
-)
-from cxrage_ray.storage import filesystem_for
+from cxrage_ray.write.spill import Spill
+from cxrage_ray.config import PrepareSettings
+from cxrage_ray.pipeline.stages import CeilingStandIn, PredictStage, prepare_batch, read_bytes_batch, retry_counts
+from cxrage_ray.storage.files import filesystem_for
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +137,7 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
     summary["itinerary"] = {"path": itinerary.path, "reason": itinerary.reason}
     summary["retries"] = dict(sorted(retries.items()))
     if cfg.write_back is not None:  # after scoring, over every ok row of OUTPUT (resumes included)
-        from cxrage_ray.writeback import write_back
+        from cxrage_ray.pacs.writeback import write_back
 
         summary["write_back"] = write_back(cfg.output, cfg.write_back, cfg.storage, weights.sha256).as_dict()
     summary["weights_name"] = weights_name
@@ -157,7 +151,7 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
 
 
 def _load_state_dict(path: Path) -> dict:
-    from cxrage_ray.checkpoint import load_state_dict
+    from cxrage_ray.model.checkpoint import load_state_dict
 
     return load_state_dict(path)
 
@@ -190,7 +184,7 @@ def check_gpu_request(cfg: ScoreConfig, local_cuda: Callable[[], bool] | None = 
     for setting, why in _gpu_blockers(cfg):
         raise InputError(f"--gpu-preprocess on cannot be combined with {setting}: {why}")
     if local_cuda is None:
-        from cxrage_ray.preflight import cuda_devices
+        from cxrage_ray.runtime.preflight import cuda_devices
 
         local_cuda = lambda: cuda_devices() > 0  # noqa: E731
     if not cfg.ray.address and not local_cuda():
@@ -255,7 +249,7 @@ def _dataset(todo: pd.DataFrame, cfg: ScoreConfig, state_dict: dict, labels: dic
     # the scheduler places prepare tasks by the memory their worst film may take, not only by CPU
     prepare_memory = prepare_memory_request(cfg.decode.max_pixels, _largest_node_memory())
     if itinerary.path == "device":
-        from cxrage_ray.device_stages import DeviceScoreStage, prepare_encoded_batch
+        from cxrage_ray.pipeline.device_stages import DeviceScoreStage, prepare_encoded_batch
 
         if stand_in is not None:
             raise ValueError("the benchmark stand-in runs on the CPU itinerary only (--gpu-preprocess off)")

@@ -75,7 +75,7 @@ class ReaperGuard:
 
     def start(self) -> ReaperGuard:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cxrage_ray.lifetime", str(os.getpid()), str(self.poll_s)],
+            [sys.executable, "-m", "cxrage_ray.runtime.lifetime", str(os.getpid()), str(self.poll_s)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         return self

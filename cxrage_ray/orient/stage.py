@@ -31,10 +31,11 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from cxrage_ray.config import NON_CHEST_LIKENESS, OrientConfig, RotationSource
 from cxrage_ray.errors import InputError, WeightsError
 
 ROTATIONS = (0, 90, 180, 270)
@@ -67,10 +68,6 @@ _WORD = re.compile(r"[A-Z]+")
 CHEST_TEMPLATE_SIZE = 32
 #: Mean frontal and mean lateral chest thumbnails of the 250 sample films (benchmarks/non_chest.py writes them).
 CHEST_TEMPLATES = "chest_templates.safetensors"
-#: Non-DICOM films whose `chest_likeness` is below this are flagged `non_chest`. Measured by
-#: benchmarks/non_chest.py (leave-one-out for the chest films): 2 of the 250 sample chest films flagged,
-#: 1 of the DICOM sample's 11 decodable non-chest radiographs (4 distinct pictures) missed.
-NON_CHEST_LIKENESS = 0.45
 #: DICOM View Position (0018,5101) values that mean a lateral projection (LL/RL are the defined terms;
 #: the others are seen in the wild). Decubitus (RLD/LLD) and obliques are frontal-ish and not flagged.
 LATERAL_VIEW_POSITIONS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLAT", "RLAT", "XTABLE LATERAL"})
@@ -82,9 +79,6 @@ ADULT_AGE = 18.0
 BLANK_GRID = 32
 BLANK_STD = 8.0
 DEFAULT_WEIGHTS = "orientation.safetensors"
-
-Mode = Literal["auto", "list", "off"]
-RotationSource = Literal["list", "dicom", "model", "none"]
 
 
 # ------------------------------------------------------------------------------------------- rotation list
@@ -509,39 +503,6 @@ def default_classifier() -> OrientationClassifier:
 
 
 @dataclass(frozen=True)
-class OrientConfig:
-    """How to handle orientation (`--rotation`, `--rotation-list`, `--skip-flagged`).
-
-    Args:
-        mode: "auto" (list, then DICOM Patient Orientation, then the classifier), "list" (the list only) or "off"
-            (never rotate). QC flags are computed in every mode.
-        rotation_list: {file name: clockwise degrees to apply} from `load_rotation_list`, or None.
-        skip_flagged: rows with any qc flag are not scored (`OrientResult.skip`).
-        uncertain_threshold: below this classifier confidence the row gets `orientation_uncertain` (the film is
-            still turned to the most likely orientation).
-        lateral_threshold: the view head's probability above which a film is flagged `lateral`.
-        use_view_model: run the classifier for the `lateral` flag even when the rotation came from elsewhere.
-        non_chest_likeness: non-DICOM films whose `chest_likeness` is below this are flagged `non_chest`
-            (None: never judge the picture; DICOM films are judged by their header).
-    """
-
-    mode: Mode = "auto"
-    rotation_list: Mapping[str, int] | None = None
-    skip_flagged: bool = False
-    uncertain_threshold: float = 0.8
-    lateral_threshold: float = 0.5
-    use_view_model: bool = True
-    # repr=False: the job record holds repr(OrientConfig), and outputs written before this field must resume
-    non_chest_likeness: float | None = field(default=NON_CHEST_LIKENESS, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("auto", "list", "off"):
-            raise InputError(f"--rotation must be auto, list or off, not {self.mode!r}")
-        if self.mode == "list" and self.rotation_list is None:
-            raise InputError("--rotation list needs --rotation-list FILE")
-
-
-@dataclass(frozen=True)
 class OrientResult:
     """The orientation stage's output for one picture.
 
@@ -599,8 +560,6 @@ def dicom_non_chest(meta: Mapping[str, Any]) -> bool:
     if words & CHEST_WORDS or codes & CHEST_CODES:
         return False
     return bool(words & NON_CHEST_WORDS)
-
-
 
 
 def template_thumbnail(image_u8: np.ndarray | Thumbnails, size: int = CHEST_TEMPLATE_SIZE) -> np.ndarray:

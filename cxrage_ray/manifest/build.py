@@ -8,7 +8,7 @@ In:  INPUT and a `StorageConfig`.
        (``--uri-column file``), which becomes ``uri``; relative paths are resolved against the manifest's
        folder; ``image_id`` is optional; every other column is carried through unchanged.
      - A DICOMweb query (``dicomweb+https://host/prefix/?Modality=CR,DX&…``) is paged through once by QIDO-RS
-       (cxrage_ray.dicomweb); its rows carry ``study_instance_uid``, ``series_instance_uid``, ``sop_instance_uid``.
+       (cxrage_ray.pacs.dicomweb); its rows carry ``study_instance_uid``, ``series_instance_uid``, ``sop_instance_uid``.
 Out: a pandas DataFrame with ``row_id`` (int64, 0..n-1 in manifest order), ``image_id`` (string),
      ``uri`` (string, absolute path or URL), then the manifest's extra columns, then ``manifest_problem``
      (`PROBLEM_COLUMN`, string, null for a good row).
@@ -37,11 +37,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxrage_ray.dicomweb import is_dicomweb, query_manifest, with_uid_columns
+from cxrage_ray.pacs.dicomweb import is_dicomweb, query_manifest, with_uid_columns
 from cxrage_ray.errors import InputError, ReadError
-from cxrage_ray.sink import CONTRACT_NAMES
-from cxrage_ray.storage import (
-    StorageConfig,
+from cxrage_ray.write.parts import CONTRACT_NAMES
+from cxrage_ray.config import StorageConfig
+from cxrage_ray.storage.files import (
     exists,
     is_local,
     join_uri,

@@ -33,8 +33,9 @@ import pyarrow.parquet as pq
 
 import cxrage_ray
 from cxrage_ray.errors import CxrAgeError, InputError, error_kind
-from cxrage_ray.sink import read_json, record_uri
-from cxrage_ray.storage import StorageConfig, is_local, list_files, read_bytes, write_bytes
+from cxrage_ray.write.parts import read_json, record_uri
+from cxrage_ray.config import StorageConfig
+from cxrage_ray.storage.files import is_local, list_files, read_bytes, write_bytes
 
 #: The paper reports hazard ratios per 5 years of CXR-Age.
 HR_UNIT_YEARS = 5.0
@@ -516,7 +517,7 @@ def write_report(output: str | Path, *, time_col: str | None = None, event_col: 
     frame = read_scored(output, [c for c in (time_col, event_col) if c], storage)
     summary = read_summary(output, storage)
     analysis = analyze(frame, summary, time_col=time_col, event_col=event_col)
-    from cxrage_ray.report_html import render_html  # matplotlib is only needed for the page
+    from cxrage_ray.report.html import render_html  # matplotlib is only needed for the page
 
     page = render_html(analysis, frame, cohort(frame, time_col, event_col))
     write_bytes(paths.json, (json.dumps(analysis, indent=2, sort_keys=True, allow_nan=False) + "\n").encode(), storage)

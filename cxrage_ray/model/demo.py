@@ -24,7 +24,7 @@ def demo_state_dict(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
     the eval-mode network is normalised layer by layer and the raw output is O(1). Deterministic per seed
     and independent of the caller's global RNG state.
     """
-    from cxrage_ray.model import CXRAgeNet
+    from cxrage_ray.model.network import CXRAgeNet
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -30,13 +30,13 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from cxrage_ray.config import LOCAL_PROTOCOLS, S3_PROTOCOLS, StorageConfig
 from cxrage_ray.errors import EmptyFileError, ReadError
 
 log = logging.getLogger(__name__)
@@ -45,14 +45,8 @@ T = TypeVar("T")
 #: Retries by kind (`retry_kind`), filled by `_with_retries` for the caller that passes one.
 RetryCounts = Counter
 
-#: Protocols that are the local disk (no storage options, atomic writes by rename).
-LOCAL_PROTOCOLS = frozenset({"file", "local"})
-#: Protocols that take `endpoint_url` (the S3-compatible ones s3fs serves).
-S3_PROTOCOLS = frozenset({"s3", "s3a"})
 #: DICOMweb instance URIs (``dicomweb+https://host/prefix/studies/…/instances/<uid>``), read by WADO-RS.
 DICOMWEB_PROTOCOLS = frozenset({"dicomweb+http", "dicomweb+https"})
-#: Option names whose values are never shown (s3fs: key/secret/token; others: password, credentials ...).
-_SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential|session", re.IGNORECASE)
 #: HTTP statuses and S3 error codes worth retrying: throttling and server-side trouble.
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 _TRANSIENT_CODES = frozenset({
@@ -75,118 +69,6 @@ _TRANSIENT_NAMES = frozenset({
 })
 #: Ceiling for one backoff sleep, so a long throttling episode still polls now and then.
 MAX_BACKOFF_S = 30.0
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    """How to reach remote storage. Built once (CLI / job entrypoint) and passed to every worker.
-
-    Args:
-        options: fsspec storage options as sorted (key, value) pairs, handed to every non-local filesystem
-            (e.g. ``anon=True``, ``requester_pays=True``). A dotted key nests:
-            ``config_kwargs.retries.max_attempts=3`` becomes ``{"config_kwargs": {"retries": {"max_attempts": 3}}}``.
-        endpoint_url: S3 endpoint for s3:// URLs (MinIO, moto, ...); captured from ``AWS_ENDPOINT_URL`` at the
-            CLI so that workers on other nodes, whose environment may lack it, use the same endpoint.
-        retries: retries after the first attempt on transient errors (throttling, 5xx, connection errors).
-        backoff_s: first backoff; doubles each retry, with jitter, capped at `MAX_BACKOFF_S`.
-    """
-
-    options: tuple[tuple[str, Any], ...] = ()
-    endpoint_url: str | None = None
-    retries: int = 5
-    backoff_s: float = 0.5
-
-    def __post_init__(self) -> None:
-        if isinstance(self.options, Mapping):
-            object.__setattr__(self, "options", tuple(sorted(self.options.items())))
-        else:
-            object.__setattr__(self, "options", tuple(sorted((str(k), v) for k, v in self.options)))
-        if self.retries < 0 or self.backoff_s < 0:
-            raise ValueError("retries and backoff_s must be >= 0")
-
-    @classmethod
-    def from_pairs(cls, pairs: Iterable[str], **kwargs: Any) -> StorageConfig:
-        """From ``["key=value", ...]`` (the ``--storage-option`` flags); values become bool/int/float when they look so.
-
-        Raises:
-            ValueError: a pair without ``=`` or with an empty key.
-        """
-        options: dict[str, Any] = {}
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            key = key.strip()
-            if not sep or not key:
-                raise ValueError(f"--storage-option expects KEY=VALUE, got {pair!r}")
-            options[key] = _auto_type(value)
-        return cls(options=tuple(options.items()), **kwargs)
-
-    @classmethod
-    def from_env_and_pairs(cls, env: Mapping[str, str], pairs: Iterable[str], **kwargs: Any) -> StorageConfig:
-        """Like `from_pairs`, plus the S3 endpoint from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` in `env`.
-
-        Only the endpoint is captured: credentials stay with the standard AWS chain on each node (environment,
-        instance profile) and never travel inside the config.
-        """
-        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
-        config = cls.from_pairs(pairs, endpoint_url=endpoint, **kwargs)
-        # DICOMweb has no standard credential chain: CXRAGE_DICOMWEB_TOKEN / _USERNAME / _PASSWORD travel as
-        # (redacted) options so workers on other nodes authenticate too; an explicit --storage-option wins.
-        given = dict(config.options)
-        found = {f"dicomweb_{name.lower()}": env[f"CXRAGE_DICOMWEB_{name}"] for name in ("TOKEN", "USERNAME", "PASSWORD")
-                 if env.get(f"CXRAGE_DICOMWEB_{name}") and f"dicomweb_{name.lower()}" not in given}
-        return cls(options={**given, **found}, endpoint_url=endpoint, **kwargs) if found else config
-
-    def fs_options(self, protocol: str) -> dict[str, Any]:
-        """The keyword arguments for `protocol`'s filesystem (nested dicts rebuilt from dotted keys)."""
-        if protocol in LOCAL_PROTOCOLS:
-            return {}
-        kwargs: dict[str, Any] = {}
-        if self.endpoint_url and protocol in S3_PROTOCOLS:
-            kwargs["endpoint_url"] = self.endpoint_url
-        if protocol in S3_PROTOCOLS and not self.client_retries_configured():
-            # our retry loop is the only one, so every retry is counted (botocore: 1 attempt = no retry)
-            kwargs["config_kwargs"] = {"retries": {"total_max_attempts": 1}}
-        for key, value in self.options:
-            if key.startswith("dicomweb_"):  # read by cxrage_ray.dicomweb, not by any filesystem
-                continue
-            node = kwargs
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        return kwargs
-
-    def client_retries_configured(self) -> bool:
-        """True when the options tune botocore's own retries (``config_kwargs.retries.…``): then the S3 client
-        keeps its retries (and s3fs its own), and retries hidden inside it are not counted."""
-        return any(key == "config_kwargs.retries" or key.startswith("config_kwargs.retries.")
-                   for key, _ in self.options)
-
-    def redacted(self) -> dict[str, Any]:
-        """A loggable view: secret-looking option values replaced by ``"***"``."""
-        return {
-            "options": {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in self.options},
-            "endpoint_url": self.endpoint_url,
-            "retries": self.retries,
-            "backoff_s": self.backoff_s,
-        }
-
-    def __repr__(self) -> str:
-        return f"StorageConfig({self.redacted()})"
-
-
-def _auto_type(value: str) -> Any:
-    low = value.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
 
 
 def protocol_of(url: str) -> str:
@@ -234,8 +116,8 @@ def read_bytes(uri: str, storage: StorageConfig, retries: RetryCounts | None = N
             scheme, or transient errors that outlasted `storage.retries`.
         EmptyFileError: the object exists but has zero bytes.
     """
-    if protocol_of(uri) in DICOMWEB_PROTOCOLS:  # a PACS instance: WADO-RS retrieve (cxrage_ray.dicomweb)
-        from cxrage_ray.dicomweb import retrieve_instance_bytes
+    if protocol_of(uri) in DICOMWEB_PROTOCOLS:  # a PACS instance: WADO-RS retrieve (cxrage_ray.pacs.dicomweb)
+        from cxrage_ray.pacs.dicomweb import retrieve_instance_bytes
 
         return _with_retries(lambda: retrieve_instance_bytes(uri, storage), uri, storage, "read", retries)
     fs, path = _filesystem_to_read(uri, storage)
