@@ -38,19 +38,17 @@ sys.path.insert(0, str(REPO / "tests"))
 import dicomgen  # noqa: E402
 
 from cxrage_ray.config import DecodeOptions
-from cxrage_ray.decode.image import DecodedImage
-from cxrage_ray.decode.dicom import (  # noqa: E402
-    GreyscaleParams,
-    _encapsulated_frame,
-    crop_to_fill_grid,
-    dcmtk_8bit,
-    decode_dicom,
-    decode_j2k_pillow,
-    j2k_phase_align,
-)
+from cxrage_ray.decode.dicom import decode_dicom  # noqa: E402
+from cxrage_ray.decode.dicom_frame import encapsulated_frame  # noqa: E402
+from cxrage_ray.decode.dicom_greyscale import dcmtk_8bit  # noqa: E402
+from cxrage_ray.decode.dicom_pillow import decode_j2k_pillow, j2k_phase_align  # noqa: E402
+from cxrage_ray.decode.dicom_window import GreyscaleParams  # noqa: E402
+from cxrage_ray.decode.geometry import crop_to_fill_grid  # noqa: E402
+from cxrage_ray.decode.types import DecodedImage  # noqa: E402
 from cxrage_ray.model.demo import demo_state_dict  # noqa: E402
 from cxrage_ray.predict.predictor import AgePredictor, PredictorConfig  # noqa: E402
-from cxrage_ray.preprocess.seed_chain import im_resize, seed_chain  # noqa: E402
+from cxrage_ray.preprocess.resize import im_resize  # noqa: E402
+from cxrage_ray.preprocess.seed_chain import seed_chain  # noqa: E402
 
 SYNTAXES = {
     "J2K lossless": JPEG2000Lossless,
@@ -106,7 +104,7 @@ def j2k_at(data: bytes, reduce: int, phase: bool) -> DecodedImage | None:
     """The fast J2K path forced to `reduce` levels (no floor), with or without the phase alignment;
     None where Pillow/OpenJPEG refuses that level (seen at reduce 2 on some streams)."""
     ds = pydicom.dcmread(io.BytesIO(data))
-    stored = decode_j2k_pillow(_encapsulated_frame(ds), ds, reduce)
+    stored = decode_j2k_pillow(encapsulated_frame(ds), ds, reduce)
     if stored is None:
         return None
     if phase:

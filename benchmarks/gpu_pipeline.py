@@ -10,9 +10,9 @@ films, (c) 1024² 8-bit PNGs (NIH) — it scores the same films two ways, each e
 to ages, with seed TTA and orientation:
 
   * cpu path: `stages.prepare_batch` (decode, seed chain, orientation on the CPU) in a process pool over all
-    cores, feeding `PredictStage` (the model on the device) in this process — today's GPU-node topology;
+    cores, feeding `ScoreActor` (the model on the device) in this process — today's GPU-node topology;
   * device path: `device_stages.prepare_encoded_batch` (fetch + header parse; PNG inflate) in the same pool,
-    feeding `DeviceScoreStage` (GPU decode via nvImageCodec, mapping, tensor seed chain, orientation, model).
+    feeding `ScoreActor` with `DevicePictures` (GPU decode via nvImageCodec, mapping, tensor seed chain, orientation, model).
 
 It prints films/s for both, the ratio, where each film was decoded, and checks that both paths gave the same
 ages (max |Δ cxr_age|). Then the predictor (`AgePredictor.predict` on uint8 512² pictures in host memory) vs
@@ -39,13 +39,15 @@ import pandas as pd
 import torch
 
 from cxrage_ray.model.demo import demo_state_dict
-from cxrage_ray.pipeline.device_stages import DeviceScoreStage, prepare_encoded_batch
+from cxrage_ray.pipeline.device_pictures import DevicePictures
+from cxrage_ray.pipeline.payloads import prepare_encoded_batch
 from cxrage_ray.model.network import build_model
 from cxrage_ray.config import OrientConfig
 from cxrage_ray.predict.predictor import AgePredictor, PredictorConfig
 from cxrage_ray.preprocess.fastai import batch_tta_views
 from cxrage_ray.config import PrepareSettings
-from cxrage_ray.pipeline.stages import PredictStage, prepare_batch
+from cxrage_ray.predict.scoring import ScoreActor
+from cxrage_ray.pipeline.prepare import prepare_batch
 from cxrage_ray.config import StorageConfig
 
 SHARED = Path(os.environ.get("CXRAGE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -92,8 +94,9 @@ def bench_case(name: str, paths: list[Path], args, state_dict, pool) -> dict:
     settings = PrepareSettings(storage=StorageConfig(), orient=OrientConfig())
     config = PredictorConfig(device=args.device, batch_size=args.batch_views)
     images = max(1, args.batch_views // 5)
-    cpu_stage = PredictStage([state_dict], config, {**LABELS, "decode_device": "cpu", "preprocess_engine": "exact"})
-    device_stage = DeviceScoreStage([state_dict], config, LABELS, orient=OrientConfig())
+    cpu_stage = ScoreActor([state_dict], config, {**LABELS, "decode_device": "cpu", "preprocess_engine": "exact"})
+    device_stage = ScoreActor([state_dict], config, {**LABELS, "preprocess_engine": "tensor"},
+                              source=DevicePictures(orient=OrientConfig()))
     warm = rows.iloc[: min(len(rows), images)]
     cpu_stage(prepare_batch(warm, settings))  # model load, compile, codec start-up: not part of the figure
     device_stage(prepare_encoded_batch(warm, settings))

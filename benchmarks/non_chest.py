@@ -52,7 +52,7 @@ def main() -> None:
     import argparse
 
     from cxrage_ray.config import NON_CHEST_LIKENESS
-    from cxrage_ray.orient.stage import CHEST_TEMPLATE_SIZE, chest_likeness_thumbs, template_thumbnail
+    from cxrage_ray.orient.qc import CHEST_TEMPLATE_SIZE, chest_likeness_thumbs, template_thumbnail
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write-templates", metavar="PATH",

@@ -245,10 +245,12 @@ def loop_worker(manifest: str, weights: str, tta: str, batch_size: int, orient_t
 
     from cxrage_ray.model.checkpoint import load_state_dict
     from cxrage_ray.config import DecodeOptions
-    from cxrage_ray.decode.image import DecodedImage, decode_image
+    from cxrage_ray.decode.image import decode_image
+    from cxrage_ray.decode.types import DecodedImage
     from cxrage_ray.errors import CxrAgeError
     from cxrage_ray.config import OrientConfig
-    from cxrage_ray.orient.stage import correct_orientation, default_classifier, orient
+    from cxrage_ray.orient.classifier import default_classifier
+    from cxrage_ray.orient.stage import correct_orientation, orient
     from cxrage_ray.predict.predictor import AgePredictor, PredictorConfig
     from cxrage_ray.preprocess.seed_chain import seed_chain
     from cxrage_ray.config import StorageConfig

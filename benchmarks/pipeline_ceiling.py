@@ -10,7 +10,7 @@ Out: a table on stdout (and `--json PATH`):
        exit (start-up included), run alternately `--repeats` times; ours / loop per pair and over all pairs;
      - ceiling: the real `cxrage score` pipeline (embedded Ray Data, the real CPU tasks' fetch, the predictor
        actor's batch handling, the Parquet writer) with prepare reduced to reading bytes and the model to a
-       constant (`cxrage_ray.pipeline.stages.CeilingStandIn`, passed to `pipeline.score` by this script only: the CLI
+       constant (`cxrage_ray.pipeline.stand_in.CeilingStandIn`, passed to `pipeline.score` by this script only: the CLI
        cannot select it) on `--ceiling-films` rows, pinned with `taskset` to each of `--cores` cores
        (default 1, then 2); films/s once the first film is out (steady state) and from spawn (start-up included), and the
        process tree's and the driver's CPU seconds per film (start-up included; `--rows-per-task` overrides
@@ -53,7 +53,7 @@ def light_loop_worker(manifest: str, weights: str, batch_size: int) -> None:
     from cxrage_ray.errors import CxrAgeError
     from cxrage_ray.predict.predictor import AgePredictor, PredictorConfig
     from cxrage_ray.config import PrepareSettings
-    from cxrage_ray.pipeline.stages import picture_from_bytes
+    from cxrage_ray.pipeline.prepare import picture_from_bytes
     from cxrage_ray.config import StorageConfig
     from cxrage_ray.storage.files import read_bytes
 
@@ -100,7 +100,7 @@ def ceiling_worker(manifest: str, out: str, weights: str, batch_size: int, rows_
     from cxrage_ray.config import OrientConfig
     from cxrage_ray.pipeline.itinerary import score
     from cxrage_ray.predict.predictor import PredictorConfig
-    from cxrage_ray.pipeline.stages import CeilingStandIn
+    from cxrage_ray.pipeline.stand_in import CeilingStandIn
 
     cfg = ScoreConfig(input=manifest, output=out, weights=weights, weights_name="demo", preprocess="none",
                       predictor=PredictorConfig(device="cpu", tta="none", batch_size=batch_size),

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Mapping, NoReturn, Sequence
 
-from cxrage_ray.errors import CxrAgeError, InputError, OutputError
+from cxrage_ray.config import SALIENCY_METHODS  # a leaf of plain types: cheap to import before parsing
+from cxrage_ray.errors import CxrAgeError, InputError, JobInterrupted, OutputError
 from cxrage_ray.runtime.lifetime import Terminated, exit_now, terminate_as_interrupt
 
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 3, 2, 4, 130
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=0,
                    help="model views per forward pass (5 per image with TTA); 0: 640 on GPU, 64 on CPU")
     s.add_argument("--saliency", metavar="DIR", help="write a saliency map per film as DIR/<stem>.png (local or s3://)")
-    s.add_argument("--saliency-method", choices=["grad", "gradcam"], default="grad",
+    s.add_argument("--saliency-method", choices=list(SALIENCY_METHODS), default="grad",
                    help="grad: the original's input-gradient map; gradcam: Grad-CAM on the last conv stage")
     s.add_argument("--csv", metavar="PATH", help="also write the original tool's CSV (File, SD_Prediction, CXR_Age)")
     s.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
@@ -223,13 +224,10 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     storage = _storage(args, env)
     manifest = _preflight(args, storage)
 
-    from cxrage_ray.config import PredictorConfig, RayConfig, ScoreConfig
-    from cxrage_ray.config import DecodeOptions
+    from cxrage_ray.config import DecodeOptions, OrientConfig, PredictorConfig, RayConfig, SaliencySettings, ScoreConfig
     from cxrage_ray.pipeline.itinerary import score
-    from cxrage_ray.config import OrientConfig
-    from cxrage_ray.orient.stage import load_rotation_list
+    from cxrage_ray.orient.rotation_list import load_rotation_list
     from cxrage_ray.write.spill import default_spill_root
-    from cxrage_ray.config import SaliencySettings
 
     weights = args.weights
     if weights == "demo":
@@ -333,7 +331,7 @@ def cmd_weights(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def cmd_preprocess(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from cxrage_ray.config import DecodeOptions
-    from cxrage_ray.preprocess.export import export_seed_chain_pngs
+    from cxrage_ray.pipeline.export import export_seed_chain_pngs
 
     failures = export_seed_chain_pngs(args.input, args.outdir, _storage(args, env),
                                       DecodeOptions(mode=args.decode, allow_any_modality=True), workers=args.workers,
@@ -431,11 +429,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         print(f"cxrage: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
-        kept = getattr(exc, "kept", None)  # set by the pipeline: what reached OUTPUT before Ctrl-C
-        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        kept = exc.kept if isinstance(exc, JobInterrupted) else None  # what reached OUTPUT before Ctrl-C
+        terminated = isinstance(exc, Terminated) or (isinstance(exc, JobInterrupted) and exc.terminated)
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
         print(f"cxrage: {how}; {kept or 'every part written so far is kept'}; rerun the same command to "
               "resume (only missing rows are scored)", file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 def entry() -> NoReturn:

@@ -6,10 +6,12 @@ its settings without pulling in the others. Each stage's module says what it doe
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 from cxrage_ray.errors import InputError
@@ -172,6 +174,87 @@ Mode = Literal["auto", "list", "off"]
 RotationSource = Literal["list", "dicom", "model", "none"]
 
 
+def rotation_list_key(name: str) -> str:
+    """The basename of a path, URL or Windows path: rotation lists name films by file name."""
+    name = name.strip().rstrip("/\\")
+    return PureWindowsPath(PurePosixPath(name).name).name
+
+
+def _stem_index(entries: Mapping[str, int]) -> dict[str, int]:
+    """stem (the name without its extension) -> degrees, leaving out stems listed with conflicting degrees."""
+    index: dict[str, int] = {}
+    ambiguous: set[str] = set()
+    for name, degrees in entries.items():
+        if index.setdefault(stem := name.rsplit(".", 1)[0], degrees) != degrees:
+            ambiguous.add(stem)
+    for stem in ambiguous:
+        del index[stem]
+    return index
+
+
+class RotationList(Mapping[str, int]):
+    """{file name: clockwise degrees to apply}, indexed once (`cxrage_ray.orient.rotation_list.load_rotation_list`).
+
+    Immutable and hashable; a read-only mapping in the list's own order. It travels to every worker inside
+    `OrientConfig`, so it pickles as its entries alone and rebuilds the stem index on arrival.
+    """
+
+    __slots__ = ("_entries", "_sha256", "_stems")
+
+    def __init__(self, entries: Mapping[str, int] | Iterable[tuple[str, int]] = ()) -> None:
+        table = dict(entries)
+        object.__setattr__(self, "_entries", table)
+        object.__setattr__(self, "_stems", _stem_index(table))
+        object.__setattr__(self, "_sha256", None)
+
+    def lookup(self, image_id: str | None, uri: str | None) -> int | None:
+        """Clockwise degrees to apply for this row, or None: matched by the uri's file name, then the image_id (and
+        its file name), then by stem, so a list naming the original's PNGs (`x.png`) also applies to the raw files
+        (`x.tif`, `x.dcm`); a stem listed with different degrees matches nothing."""
+        candidates = [rotation_list_key(uri)] if uri else []
+        if image_id:
+            candidates += [image_id, rotation_list_key(image_id)]
+        for key in candidates:
+            if key in self._entries:
+                return self._entries[key]
+        stems = (key.rsplit(".", 1)[0] for key in candidates)
+        return next((self._stems[stem] for stem in stems if stem in self._stems), None)
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the sorted entries: the list's identity in the job key, whatever its order or file."""
+        if self._sha256 is None:
+            canonical = json.dumps(sorted(self._entries.items()), separators=(",", ":"))
+            object.__setattr__(self, "_sha256", hashlib.sha256(canonical.encode("ascii")).hexdigest())
+        return self._sha256
+
+    def __getitem__(self, name: str) -> int:
+        return self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __hash__(self) -> int:
+        return hash(self.sha256)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a RotationList is immutable")
+
+    def __reduce__(self) -> tuple[type[RotationList], tuple[dict[str, int]]]:
+        return RotationList, (self._entries,)
+
+    def __repr__(self) -> str:
+        return f"RotationList({len(self)} entries, sha256={self.sha256[:12]})"
+
+
+#: The `OrientConfig` fields that change a job's scores, recorded by `OrientConfig.job_key`.
+ORIENT_JOB_KEY_FIELDS = ("mode", "skip_flagged", "uncertain_threshold", "lateral_threshold", "use_view_model",
+                         "non_chest_likeness")
+
+
 @dataclass(frozen=True)
 class OrientConfig:
     """How to handle orientation (`--rotation`, `--rotation-list`, `--skip-flagged`).
@@ -179,7 +262,8 @@ class OrientConfig:
     Args:
         mode: "auto" (list, then DICOM Patient Orientation, then the classifier), "list" (the list only) or "off"
             (never rotate). QC flags are computed in every mode.
-        rotation_list: {file name: clockwise degrees to apply} from `load_rotation_list`, or None.
+        rotation_list: a `RotationList` from `load_rotation_list` (a plain {file name: clockwise degrees to apply}
+            is turned into one), or None.
         skip_flagged: rows with any qc flag are not scored (`OrientResult.skip`).
         uncertain_threshold: below this classifier confidence the row gets `orientation_uncertain` (the film is
             still turned to the most likely orientation).
@@ -190,12 +274,13 @@ class OrientConfig:
     """
 
     mode: Mode = "auto"
-    rotation_list: Mapping[str, int] | None = None
+    rotation_list: RotationList | None = None
     skip_flagged: bool = False
     uncertain_threshold: float = 0.8
     lateral_threshold: float = 0.5
     use_view_model: bool = True
-    # repr=False: the job record holds repr(OrientConfig), and outputs written before this field must resume
+    # repr=False: outputs written before the job key recorded repr(OrientConfig) without this field
+    # (cxrage_ray.orient.rotation_list.legacy_orient_repr rebuilds that string)
     non_chest_likeness: float | None = field(default=NON_CHEST_LIKENESS, repr=False)
 
     def __post_init__(self) -> None:
@@ -203,6 +288,18 @@ class OrientConfig:
             raise InputError(f"--rotation must be auto, list or off, not {self.mode!r}")
         if self.mode == "list" and self.rotation_list is None:
             raise InputError("--rotation list needs --rotation-list FILE")
+        if self.rotation_list is not None and not isinstance(self.rotation_list, RotationList):
+            object.__setattr__(self, "rotation_list", RotationList(self.rotation_list))
+
+    def job_key(self) -> dict[str, Any]:
+        """The settings that change a score, for the job record: the rotation list by its hash and size only
+        (a 100k-entry list would otherwise land in job.json)."""
+        listed = self.rotation_list
+        return {
+            **{name: getattr(self, name) for name in ORIENT_JOB_KEY_FIELDS},
+            "rotation_list_sha256": None if listed is None else listed.sha256,
+            "rotation_list_entries": 0 if listed is None else len(listed),
+        }
 
 
 @dataclass(frozen=True)
@@ -246,12 +343,17 @@ class PrepareSettings:
     fetch_threads: int = 16
 
 
+#: Saliency maps: "grad" (the original's input gradient) or "gradcam" (Grad-CAM on layer4).
+SaliencyMethod = Literal["grad", "gradcam"]
+SALIENCY_METHODS: tuple[SaliencyMethod, ...] = ("grad", "gradcam")
+
+
 @dataclass(frozen=True)
 class SaliencySettings:
     """Where and how to write saliency maps (`--saliency DIR --saliency-method grad|gradcam`)."""
 
     directory: str
-    method: Literal["grad", "gradcam"] = "grad"
+    method: SaliencyMethod = "grad"
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
@@ -303,7 +405,7 @@ class RayConfig:
         num_cpus: logical CPUs for the embedded local Ray; None = this machine's count, but at least 4 so
             the predictor actor can never starve the CPU tasks on a 2-core laptop (environment.md).
         predict_actors: predictor actors for CPU inference; on the embedded local Ray they share this machine's
-            cores (`cxrage_ray.pipeline.itinerary.cpu_inference_layout`). GPU runs use one actor per GPU.
+            cores (`cxrage_ray.pipeline.plan.cpu_inference_layout`). GPU runs use one actor per GPU.
         rows_per_task: manifest rows per CPU task (one Ray block); None: `SEED_ROWS_PER_TASK` with the seed chain,
             `LIGHT_ROWS_PER_TASK` with `--preprocess none` (see `rows_per_task_for`).
         no_progress_timeout_s: fail with an explanation when no row finishes for this long.
@@ -353,7 +455,7 @@ class ScoreConfig:
             kinds (`ReadError`, ...) rescores the error rows of those kinds, the empty tuple every error row.
         gpu_preprocess: "on" sends bytes to GPU actors that decode, preprocess and score (the device
             itinerary); "off" keeps decode and the seed chain on CPU tasks; "auto" is on when the cluster has
-            a GPU and nvImageCodec is installed (see `cxrage_ray.pipeline.itinerary.choose_itinerary`).
+            a GPU and nvImageCodec is installed (see `cxrage_ray.pipeline.plan.choose_itinerary`).
         write_back: store a CXR-Age Structured Report per ok DICOMweb row (see cxrage_ray.pacs.writeback), or None.
     """
 

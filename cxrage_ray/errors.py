@@ -73,3 +73,17 @@ def error_kind(message: object) -> str:
         return "Unknown"
     text = str(message).strip()
     return (text.split(":", 1)[0].strip() or "Unknown") if text else "Unknown"
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a scoring job after it committed what it had scored.
+
+    Args:
+        kept: what reached OUTPUT, for the user ("120 rows scored this run were written to out/ ...").
+        terminated: it was SIGTERM (exit 143), not Ctrl-C (exit 130).
+    """
+
+    def __init__(self, kept: str, terminated: bool = False):
+        super().__init__(kept)
+        self.kept = kept
+        self.terminated = terminated

@@ -221,7 +221,7 @@ def train(thumbs: np.ndarray, lateral: np.ndarray, steps: int, seed: int, arch: 
     import torch
     import torch.nn.functional as F
 
-    from cxrage_ray.orient.stage import build_network
+    from cxrage_ray.orient.network import build_network
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -319,7 +319,7 @@ def _cv_fold(thumbs, lateral, val_pictures, val_lateral, val_names, steps, seed,
     """One cross-validation fold in its own process: train on the other folds, evaluate on this one."""
     import torch
 
-    from cxrage_ray.orient.stage import OrientationClassifier
+    from cxrage_ray.orient.classifier import OrientationClassifier
 
     torch.set_num_threads(1)
     net = train(thumbs, lateral, steps, seed, arch, min_zoom)
@@ -447,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from cxrage_ray.orient.stage import BLANK_GRID, BLANK_STD, OrientationClassifier, thumbnail
+    from cxrage_ray.orient.classifier import OrientationClassifier
+    from cxrage_ray.orient.qc import BLANK_GRID, BLANK_STD
+    from cxrage_ray.orient.thumbnails import thumbnail
 
     torch.set_num_threads(args.threads)
     table = pd.read_csv(args.data / "metadata.csv")

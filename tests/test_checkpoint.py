@@ -10,12 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoints import (OPT_GROUP_SIZES, OPT_STATE_ENTRIES, random_state_dict, save_fastai_checkpoint,
-                         save_malicious_checkpoint)
+from checkpoints import (
+    OPT_GROUP_SIZES,
+    OPT_STATE_ENTRIES,
+    random_state_dict,
+    save_fastai_checkpoint,
+    save_malicious_checkpoint,
+)
 
-from cxrage_ray.model.checkpoint import convert_to_safetensors, load_state_dict, sha256_file
 from cxrage_ray.errors import UnsafeCheckpointError, WeightsError
+from cxrage_ray.model.checkpoint import convert_to_safetensors, load_state_dict
 from cxrage_ray.model.network import expected_shapes
+from cxrage_ray.storage.atomic import current_umask
+from cxrage_ray.storage.digest import sha256_file
 
 FORMS = [(legacy, with_opt) for legacy in (True, False) for with_opt in (True, False)]
 
@@ -95,7 +102,8 @@ def test_safetensors_conversion_round_trip(state_dict, published_like, tmp_path)
     dst = tmp_path / "sub" / "cxr_age.safetensors"
     sha = convert_to_safetensors(published_like, dst)
     assert sha == hashlib.sha256(dst.read_bytes()).hexdigest()
-    assert not list(dst.parent.glob("*.tmp"))
+    assert [p.name for p in dst.parent.iterdir()] == [dst.name]  # written whole: no temporary file left
+    assert (dst.stat().st_mode & 0o777) == 0o666 & ~current_umask()  # open()'s permissions, not mkstemp's
     _assert_identical(load_state_dict(dst), state_dict)
     from safetensors import safe_open
 
@@ -186,3 +194,10 @@ def test_sha256_file_streams_large_files(tmp_path):
     path.write_bytes(data)
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
     assert sha256_file(str(path)) == hashlib.sha256(data).hexdigest()
+
+
+def test_one_file_hash_for_checkpoints_and_the_registry():
+    """checkpoint and registry hash weights with the same helper (storage.digest), so the two never disagree."""
+    from cxrage_ray.model import checkpoint, registry
+
+    assert checkpoint.sha256_file is registry.sha256_file is sha256_file

@@ -11,11 +11,13 @@ import pytest
 from PIL import Image
 
 from checkpoints import random_state_dict
-from cxrage_ray.pipeline.device_stages import DeviceScoreStage, prepare_encoded_batch
+from cxrage_ray.pipeline.device_pictures import DevicePictures
+from cxrage_ray.pipeline.payloads import prepare_encoded_batch
 from cxrage_ray.config import OrientConfig
 from cxrage_ray.predict.predictor import PredictorConfig
 from cxrage_ray.config import PrepareSettings
-from cxrage_ray.pipeline.stages import PredictStage, prepare_batch
+from cxrage_ray.predict.scoring import ScoreActor
+from cxrage_ray.pipeline.prepare import prepare_batch
 from cxrage_ray.config import StorageConfig
 from imagegen import pillow_bytes, radiograph
 
@@ -47,19 +49,22 @@ def plain(column: pd.Series) -> list:
     return [None if pd.isna(v) else int(v) if isinstance(v, float) and v.is_integer() else v for v in column]
 
 
-def score_both(rows: pd.DataFrame, orient: OrientConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def score_both(rows: pd.DataFrame, orient: OrientConfig | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     settings = PrepareSettings(storage=StorageConfig(), orient=orient)
     state = [random_state_dict(seed=5)]
     config = PredictorConfig(device="cpu", batch_size=20)
-    cpu = PredictStage(state, config, {**LABELS, "decode_device": "cpu", "preprocess_engine": "exact"})(
+    cpu = ScoreActor(state, config, {**LABELS, "decode_device": "cpu", "preprocess_engine": "exact"})(
         prepare_batch(rows, settings))
     encoded = prepare_encoded_batch(rows, settings)
-    assert "pixels" not in encoded and set(encoded["payload_kind"]) >= {"codestream", "grey8", "q16"}
-    device = DeviceScoreStage(state, config, LABELS, orient=orient)(encoded)
+    assert "pixels" not in encoded
+    device = ScoreActor(state, config, {**LABELS, "preprocess_engine": "tensor"},
+                        source=DevicePictures(orient=orient))(encoded)
     return cpu.set_index("image_id"), device.set_index("image_id")
 
 
 def test_device_itinerary_scores_every_film_like_the_cpu_itinerary(films: pd.DataFrame) -> None:
+    assert set(prepare_encoded_batch(films, PrepareSettings(storage=StorageConfig()))["payload_kind"]) >= {
+        "codestream", "grey8", "q16"}
     cpu, device = score_both(films, OrientConfig(mode="auto", rotation_list={"turned.png": 270}))
     assert len(device) == len(films) and list(device.index) == list(cpu.index)
     assert (device["status"] == cpu["status"]).all()
@@ -88,10 +93,35 @@ def test_device_itinerary_keeps_manifest_error_rows(tmp_path: Path) -> None:
                                         dtype="string")
     settings = PrepareSettings(storage=StorageConfig(), orient=OrientConfig(mode="off"))
     encoded = prepare_encoded_batch(rows, settings)
-    scored = DeviceScoreStage([random_state_dict(seed=5)], PredictorConfig(device="cpu", tta="none"), LABELS,
-                              orient=None)(encoded)
+    scored = ScoreActor([random_state_dict(seed=5)], PredictorConfig(device="cpu", tta="none"), LABELS,
+                        source=DevicePictures(orient=None))(encoded)
     assert scored["row_id"].tolist() == [0, 1, 2]
     assert scored["status"].tolist() == ["ok", "error", "error"]
     assert scored["error"].tolist()[1:] == ["ManifestError: row 1: empty uri",
                                             "ManifestError: row 2: duplicate image_id 'film.png' (also row 0)"]
     assert scored["read_retries"].tolist() == ["{}"] * 3
+
+
+@pytest.mark.parametrize("orient", [OrientConfig(mode="off"), None], ids=["orient", "no-orient"])
+def test_an_implausible_age_gives_the_same_row_on_both_itineraries(tmp_path: Path, orient) -> None:
+    """The row rule is one function (`pipeline.rows.finish_row`): an age of 150 or -3 is nulled and flagged
+    `age_implausible` on both itineraries, so it reaches neither `cxr_age_gap` nor the `paediatric` flag."""
+    (tmp_path / "film.png").write_bytes(pillow_bytes(radiograph(300, 260, seed=3, border=5), "PNG"))
+    (tmp_path / "child.png").write_bytes(pillow_bytes(radiograph(280, 250, seed=4, border=5), "PNG"))
+    rows = manifest([str(tmp_path / "film.png")] * 3 + [str(tmp_path / "child.png")])
+    rows["image_id"] = ["old.png", "negative.png", "adult.png", "child.png"]
+    rows["age"] = [150.0, -3.0, 45.0, 9.0]
+    cpu, device = score_both(rows, orient)
+    contract = ["status", "error", "chronological_age", "orientation", "rotation_source", "modality", "device",
+                "weights_sha256", "tta", "decode"]
+    for column in contract:
+        assert plain(device[column]) == plain(cpu[column]), column
+    assert [list(q) for q in device["qc"]] == [list(q) for q in cpu["qc"]]
+    np.testing.assert_array_equal(device["cxr_age_gap"].to_numpy(), cpu["cxr_age_gap"].to_numpy())
+    for frame in (cpu, device):
+        assert frame.loc[["old.png", "negative.png"], "chronological_age"].isna().all()
+        assert frame.loc[["old.png", "negative.png"], "cxr_age_gap"].isna().all()
+        assert all("age_implausible" in qc and "paediatric" not in qc for qc in frame.loc[["old.png", "negative.png"], "qc"])
+        assert frame.loc["adult.png", "chronological_age"] == 45.0 and "age_implausible" not in frame.loc["adult.png", "qc"]
+        assert np.isfinite(frame.loc["adult.png", "cxr_age_gap"])
+        assert ("paediatric" in frame.loc["child.png", "qc"]) == (orient is not None)

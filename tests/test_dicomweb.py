@@ -8,7 +8,9 @@ One Orthanc for the module (started in ~2 s); the scoring tests use the shared l
 from __future__ import annotations
 
 import io
+import json
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pydicom
 import pytest
-
 from checkpoints import random_state_dict, save_fastai_checkpoint
+from orthanc_fixtures import ArchiveOutage, OrthancServer, orthanc_binary
+
 from cxrage_ray.cli import EXIT_OK, EXIT_ROW_ERRORS, main
+from cxrage_ray.config import StorageConfig, WriteBackConfig
+from cxrage_ray.errors import InputError, ReadError
 from cxrage_ray.pacs.dicomweb import (
     DicomwebAuth,
     InstanceRef,
@@ -27,10 +32,14 @@ from cxrage_ray.pacs.dicomweb import (
     parse_query,
     retrieve_instance_bytes,
 )
-from cxrage_ray.errors import InputError
-from cxrage_ray.config import StorageConfig
-from cxrage_ray.pacs.writeback import sr_instance_uid
-from orthanc_fixtures import ArchiveOutage, OrthancServer, orthanc_binary
+from cxrage_ray.pacs.multipart import MultipartError, split_parts
+from cxrage_ray.pacs.read import read_bytes
+from cxrage_ray.pacs.writeback import (
+    RECORDS_DIR,
+    read_records,
+    sr_instance_uid,
+    write_back,
+)
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -82,6 +91,81 @@ def test_paging_advances_by_what_the_archive_returned():
     pages = list(iter_pages(search, page_size=500))
     assert [x for page in pages for x in page] == items
     assert calls[-1][0] == 1234  # stops on the first empty page
+
+
+def test_multipart_parts_come_back_byte_for_byte():
+    """WADO-RS answers are split by delimiter only: binary bodies holding CRLFs, dashes and bytes that look like
+    headers come back unchanged; a part without headers, a preamble, transport padding and a quoted boundary too."""
+    films = [b"\x00\r\n--not-it\r\n\r\nDICM\xff\r", b"\r\n\r\n", bytes(range(256)) * 3]
+    body = (b"preamble\r\n--b0und\r\nContent-Type: application/dicom\r\n\r\n" + films[0]
+            + b"\r\n--b0und  \r\n\r\n" + films[1]
+            + b"\r\n--b0und\r\nContent-Type: application/dicom\r\nContent-Length: 768\r\n\r\n" + films[2]
+            + b"\r\n--b0und--\r\nepilogue")
+    assert split_parts('multipart/related; type="application/dicom"; boundary="b0und"', body) == films
+    assert split_parts("Multipart/Related; boundary=b0und", body) == films
+    with pytest.raises(MultipartError, match="cut short"):
+        split_parts("multipart/related; boundary=b0und", body[: body.index(films[2]) + 10])
+    with pytest.raises(MultipartError, match="without a boundary"):
+        split_parts("multipart/related", body)
+
+
+def _output_with_one_dicomweb_row(output: Path, uri: str) -> None:
+    """An OUTPUT holding one committed part with one ok row scored from `uri` (what write-back reads)."""
+    import pyarrow as pa
+
+    (output / "parts").mkdir(parents=True)
+    row = {"row_id": 0, "uri": uri, "status": "ok", "cxr_age": 61.5, "raw": 0.1, "raw_sd": 0.02,
+           "saliency_uri": None, "orientation": 0}
+    pq.write_table(pa.Table.from_pylist([row], schema=pa.schema([
+        ("row_id", pa.int64()), ("uri", pa.string()), ("status", pa.string()), ("cxr_age", pa.float32()),
+        ("raw", pa.float32()), ("raw_sd", pa.float32()), ("saliency_uri", pa.string()),
+        ("orientation", pa.int8())])), output / "parts" / "part-old-00000.parquet")
+
+
+def test_records_of_older_outputs_in_parquet_still_count_as_stored(tmp_path):
+    """An OUTPUT written before records became JSON Lines holds `records-*.parquet` (without the later
+    sc_sop_instance_uid column): its reports count as already stored, so a rerun contacts no archive (this one
+    listens nowhere: a store attempt would count as failed) and stores nothing twice."""
+    import pyarrow as pa
+
+    sha = "ab" * 32
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        root = f"http://127.0.0.1:{s.getsockname()[1]}/dicom-web"
+    ref = InstanceRef(root, "1.2.3", "1.2.3.4", "1.2.3.4.5")
+    output = tmp_path / "out"
+    _output_with_one_dicomweb_row(output, ref.uri)
+    (output / RECORDS_DIR).mkdir(parents=True)
+    old = {"row_id": [0], "sop_instance_uid": [ref.sop_instance_uid],
+           "sr_sop_instance_uid": [sr_instance_uid(ref.sop_instance_uid, sha)], "archive": [root]}
+    pq.write_table(pa.table(old), output / RECORDS_DIR / "records-0ld0ld00-00000001.parquet")
+
+    summary = write_back(str(output), WriteBackConfig(), StorageConfig(retries=0), sha)
+    assert (summary.stored, summary.already, summary.failed) == (0, 1, 0)
+    records = read_records(str(output), StorageConfig()).to_pylist()
+    assert records == [{**{k: v[0] for k, v in old.items()}, "sc_sop_instance_uid": None}]
+    assert sorted(p.name for p in (output / RECORDS_DIR).iterdir()) == ["records-0ld0ld00-00000001.parquet"]
+
+
+def test_records_are_json_lines_read_with_older_parquet_ones(tmp_path):
+    """New records are JSON Lines (no `.parquet` under OUTPUT but the parts); `read_records` reads both kinds."""
+    import pyarrow as pa
+
+    from cxrage_ray.pacs.writeback import _recorded, _write_records
+
+    output = tmp_path / "out"
+    new = {"row_id": 1, "sop_instance_uid": "1.5", "sr_sop_instance_uid": "2.25.9", "archive": "http://a/dw",
+           "sc_sop_instance_uid": "2.25.10"}
+    _write_records(str(output), StorageConfig(), "abcd1234", 1, [new])
+    written = list((output / RECORDS_DIR).iterdir())
+    assert [p.name for p in written] == ["records-abcd1234-00000001.jsonl"]
+    assert [json.loads(line) for line in written[0].read_text().splitlines()] == [new]
+    pq.write_table(pa.table({"row_id": [0], "sop_instance_uid": ["1.4"], "sr_sop_instance_uid": ["2.25.8"],
+                             "archive": ["http://a/dw"], "sc_sop_instance_uid": [None]}),
+                   output / RECORDS_DIR / "records-0ld0ld00-00000001.parquet")
+    records = read_records(str(output), StorageConfig()).to_pandas().sort_values("row_id")
+    assert list(records["sr_sop_instance_uid"]) == ["2.25.8", "2.25.9"]
+    assert _recorded(str(output), StorageConfig()) == {("2.25.8", "http://a/dw"), ("2.25.9", "http://a/dw")}
 
 
 # ---------------------------------------------------------------- a real Orthanc
@@ -236,6 +320,40 @@ def test_saliency_overlays_are_stored_as_secondary_captures(scored, orthanc):
 
 
 @RAY_SLOW
+def test_a_recursive_parquet_glob_reads_only_the_score_rows(scored):
+    """After `--write-back sr`, ``read_parquet('OUTPUT/**/*.parquet')`` (DuckDB; globs do not skip `_cxrage`)
+    yields exactly the rows `pd.read_parquet(OUTPUT)` does: the write-back records are JSON Lines."""
+    import duckdb
+
+    output = scored["work"] / "web"
+    assert list((output / RECORDS_DIR).glob("records-*.jsonl"))  # the write-back did record its reports
+    rows = pd.read_parquet(output)
+    globbed = duckdb.sql(f"SELECT * FROM read_parquet('{output}/**/*.parquet')").df()
+    assert len(globbed) == len(rows) == len(scored["web"])
+    assert sorted(globbed["row_id"]) == sorted(rows["row_id"])
+    assert set(globbed.columns) == set(rows.columns)
+
+
+def test_instance_uris_and_paths_read_through_one_read_bytes(orthanc, loaded, dicom_sample, tmp_path):
+    """`pacs.read.read_bytes` (what scoring reads with): a DICOMweb instance by WADO-RS, byte for byte the stored
+    file, counting no retries when none happened; a local path through storage."""
+    from cxrage_ray.storage.retries import RetryCounts
+
+    stored = loaded[loaded["stored"]].iloc[0]
+    item = orthanc.qido_instances(SOPInstanceUID=stored["sop_instance_uid"])[0]
+    ref = InstanceRef(orthanc.dicomweb_root.removeprefix("dicomweb+"),
+                      *(item[t]["Value"][0] for t in ("0020000D", "0020000E", "00080018")))
+    counts = RetryCounts()
+    assert read_bytes(ref.uri, StorageConfig(), counts) == (dicom_sample / stored["file"]).read_bytes()
+    assert counts == {}
+    (tmp_path / "x.png").write_bytes(b"png")
+    assert read_bytes(str(tmp_path / "x.png"), StorageConfig()) == b"png"
+    missing = InstanceRef(ref.root, ref.study_instance_uid, ref.series_instance_uid, "1.2.3.999")
+    with pytest.raises(ReadError, match=r"^not found: dicomweb\+http://"):
+        read_bytes(missing.uri, StorageConfig())
+
+
+@RAY_SLOW
 def test_rerun_adds_no_second_report(scored, orthanc):
     before = len(orthanc.qido_instances(Modality="SR"))
     code = main(["score", scored["query"], str(scored["work"] / "web"), "--write-back", "sr", *scored["common"],
@@ -258,12 +376,10 @@ def test_archive_stopped_mid_job_then_resume_completes(scored, orthanc, weights,
     uninterrupted run, and stores no second SR."""
     from dataclasses import replace
 
-    from cxrage_ray.config import RayConfig, ScoreConfig
+    from cxrage_ray.config import OrientConfig, RayConfig, ScoreConfig, WriteBackConfig
     from cxrage_ray.manifest.build import build_manifest, write_manifest
-    from cxrage_ray.config import OrientConfig
     from cxrage_ray.pipeline.itinerary import score
     from cxrage_ray.predict.predictor import PredictorConfig
-    from cxrage_ray.config import WriteBackConfig
 
     storage = StorageConfig(retries=2, backoff_s=0.05)
     reports_before = len(orthanc.qido_instances(Modality="SR"))
@@ -304,9 +420,8 @@ def test_archive_stopped_mid_job_then_resume_completes(scored, orthanc, weights,
 def test_manifest_pages_through_2000_instances(orthanc, tmp_path):
     """2,000 small synthetic instances (new UIDs) in one study, uploaded in parallel by REST: `cxrage manifest`
     pages through them (limit 500 / offset) and lists each exactly once."""
-    from pydicom.uid import generate_uid
-
     from dicomgen import make_dataset, to_bytes
+    from pydicom.uid import generate_uid
 
     study = generate_uid()
     template = make_dataset(np.zeros((8, 8), np.uint16), modality="OT", StudyInstanceUID=study,

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxrage_ray.errors import InputError
-from cxrage_ray.manifest.build import PROBLEM_COLUMN, RESERVED_COLUMNS, build_manifest, is_image_name, write_manifest
+from cxrage_ray.contract import PROBLEM_COLUMN
+from cxrage_ray.manifest.build import RESERVED_COLUMNS, build_manifest, is_image_name, write_manifest
 from cxrage_ray.config import StorageConfig
 
 LOCAL = StorageConfig()

@@ -8,23 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cxrage_ray.config import OrientConfig, RotationList
 from cxrage_ray.errors import InputError
-from cxrage_ray.config import OrientConfig
-from cxrage_ray.orient.stage import (
-    QC_BLANK,
-    QC_LATERAL,
-    QC_ORIENTATION_UNCERTAIN,
-    QC_PAEDIATRIC,
-    OrientationClassifier,
-    dicom_is_lateral,
-    dicom_orientation,
-    dicom_orientation_hint,
-    is_blank,
-    load_rotation_list,
-    lookup_rotation,
-    orient,
-    orient_batch,
-)
+from cxrage_ray.orient.classifier import OrientationClassifier
+from cxrage_ray.orient.dicom_hints import dicom_is_lateral, dicom_orientation, dicom_orientation_hint
+from cxrage_ray.orient.qc import QC_BLANK, QC_LATERAL, QC_ORIENTATION_UNCERTAIN, QC_PAEDIATRIC, is_blank
+from cxrage_ray.orient.rotation_list import legacy_orient_repr, load_rotation_list
+from cxrage_ray.orient.stage import orient, orient_batch
 
 #: Films of the committed weights' patient-disjoint validation split (never trained on): 6 frontal, 2 lateral.
 REAL_FRONTAL = [
@@ -100,12 +90,101 @@ def test_missing_list_file_is_an_input_error(tmp_path: Path) -> None:
 
 
 def test_lookup_by_file_name_image_id_and_stem() -> None:
-    table = {"x.png": 90, "scan-7": 180, "y.png": 270}
-    assert lookup_rotation(table, "id-1", "s3://bucket/a/x.png") == 90
-    assert lookup_rotation(table, "scan-7", "/data/other.dcm") == 180
-    assert lookup_rotation(table, None, "/raw/y.tif") == 270  # the original listed its PNGs; we read the TIFF
-    assert lookup_rotation(table, "z", "/raw/z.png") is None
+    table = RotationList({"x.png": 90, "scan-7": 180, "y.png": 270})
+    assert table.lookup("id-1", "s3://bucket/a/x.png") == 90
+    assert table.lookup("scan-7", "/data/other.dcm") == 180
+    assert table.lookup(None, "/raw/y.tif") == 270  # the original listed its PNGs; we read the TIFF
+    assert table.lookup("z", "/raw/z.png") is None
 
+
+
+def _lookup_as_before(table: dict[str, int], image_id: str | None, uri: str | None) -> int | None:
+    """The per-film lookup RotationList replaced (it rebuilt the stem index on every call), kept as the reference."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    def key(name: str) -> str:
+        return PureWindowsPath(PurePosixPath(name.strip().rstrip("/\\")).name).name
+
+    def stem(name: str) -> str:
+        return name.rsplit(".", 1)[0] if "." in name else name
+
+    candidates = ([key(uri)] if uri else []) + ([image_id, key(image_id)] if image_id else [])
+    for name in candidates:
+        if name in table:
+            return table[name]
+    index: dict[str, int | None] = {}
+    for name, degrees in sorted(table.items()):
+        index[stem(name)] = degrees if index.get(stem(name), degrees) == degrees else None
+    stems = {k: v for k, v in index.items() if v is not None}
+    return next((stems[stem(name)] for name in candidates if stem(name) in stems), None)
+
+
+def test_rotation_list_lookup_matches_the_per_film_lookup_it_replaced() -> None:
+    table = {"x.png": 90, "x.tif": 90, "amb.png": 90, "amb.jpg": 180, "scan-7": 180, "C:\\win\\w.dcm": 270,
+             "a.b.c.png": 0, ".png": 90, "dir/": 180}
+    rows = [("id", "s3://b/x.dcm"), (None, "C:\\data\\x.png"), ("amb.dcm", None), (None, "/r/amb.png"),
+            ("scan-7.dcm", "/o/q.png"), ("scan-7", None), ("C:\\win\\w.dcm", None), (None, "/a.b.c.jpg"),
+            (None, "/"), (None, "/z/.png"), ("dir/", None), ("", ""), (None, None), ("nope", "/n/nope.png")]
+    listed = RotationList(table)
+    for image_id, uri in rows:
+        assert listed.lookup(image_id, uri) == _lookup_as_before(table, image_id, uri), (image_id, uri)
+
+
+def test_rotation_list_is_an_immutable_mapping_that_pickles_compactly() -> None:
+    import pickle
+
+    entries = {f"film_{i:06d}.png": (90 * i) % 360 for i in range(20_000)}
+    listed = load_rotation_list("file,degrees\n" + "".join(f"{k},{v}\n" for k, v in entries.items()))
+    assert listed == entries and list(listed) == list(entries) and len(listed) == len(entries)
+    with pytest.raises(AttributeError):
+        listed._entries = {}  # type: ignore[misc]
+    blob = pickle.dumps(OrientConfig(rotation_list=listed))
+    assert len(blob) < 1.05 * len(pickle.dumps(entries))  # the entries only: no index, no cache travels
+    back = pickle.loads(blob).rotation_list
+    assert isinstance(back, RotationList) and back == listed and back.sha256 == listed.sha256
+    assert back.lookup(None, "/raw/film_000003.tif") == 270  # the stem index is rebuilt on arrival
+    assert hash(back) == hash(listed)
+
+
+def test_rotation_list_hash_is_its_sorted_content() -> None:
+    import hashlib
+
+    one, other = RotationList({"b.png": 90, "a.png": 180}), RotationList({"a.png": 180, "b.png": 90})
+    assert one.sha256 == other.sha256 == hashlib.sha256(b'[["a.png",180],["b.png",90]]').hexdigest()
+    assert RotationList({"a.png": 90}).sha256 != RotationList({"a.png": 270}).sha256
+    assert "a.png" not in repr(one)  # logs and reprs show the size and hash, not a 100k-entry list
+
+
+def test_config_turns_a_plain_dict_into_a_rotation_list() -> None:
+    config = OrientConfig(rotation_list={"a.png": 90})
+    assert isinstance(config.rotation_list, RotationList) and config.rotation_list.lookup(None, "/x/a.tif") == 90
+
+
+def test_job_key_names_the_list_by_hash_and_size() -> None:
+    listed = load_rotation_list("a.png\nb.png,180\n")
+    key = OrientConfig(mode="list", rotation_list=listed, skip_flagged=True, non_chest_likeness=None).job_key()
+    assert key == {"mode": "list", "skip_flagged": True, "uncertain_threshold": 0.8, "lateral_threshold": 0.5,
+                   "use_view_model": True, "non_chest_likeness": None,
+                   "rotation_list_sha256": listed.sha256, "rotation_list_entries": 2}
+    assert json.loads(json.dumps(key)) == key  # it goes into job.json as it is
+    assert OrientConfig().job_key()["rotation_list_sha256"] is None
+    assert OrientConfig().job_key()["rotation_list_entries"] == 0
+    assert OrientConfig(non_chest_likeness=0.3).job_key() != OrientConfig().job_key()
+
+
+def test_legacy_repr_is_the_old_repr_of_orient_config() -> None:
+    """The strings `repr(OrientConfig)` gave before the job key (printed by that code), which old job.json hold."""
+    assert legacy_orient_repr(OrientConfig()) == (
+        "OrientConfig(mode='auto', rotation_list=None, skip_flagged=False, uncertain_threshold=0.8, "
+        "lateral_threshold=0.5, use_view_model=True)")
+    listed = OrientConfig(mode="list", rotation_list={"b.png": 90, "a.dcm": 270, "C": 0}, skip_flagged=True,
+                          uncertain_threshold=0.75, lateral_threshold=0.6, use_view_model=False, non_chest_likeness=0.3)
+    assert legacy_orient_repr(listed) == (
+        "OrientConfig(mode='list', rotation_list={'b.png': 90, 'a.dcm': 270, 'C': 0}, skip_flagged=True, "
+        "uncertain_threshold=0.75, lateral_threshold=0.6, use_view_model=False)")
+    loaded = OrientConfig(rotation_list=load_rotation_list("file\nz.png\na/y.png\n"))
+    assert "rotation_list={'z.png': 90, 'y.png': 90}" in legacy_orient_repr(loaded)  # the file's order
+    assert legacy_orient_repr(None) == "None"  # `repr(cfg.orient)` of a job without orientation handling
 
 def test_list_correction_is_mogrify_rotate_90() -> None:
     film = synthetic_film()
@@ -249,7 +328,7 @@ def test_mirror_views_reverse_the_sense_of_rotation(real_films, classifier) -> N
 def test_network_shapes_and_bad_architecture() -> None:
     import torch
 
-    from cxrage_ray.orient.stage import build_network
+    from cxrage_ray.orient.network import build_network
 
     for size, downsample in [(64, "pool"), (96, "stride"), (128, "stride")]:
         net = build_network(size=size, downsample=downsample).eval()
@@ -290,6 +369,77 @@ def test_list_and_dicom_take_precedence_over_the_model(real_films, classifier) -
     assert (result.orientation, result.rotation_source) == (90, "dicom") and np.array_equal(result.image, upright)
 
 
+
+class CountingClassifier:
+    """Wraps a classifier and records how many pictures each `predict` call got."""
+
+    def __init__(self, inner: OrientationClassifier | None = None) -> None:
+        self.inner, self.calls = inner, []
+
+    def predict(self, images):
+        self.calls.append(len(images))
+        if self.inner is None:
+            raise AssertionError("the classifier was not to run")
+        return self.inner.predict(images)
+
+
+def _mixed_batch(real_films) -> dict[str, list]:
+    """Listed, DICOM-hinted, DICOM without a usable orientation, plain rasters (one of a child)."""
+    turned = np.ascontiguousarray(np.rot90(real_films[REAL_FRONTAL[1]], k=-1))
+    lateral = np.ascontiguousarray(np.rot90(real_films[REAL_LATERAL[1]], k=-1))
+    rows = [
+        (lateral, "listed", "/in/listed.png", {}, 50.0),  # the view head would flag it: only with use_view_model
+        (turned, "hinted", "/in/hinted.dcm", {"patient_orientation": "H\\L", "view_position": "PA"}, 60.0),
+        (turned, "header", "/in/header.dcm", {"view_position": "LL", "body_part": "CHEST"}, None),
+        (real_films[REAL_LATERAL[0]], "plain", "/in/plain.png", None, 40.0),
+        (turned, "kid", "/in/kid.jpg", {}, 9.0),
+    ]
+    return {name: [row[i] for row in rows] for i, name in enumerate(("images", "image_ids", "uris", "metas", "ages"))}
+
+
+def _same(one, other) -> bool:
+    fields = ("orientation", "rotation_source", "qc", "mirrored", "skip", "applied")
+    return all(getattr(one, f) == getattr(other, f) for f in fields) and np.array_equal(one.image, other.image)
+
+
+@pytest.mark.parametrize("use_view_model", [False, True])
+def test_orient_batch_equals_orient_per_picture(real_films, classifier, use_view_model: bool) -> None:
+    batch = _mixed_batch(real_films)
+    config = OrientConfig(mode="auto", rotation_list={"listed.png": 270}, use_view_model=use_view_model)
+    counting = CountingClassifier(classifier)
+    together = orient_batch(batch["images"], image_ids=batch["image_ids"], uris=batch["uris"], metas=batch["metas"],
+                            chronological_ages=batch["ages"], config=config, classifiers=counting)
+    # one batched call, over the pictures neither the list nor the header places (all of them for the view head)
+    assert counting.calls == [5 if use_view_model else 3]
+    alone = [orient(image, image_id=image_id, uri=uri, meta=meta, chronological_age=age, config=config,
+                    classifiers=classifier)
+             for image, image_id, uri, meta, age in zip(*batch.values())]
+    assert [r.rotation_source for r in together] == ["list", "dicom", "model", "model", "model"]
+    for name, one, other in zip(batch["image_ids"], together, alone):
+        assert _same(one, other), (name, one.qc, other.qc)
+
+
+@pytest.mark.parametrize("config", [
+    OrientConfig(mode="auto", rotation_list={"listed.png": 270}, use_view_model=False),
+    OrientConfig(mode="list", rotation_list={"listed.png": 270}, use_view_model=False),
+    OrientConfig(mode="off", use_view_model=False),
+])
+def test_orient_batch_skips_the_classifier_when_no_picture_needs_it(real_films, monkeypatch, config) -> None:
+    import cxrage_ray.orient.stage as stage
+
+    def no_default() -> None:
+        raise AssertionError("the committed classifier was not to be loaded")
+
+    monkeypatch.setattr(stage, "default_classifier", no_default)
+    batch = _mixed_batch(real_films)
+    picked = [0, 1] if config.mode == "auto" else list(range(5))  # auto: only the listed and the hinted film
+    args = {name: [values[i] for i in picked] for name, values in batch.items()}
+    counting = CountingClassifier()
+    results = orient_batch(args["images"], image_ids=args["image_ids"], uris=args["uris"], metas=args["metas"],
+                           chronological_ages=args["ages"], config=config, classifiers=counting)
+    assert counting.calls == [] and len(results) == len(picked)
+    assert orient_batch([], image_ids=[], uris=[], metas=[], chronological_ages=[], config=config) == []
+
 # ------------------------------------------------------------------------------------------- qc flags
 
 
@@ -329,7 +479,7 @@ def _sample_headers(dicom_sample: Path):
     import pydicom
 
     from cxrage_ray.config import DecodeOptions
-    from cxrage_ray.decode.dicom import dicom_meta
+    from cxrage_ray.decode.dicom_metadata import dicom_meta
 
     index = pd.read_csv(dicom_sample / "index.csv")
     for _, row in index.iterrows():
@@ -340,7 +490,7 @@ def _sample_headers(dicom_sample: Path):
 def test_non_chest_flag_from_the_real_dicom_headers(dicom_sample):
     """Every film of the real sample: chest films are never flagged; every radiograph whose header names
     another body part (7 EXTREMITY, 2 HIP, 1 HAND, a dental film, an MR shoulder) is."""
-    from cxrage_ray.orient.stage import dicom_non_chest
+    from cxrage_ray.orient.dicom_hints import dicom_non_chest
 
     flagged_chest, missed = [], []
     described = 0
@@ -369,13 +519,13 @@ def test_non_chest_flag_from_the_real_dicom_headers(dicom_sample):
     ({}, False),
 ])
 def test_non_chest_rules(meta, expected):
-    from cxrage_ray.orient.stage import dicom_non_chest
+    from cxrage_ray.orient.dicom_hints import dicom_non_chest
 
     assert dicom_non_chest(meta) is expected
 
 
 def test_implausible_ages_become_null_and_flagged():
-    from cxrage_ray.orient.stage import plausible_age
+    from cxrage_ray.contract import plausible_age
 
     assert plausible_age(64.5) == (64.5, False)
     assert plausible_age(None) == (None, False)
@@ -397,7 +547,7 @@ def test_picture_non_chest_on_real_films(cxr_sample, dicom_sample):
     chest films (frontal and lateral) are not. Error rates over all 250 + 11 films: benchmarks/non_chest.py."""
     from cxrage_ray.config import DecodeOptions
     from cxrage_ray.decode.image import decode_image
-    from cxrage_ray.orient.stage import picture_non_chest
+    from cxrage_ray.orient.qc import picture_non_chest
     from cxrage_ray.preprocess.seed_chain import seed_chain
 
     def picture(path: Path) -> np.ndarray:

@@ -250,7 +250,7 @@ def test_choose_itinerary_auto_needs_a_gpu_and_nvimgcodec_and_says_why():
     from cxrage_ray.config import ScoreConfig
     from cxrage_ray.config import DecodeOptions
     from cxrage_ray.errors import InputError
-    from cxrage_ray.pipeline.itinerary import check_gpu_request, choose_itinerary
+    from cxrage_ray.pipeline.plan import check_gpu_request, choose_itinerary
     from cxrage_ray.predict.predictor import PredictorConfig
 
     auto = ScoreConfig(input="in", output="out")
@@ -286,7 +286,7 @@ def test_the_driver_reaches_ray_init_without_importing_torch():
         "import sys\n"
         "import cxrage_ray.cli, cxrage_ray.pipeline.itinerary, cxrage_ray.manifest.build, cxrage_ray.runtime.preflight, cxrage_ray.write.spill\n"
         "from cxrage_ray.config import PredictorConfig, RayConfig, ScoreConfig\n"
-        "from cxrage_ray.orient.stage import OrientConfig\n"
+        "from cxrage_ray.config import OrientConfig\n"
         "ScoreConfig(input='in', output='out', predictor=PredictorConfig(device='cpu'), ray=RayConfig(),\n"
         "            orient=OrientConfig(mode='off'))\n"
         "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n"
@@ -301,7 +301,7 @@ def test_the_driver_reaches_ray_init_without_importing_torch():
 
 
 def test_cpu_predictor_actors_share_the_embedded_nodes_cores():
-    from cxrage_ray.pipeline.itinerary import CpuInference, cpu_inference_layout
+    from cxrage_ray.pipeline.plan import CpuInference, cpu_inference_layout
 
     assert cpu_inference_layout(1, cores=2) == CpuInference(actors=1, threads=2)
     assert cpu_inference_layout(2, cores=2) == CpuInference(actors=2, threads=1)
@@ -315,7 +315,7 @@ def test_the_first_block_holds_a_whole_predictor_batch():
     """The predictor's actor waits for a whole batch of rows: a smaller first block would only wait for the
     second; and it stays no larger than a seed-chain task's where the batch allows."""
     from cxrage_ray.config import LIGHT_ROWS_PER_TASK, SEED_ROWS_PER_TASK
-    from cxrage_ray.pipeline.itinerary import first_block_rows
+    from cxrage_ray.pipeline.plan import first_block_rows
 
     assert first_block_rows(LIGHT_ROWS_PER_TASK, images_per_batch=32) == 32  # --preprocess none --batch-size 32
     assert first_block_rows(LIGHT_ROWS_PER_TASK, images_per_batch=12) == SEED_ROWS_PER_TASK  # small batches

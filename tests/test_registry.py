@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 
 from cxrage_ray.errors import WeightsError
-from cxrage_ray.model.registry import (DEFAULT_MODEL, WeightsSpec, fetch_weights, load_registry, model_card,
-                                 resolve_weights, weights_home)
+from cxrage_ray.model.registry import (
+    DEFAULT_MODEL,
+    WeightsSpec,
+    fetch_weights,
+    load_registry,
+    model_card,
+    resolve_weights,
+    weights_home,
+)
 
 # a small synthetic "weights file" (deterministic bytes); the code under test reads in 1 MiB chunks either way
 PAYLOAD = bytes((i * 7919 + 13) % 251 for i in range(300_000))
@@ -110,6 +117,8 @@ def test_fetch_downloads_verifies_and_renames(spec, server, tmp_path):
     assert server.requests == [("/w.pth", None)]
     sidecar = json.loads((tmp_path / "home" / "tiny.pth.sha256.json").read_text())
     assert sidecar["sha256"] == spec.sha256 and sidecar["size"] == len(PAYLOAD)
+    # the download and its sidecar were written whole: nothing temporary is left beside them
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["tiny.pth", "tiny.pth.sha256.json"]
     # cached and verified: no second download
     assert fetch_weights(spec, tmp_path / "home", progress=False) == dest
     assert len(server.requests) == 1

@@ -3,26 +3,36 @@ the same Parquet, and the page rendered in headless Chromium (screenshot, no con
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 import re
 import subprocess
+import tomllib
+from fnmatch import fnmatch
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import jinja2
 import pytest
 from lifelines import CoxPHFitter
+from markupsafe import escape
 from scipy import stats
 
 from conftest import require_tool
 from cxrage_ray.errors import InputError
 from cxrage_ray.report.analysis import write_report
+from cxrage_ray.report.page import TEMPLATE_FOLDER, TEMPLATE_NAME, template_environment
 from outputs import EVENT_COL, SCHEMA, TIME_COL, Cohort, simulate, write_scored_output
 
 TRUE_HR = 1.6
+REPO = Path(__file__).resolve().parents[1]
+CSP_META = ('<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
+            'style-src \'unsafe-inline\'; script-src \'unsafe-inline\'">')
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +222,71 @@ def test_html_is_self_contained_and_escaped(tmp_path):
     assert len(images) == 4 and all(i.startswith("data:image/png;base64,") for i in images)
     assert "<script>alert" not in page and "&lt;script&gt;alert" in page
     assert "<b>PA</b>" not in page and "&lt;b&gt;PA&lt;/b&gt;" in page
+    assert CSP_META in page  # exactly as it always was: nothing but inline style/script and data: images
+
+
+class TagCollector(HTMLParser):
+    """Every start tag of a page with its attribute names, as a browser's tokenizer would see them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, list[str]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, [name for name, _ in attrs]))
+
+
+def start_tags(page: str) -> list[tuple[str, list[str]]]:
+    collector = TagCollector()
+    collector.feed(page)
+    return collector.tags
+
+
+def test_hostile_values_are_escaped_by_the_template(tmp_path):
+    """Error texts, a manifest column name, group names and summary.json values that look like markup are
+    shown as text: no tag or attribute of theirs reaches the page."""
+    injected = '<script>alert(1)</script>"><img src=x onerror="alert(2)">'
+    time_col = f'follow"up{injected}'
+    rows = simulate(Cohort(n=120, seed=13)).rename(columns={TIME_COL: time_col})
+    rows.loc[rows["status"] == "error", "error"] = f'DecodeError: "{injected}" in a file name'
+    rows.loc[rows.index[:30], "view_position"] = injected
+    schema = SCHEMA.set(SCHEMA.get_field_index(TIME_COL), pa.field(time_col, pa.float64()))
+    (tmp_path / "parts").mkdir()
+    pq.write_table(pa.Table.from_pandas(rows, schema=schema, preserve_index=False), tmp_path / "parts" / "p.parquet")
+    (tmp_path / "summary.json").write_text(json.dumps({"rows_total": len(rows), "weights_sha256": injected,
+                                                       "settings": {injected: injected}}))
+    a = write_report(tmp_path, time_col=time_col, event_col=EVENT_COL)
+    page = (tmp_path / "_cxrage" / "report.html").read_text()
+
+    assert a["gap_by_view"][injected]["n"] > 0 and a["cox"]["unadjusted"]["hr_per_5y"]  # the values are shown
+    for shown in (injected, time_col, f'DecodeError: "{injected}" in a file name', f"settings: {injected}"):
+        assert str(escape(shown)) in page, shown  # as text, every quote and bracket escaped
+    assert injected not in page and "<script>alert" not in page and 'onerror="' not in page
+    tags = start_tags(page)
+    assert [tag for tag, _ in tags if tag == "script"] == ["script"]  # the render-status script only
+    assert all(not src.startswith("x") for src in re.findall(r'<img src="([^"]*)"', page))
+    assert {name for _, names in tags for name in names} <= {
+        "lang", "charset", "http-equiv", "content", "class", "role", "id", "src", "alt", "data-status", "hidden"}
+    assert CSP_META in page
+
+
+def test_the_page_template_ships_as_package_data():
+    """The template is a resource of the installed package (declared in pyproject.toml), and it is the file the
+    page is rendered from."""
+    template = importlib.resources.files("cxrage_ray.report") / TEMPLATE_FOLDER / TEMPLATE_NAME
+    assert template.is_file()
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert any(fnmatch(f"{TEMPLATE_FOLDER}/{TEMPLATE_NAME}", glob) for glob in declared["cxrage_ray.report"])
+    environment = template_environment()
+    source, _, _ = environment.loader.get_source(environment, TEMPLATE_NAME)
+    assert source == template.read_text(encoding="utf-8")
+    assert CSP_META in source
+
+
+def test_the_template_refuses_a_missing_value():
+    """StrictUndefined: a value the page needs but was not given fails the render instead of showing blank."""
+    with pytest.raises(jinja2.UndefinedError):
+        template_environment().get_template(TEMPLATE_NAME).render({})
 
 
 # ---------------------------------------------------------------------------------------------- Chromium

@@ -192,7 +192,7 @@ def _pids_matching(text: str) -> list[int]:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the Ray worker")
 def test_lost_predictor_worker(job, tmp_path):
     def kill_predictor(proc: subprocess.Popen, out: Path) -> str:  # finishing anyway is fine: Ray restarts it
-        workers = [p for p in _pids_matching("PredictStage") if p != proc.pid]
+        workers = [p for p in _pids_matching("ScoreActor") if p != proc.pid]
         assert workers, "predictor actor process not found"
         for pid in workers:
             os.kill(pid, signal.SIGKILL)

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from cxrage_ray.errors import InputError, OutputError
+from cxrage_ray.contract import output_schema
 from cxrage_ray.write.parts import (
     PartWriter,
     commit_part,
@@ -16,7 +17,6 @@ from cxrage_ray.write.parts import (
     conform,
     completed_row_ids,
     drop_error_rows,
-    output_schema,
     read_output,
     write_json,
 )

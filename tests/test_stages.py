@@ -8,7 +8,8 @@ from PIL import Image
 
 from cxrage_ray.config import OrientConfig
 from cxrage_ray.config import PrepareSettings
-from cxrage_ray.pipeline.stages import prepare_batch, unpack_picture
+from cxrage_ray.pipeline.prepare import prepare_batch
+from cxrage_ray.predict.scoring import unpack_picture
 from cxrage_ray.config import StorageConfig
 
 
@@ -41,7 +42,7 @@ def test_turned_film_is_corrected_before_the_seed_chain(tmp_path):
 def test_manifest_problems_become_error_rows_without_a_read(tmp_path):
     """Both itineraries' CPU stages: a marked row is a ManifestError row (its uri is never opened), the
     others are read as usual, and each row says how many storage retries its read took."""
-    from cxrage_ray.pipeline.device_stages import prepare_encoded_batch
+    from cxrage_ray.pipeline.payloads import prepare_encoded_batch
     from cxrage_ray.manifest.build import build_manifest
 
     Image.fromarray(_film()).save(tmp_path / "a.png")
@@ -62,7 +63,7 @@ def test_manifest_problems_become_error_rows_without_a_read(tmp_path):
 def test_retry_counts_sum_the_rows_of_a_batch():
     import pyarrow as pa
 
-    from cxrage_ray.pipeline.stages import retry_counts
+    from cxrage_ray.pipeline.prepare import retry_counts
 
     table = pa.table({"row_id": [0, 1, 2], "read_retries": ['{"SlowDown": 2}', "{}", '{"SlowDown": 1, "Timeout": 1}']})
     assert retry_counts(table) == {"SlowDown": 3, "Timeout": 1}
@@ -72,7 +73,8 @@ def test_retry_counts_sum_the_rows_of_a_batch():
 
 def test_ceiling_stand_in_rows_have_the_prepared_columns_and_constant_scores(tmp_path):
     """The benchmark-only stand-in keeps the real stage's columns (so the real writer takes its rows)."""
-    from cxrage_ray.pipeline.stages import CeilingStandIn, PredictStage, read_bytes_batch
+    from cxrage_ray.pipeline.stand_in import CeilingStandIn, read_bytes_batch
+    from cxrage_ray.predict.scoring import ScoreActor
 
     Image.fromarray(_film()).save(tmp_path / "film.png")
     rows = pd.DataFrame({"row_id": [0, 1], "image_id": ["film.png", "gone.png"],
@@ -82,7 +84,7 @@ def test_ceiling_stand_in_rows_have_the_prepared_columns_and_constant_scores(tmp
     assert list(stand_in.columns) == list(real.columns)
     assert stand_in["pixels"].iloc[0] == (tmp_path / "film.png").read_bytes()
     assert stand_in["status"].tolist() == ["ok", "error"] and stand_in["error"].iloc[1].startswith("ReadError")
-    scored = PredictStage([{}], None, {"tta": "none"}, stand_in=CeilingStandIn(score=1.5))(stand_in)
+    scored = ScoreActor([{}], None, {"tta": "none"}, stand_in=CeilingStandIn(score=1.5))(stand_in)
     assert scored["cxr_age"].iloc[0] == 1.5 and np.isnan(scored["cxr_age"].iloc[1])
     assert scored["device"].iloc[0] == "stand-in" and "pixels" not in scored.columns
 
@@ -101,7 +103,7 @@ def test_grey_pictures_ship_one_channel_and_score_as_fastais_rgb_copy(tmp_path):
     from checkpoints import random_state_dict
 
     from cxrage_ray.predict.predictor import AgePredictor, PredictorConfig
-    from cxrage_ray.pipeline.stages import picture_from_bytes
+    from cxrage_ray.pipeline.prepare import picture_from_bytes
 
     films = [_film(), np.rot90(_film()).copy(), (255 - _film()).astype(np.uint8)]
     settings = PrepareSettings(storage=StorageConfig(), preprocess="none")

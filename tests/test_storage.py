@@ -1,5 +1,5 @@
-"""storage.py against the local disk and a real S3 endpoint (moto on loopback), including real transient
-failures injected by a loopback HTTP proxy in front of moto."""
+"""The storage package (uris, retries, files, atomic, digest) against the local disk and a real S3 endpoint (moto
+on loopback), including real transient failures injected by a loopback HTTP proxy in front of moto."""
 
 from __future__ import annotations
 
@@ -15,11 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from cxrage_ray.errors import EmptyFileError, ReadError
 from cxrage_ray.config import StorageConfig
+from cxrage_ray.errors import EmptyFileError, ReadError
+from cxrage_ray.storage.atomic import (
+    atomic_path,
+    current_umask,
+    move_into_place,
+    write_atomic,
+)
+from cxrage_ray.storage.digest import hash_file_into, sha256_file
 from cxrage_ray.storage.files import (
-    RetryCounts,
-    backoff_delay,
     exists,
     filesystem_for,
     join_uri,
@@ -28,6 +33,8 @@ from cxrage_ray.storage.files import (
     read_bytes,
     write_bytes,
 )
+from cxrage_ray.storage.retries import RetryCounts, backoff_delay
+from cxrage_ray.storage.uris import endpoint_of, protocol_of
 
 # ---------------------------------------------------------------- StorageConfig
 
@@ -97,6 +104,16 @@ def test_uri_helpers():
     assert join_uri("/data/m", "../y/z.png") == "/data/y/z.png"
     assert parent_uri("s3://b/d/m.csv") == "s3://b/d"
     assert parent_uri("/x/y/m.parquet") == "/x/y"
+    assert protocol_of("S3://b/k") == "s3" and protocol_of("/local/x") == "file"
+    assert protocol_of("dicomweb+https://pacs/dicom-web") == "dicomweb+https"
+    assert endpoint_of("s3://b/k", StorageConfig(endpoint_url="http://127.0.0.1:9/")) == "s3 endpoint 127.0.0.1:9"
+    assert endpoint_of("https://user-free.example/a/b", StorageConfig()) == "https host user-free.example"
+
+
+def test_dicomweb_uris_are_not_read_here():
+    """storage never imports pacs: a DICOMweb instance uri is `cxrage_ray.pacs.read`'s to read."""
+    with pytest.raises(ReadError, match="unsupported scheme 'dicomweb\\+http'"):
+        read_bytes("dicomweb+http://127.0.0.1:9/dicom-web/studies/1/series/2/instances/3", StorageConfig())
 
 
 # ---------------------------------------------------------------- local disk
@@ -137,6 +154,51 @@ def test_failed_local_write_leaves_nothing(tmp_path: Path):
     with pytest.raises(OSError):
         write_bytes(str(tmp_path / "blocker" / "x.bin"), b"data", StorageConfig())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+# ---------------------------------------------------------------- atomic writes and digests
+
+
+def test_write_atomic_replaces_whole_with_open_permissions(tmp_path: Path):
+    target = tmp_path / "new" / "folder" / "part-1.parquet"
+    write_atomic(target, b"one")
+    write_atomic(str(target), b"two")
+    assert target.read_bytes() == b"two"
+    assert (target.stat().st_mode & 0o777) == 0o666 & ~current_umask()  # not mkstemp's 0600
+    assert [p.name for p in target.parent.iterdir()] == ["part-1.parquet"]
+
+
+def test_atomic_path_renames_on_success_and_cleans_up_on_failure(tmp_path: Path):
+    target = tmp_path / "w.pth"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.exists() and not target.exists()
+        # a reader globbing like the target (or like parts) never sees the half-written file
+        assert not tmp.name.endswith(".pth") and not tmp.name.startswith("part-") and tmp.name.startswith(".")
+        tmp.write_bytes(b"weights")
+    assert target.read_bytes() == b"weights"
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"weights"  # untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["w.pth"]  # no temp file left
+
+
+def test_move_into_place_renames_a_finished_file(tmp_path: Path):
+    part = tmp_path / "w.pth.part"
+    part.write_bytes(b"verified")
+    move_into_place(part, tmp_path / "w.pth")
+    assert not part.exists() and (tmp_path / "w.pth").read_bytes() == b"verified"
+
+
+def test_sha256_file_and_resumed_hashing(tmp_path: Path):
+    import hashlib
+
+    data = os.urandom((1 << 20) * 2 + 17)  # over two read chunks
+    (tmp_path / "f").write_bytes(data)
+    assert sha256_file(tmp_path / "f") == sha256_file(str(tmp_path / "f")) == hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256(b"prefix")
+    hash_file_into(tmp_path / "f", digest)
+    assert digest.hexdigest() == hashlib.sha256(b"prefix" + data).hexdigest()
 
 
 # ---------------------------------------------------------------- S3 (moto)
@@ -270,7 +332,7 @@ def test_read_retries_transient_errors_then_succeeds(s3_env, flaky, caplog, stat
     s3_env.put(f"s3://{bucket}/img.png", b"pixels")
     flaky.fail[f"/{bucket}/img.png"] = [(status, code)] * 3
     cfg = _only_our_retries(flaky.endpoint, retries=4)
-    with caplog.at_level(logging.WARNING, logger="cxrage_ray.storage.files"):
+    with caplog.at_level(logging.WARNING, logger="cxrage_ray.storage.retries"):
         assert read_bytes(f"s3://{bucket}/img.png", cfg) == b"pixels"
     assert flaky.requests_for(f"/{bucket}/img.png") == 4, flaky.seen  # three injected failures, then the real object
     retries = [r for r in caplog.records if "retry" in r.getMessage()]
@@ -283,7 +345,7 @@ def test_slowdown_outlasting_s3fs_own_retries_is_retried_by_ours(s3_env, flaky, 
     s3_env.put(f"s3://{bucket}/img.png", b"pixels")
     # s3fs retries SlowDown 5 times itself; 7 failures exhaust that once, and our layer tries again
     flaky.fail[f"/{bucket}/img.png"] = [(503, "SlowDown")] * 7
-    with caplog.at_level(logging.WARNING, logger="cxrage_ray.storage.files"):
+    with caplog.at_level(logging.WARNING, logger="cxrage_ray.storage.retries"):
         assert read_bytes(f"s3://{bucket}/img.png", _only_our_retries(flaky.endpoint, retries=3)) == b"pixels"
     assert flaky.requests_for(f"/{bucket}/img.png") == 8
     assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 1
@@ -318,7 +380,7 @@ def test_connection_refused_is_retried_then_reported(s3_env, caplog):
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     uri = f"s3://st-dead-{uuid.uuid4().hex[:6]}/x.png"
-    with caplog.at_level(logging.WARNING, logger="cxrage_ray.storage.files"):
+    with caplog.at_level(logging.WARNING, logger="cxrage_ray.storage.retries"):
         with pytest.raises(ReadError, match="after 3 attempts"):
             read_bytes(uri, _only_our_retries(dead, retries=2))
     assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 2
@@ -377,7 +439,7 @@ def test_every_retry_is_ours_and_counted_by_kind(s3_env, flaky):
 
 
 def test_os_errors_say_what_happened_not_the_resolved_path():
-    from cxrage_ray.storage.files import _as_read_error
+    from cxrage_ray.storage.retries import _as_read_error
 
     error = _as_read_error(OSError(5, "Input/output error", "/abs/films/x.png"), "file:///abs/films/x.png", "read",
                            transient=False, attempts=1)

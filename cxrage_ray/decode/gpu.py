@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from cxrage_ray.decode.dicom import EncodedFrame, decode_codestream_cpu
-from cxrage_ray.preprocess.tensor import sign_extend
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +130,11 @@ def _stored_values(image: torch.Tensor, frame: EncodedFrame) -> torch.Tensor | N
     if tuple(image.shape) != (frame.rows, frame.columns):
         return None  # e.g. a codestream whose size disagrees with the header: the CPU path reports it
     return sign_extend(image, frame.params.bits_stored, frame.params.signed)
+
+
+def sign_extend(stored: torch.Tensor, bits_stored: int, signed: bool) -> torch.Tensor:
+    """Raw samples as a codec returns them (unsigned container) -> int32 values BitsStored wide."""
+    x = stored.to(torch.int32) & ((1 << bits_stored) - 1)
+    if signed:
+        x = torch.where(x >= (1 << (bits_stored - 1)), x - (1 << bits_stored), x)
+    return x

@@ -11,6 +11,7 @@ chain's `-resize 512x512^` (6.2 GB). Both are refused here, in microseconds, wit
 
 from __future__ import annotations
 
+from cxrage_ray.decode.geometry import FILL_TARGET
 from cxrage_ray.errors import DecodeError, DecompressionBombError
 
 #: The seed chain fills 512 x 512, so the long side becomes 512 x aspect: beyond this aspect ratio (a 512 x 8192
@@ -79,7 +80,8 @@ def check_fill_aspect(width: int, height: int) -> None:
     """Refuse a picture whose 512 px fill resize would explode (`MAX_FILL_ASPECT`)."""
     short, long = sorted((max(width, 1), max(height, 1)))
     if long / short > MAX_FILL_ASPECT:
-        fill_long = round(512 * long / short)
+        fill_long = round(FILL_TARGET * long / short)
         raise DecompressionBombError(
             f"a {width}x{height} picture (aspect {long / short:.0f}:1) is no radiograph: the seed chain's "
-            f"512 px fill would make it 512x{fill_long}; pictures beyond {MAX_FILL_ASPECT:.0f}:1 are refused")
+            f"{FILL_TARGET} px fill would make it {FILL_TARGET}x{fill_long}; pictures beyond "
+            f"{MAX_FILL_ASPECT:.0f}:1 are refused")

@@ -26,9 +26,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from cxrage_ray.config import DecodeOptions
-from cxrage_ray.decode.image import FAST_DECODE_MIN_SIDE, DecodedImage
+from cxrage_ray.decode.geometry import FAST_DECODE_MIN_SIDE, crop_to_fill_grid
 from cxrage_ray.decode.limits import check_fill_aspect
 from cxrage_ray.decode.messages import plain_reason
+from cxrage_ray.decode.types import DecodedImage
 from cxrage_ray.errors import DecodeError, DecompressionBombError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -215,8 +216,6 @@ def _load_pillow(plugin, data: bytes, label: str, options: DecodeOptions, draft:
         image = _from_pillow(im)
         if reduced and im.size != (full_w, full_h):
             # odd sizes round up when scaled: keep the seed chain's 512 px geometry of the full image
-            from cxrage_ray.decode.dicom import crop_to_fill_grid
-
             image.pixels = np.ascontiguousarray(crop_to_fill_grid(image.pixels, full_h, full_w))
             if image.alpha is not None:
                 image.alpha = np.ascontiguousarray(crop_to_fill_grid(image.alpha, full_h, full_w))

@@ -37,9 +37,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cxrage_ray.contract import PROBLEM_COLUMN
 from cxrage_ray.pacs.dicomweb import is_dicomweb, query_manifest, with_uid_columns
 from cxrage_ray.errors import InputError, ReadError
-from cxrage_ray.write.parts import CONTRACT_NAMES
+from cxrage_ray.contract import CONTRACT_NAMES
 from cxrage_ray.config import StorageConfig
 from cxrage_ray.storage.files import (
     exists,
@@ -47,21 +48,16 @@ from cxrage_ray.storage.files import (
     join_uri,
     list_files,
     parent_uri,
-    protocol_of,
     read_bytes,
     write_bytes,
 )
+from cxrage_ray.storage.uris import protocol_of
 
 log = logging.getLogger(__name__)
 
 #: Extensions kept when listing a folder (compared lower-case).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".dic"})
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
-#: Columns the scorer writes; a manifest carrying one would be silently overwritten, so it is refused.
-#: Every output column except the two a manifest provides: a manifest column of the same name would
-#: otherwise be silently replaced by the scorer's value.
-#: Why a row cannot be scored (null when it can); read by the prepare stage, never written to OUTPUT.
-PROBLEM_COLUMN = "manifest_problem"
 RESERVED_COLUMNS = (*(c for c in CONTRACT_NAMES if c not in ("image_id", "uri")), PROBLEM_COLUMN)
 #: DICOM files are often named by UID ("1.2.840.113619.2.55"): an all-digit suffix is not an extension.
 _NUMERIC_SUFFIX = re.compile(r"^\.\d+$")

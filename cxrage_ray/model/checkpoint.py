@@ -10,14 +10,14 @@ Out: the 237-key CXR-Age state dict (key order of spec Appendix A), validated ag
 Pickles are never unpickled freely: every global a pickle names is looked up in a small allowlist
 (spec §2.5 option B) *before* anything is imported or called, and anything else raises
 `UnsafeCheckpointError` naming that global. The ``opt`` entry is read (it is part of the same pickle)
-and dropped.
+and dropped. Files are hashed by the package's one helper, `cxrage_ray.storage.digest.sha256_file` (callers
+that load weights, `serve.model` and tests, import it from here too).
 """
 
 from __future__ import annotations
 
 import codecs
 import collections
-import hashlib
 import os
 import pickle
 import types
@@ -31,8 +31,8 @@ import torch
 
 from cxrage_ray.errors import UnsafeCheckpointError, WeightsError
 from cxrage_ray.model.network import check_state_dict, expected_shapes
-
-_HASH_CHUNK = 1 << 20
+from cxrage_ray.storage.atomic import write_atomic
+from cxrage_ray.storage.digest import sha256_file
 
 # numpy 2 moved `numpy.core` to `numpy._core`; pickles written under either name must load.
 _np_core = getattr(np, "_core", None) or np.core
@@ -78,15 +78,6 @@ _restricted_pickle = types.SimpleNamespace(
     Unpickler=_RestrictedUnpickler,
     load=lambda f, **kw: _RestrictedUnpickler(f, **kw).load(),
 )
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -181,12 +172,9 @@ def convert_to_safetensors(src: str | os.PathLike[str], dst: str | os.PathLike[s
 
     state_dict = load_state_dict(src)
     dst = Path(dst).expanduser()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
     # One metadata key only: safetensors writes the metadata map in hash order, so with several keys
     # converting the same checkpoint twice would give files with different sha256s.
     metadata = {"source_sha256": sha256_file(src)}
-    # serialised in memory and written with open(), so the file gets the usual umask permissions
-    tmp.write_bytes(save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata))
-    os.replace(tmp, dst)
+    # serialised in memory, then written whole (parents created; the usual umask permissions)
+    write_atomic(dst, save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata))
     return sha256_file(dst)

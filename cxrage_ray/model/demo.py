@@ -55,8 +55,9 @@ def demo_state_dict(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
 
 def write_demo_checkpoint(path: Path, seed: int = 0) -> Path:
     """Write `demo_state_dict(seed)` as a bare state dict (zip container) to `path`."""
+    from cxrage_ray.storage.atomic import atomic_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(demo_state_dict(seed), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(demo_state_dict(seed), tmp)
     return path

@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Literal, Mapping
 
 from cxrage_ray.errors import WeightsError
+from cxrage_ray.storage.atomic import move_into_place, write_atomic
+from cxrage_ray.storage.digest import hash_file_into, sha256_file
 
 DEFAULT_MODEL = "plco-fine-tuned-120419"
-_CHUNK = 1 << 20
+_CHUNK = 1 << 20  # download read size
 _TIMEOUT_S = 60.0  # per socket operation, not for the whole download
 _SIDECAR_SUFFIX = ".sha256.json"
 
@@ -109,18 +111,6 @@ def weights_home(env: Mapping[str, str] | None = None) -> Path:
     return home / ".cache" / "cxrage" / "weights"
 
 
-def _hash_into(path: Path, digest: "hashlib._Hash") -> None:
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    _hash_into(path, digest)
-    return digest.hexdigest()
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + _SIDECAR_SUFFIX)
 
@@ -129,9 +119,7 @@ def _write_sidecar(path: Path, sha256: str) -> None:
     stat = path.stat()
     record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
     try:
-        tmp = _sidecar(path).with_name(_sidecar(path).name + ".tmp")
-        tmp.write_text(json.dumps(record), encoding="utf-8")
-        os.replace(tmp, _sidecar(path))
+        write_atomic(_sidecar(path), json.dumps(record).encode("utf-8"))
     except OSError:
         pass  # a read-only cache only costs a re-hash next time
 
@@ -145,7 +133,7 @@ def cached_sha256(path: Path) -> str:
             return str(record["sha256"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    sha256 = _file_sha256(path)
+    sha256 = sha256_file(path)
     _write_sidecar(path, sha256)
     return sha256
 
@@ -184,12 +172,12 @@ def _download(url: str, part: Path, spec: WeightsSpec, progress: bool) -> "hashl
     digest = hashlib.sha256()
     response = _open(url, offset)
     if response is None:  # nothing left to send: the part is complete (or too long; verification decides)
-        _hash_into(part, digest)
+        hash_file_into(part, digest)
         return digest
     with response:
         content_range = response.headers.get("Content-Range", "")
         if offset and response.status == 206 and content_range.startswith(f"bytes {offset}-"):
-            _hash_into(part, digest)
+            hash_file_into(part, digest)
             mode = "ab"
         else:  # the server ignored the Range header: start over
             offset, mode = 0, "wb"
@@ -262,7 +250,7 @@ def fetch_weights(spec: WeightsSpec, dest_dir: Path, progress: bool = True, url:
             f"{digest.hexdigest()}, expected {spec.size:,} bytes with sha256 {spec.sha256}. The partial file "
             "was deleted; check the URL (or mirror) and retry."
         )
-    os.replace(part, dest)
+    move_into_place(part, dest)  # only a verified file gets the real name, flushed to disk first
     _write_sidecar(dest, spec.sha256)
     return dest
 
@@ -287,7 +275,7 @@ def resolve_weights(path: str | None, home: Path, allow_fetch: bool, *, spec: We
         explicit = Path(path).expanduser()
         if not explicit.is_file():
             raise WeightsError(f"weights file not found: {path} (--weights expects a .pth or .safetensors file)")
-        return ResolvedWeights(explicit.resolve(), _file_sha256(explicit), "explicit")
+        return ResolvedWeights(explicit.resolve(), sha256_file(explicit), "explicit")
     spec = spec or load_registry()[DEFAULT_MODEL]
     home = Path(home).expanduser()
     cached = home / spec.file

@@ -13,9 +13,10 @@ DICOMweb root (``http(s)://host[:port]/prefix``):
 Credentials come from `StorageConfig` options (``dicomweb_token`` for a bearer token, or
 ``dicomweb_username`` + ``dicomweb_password`` for basic auth; the CLI fills them from ``CXRAGE_DICOMWEB_*``
 environment variables), never from the URL, and never appear in logs or error messages. TLS certificates
-are verified (``dicomweb_ca_bundle=/path.pem`` names a private CA). Retries with backoff are the caller's
-(`storage.read_bytes`, `list_instances`): each function here makes one attempt and raises builtin
-exception types that `storage.is_transient` classifies.
+are verified (``dicomweb_ca_bundle=/path.pem`` names a private CA). Retries with backoff are
+`cxrage_ray.storage.retries.with_retries`' (around `retrieve_instance_bytes` in `cxrage_ray.pacs.read`, and
+inside `list_instances` / `retrieve_instance_metadata`): each request makes one attempt and raises builtin
+exception types that `storage.retries.is_transient` classifies.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ from urllib.parse import parse_qsl, urlsplit
 import pandas as pd
 
 from cxrage_ray.errors import InputError
+from cxrage_ray.pacs.multipart import (
+    MultipartError,
+    boundary_of,
+    media_type,
+    split_parts,
+)
+from cxrage_ray.storage.retries import with_retries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -169,13 +177,10 @@ class DicomwebAuth:
 
 
 @functools.lru_cache(maxsize=16)
-def client_for(root: str, auth: DicomwebAuth) -> Any:
-    """A `dicomweb_client.DICOMwebClient` for `root` (one per process and root, so connections are pooled).
-
-    Its own retry loop is switched off: `storage`'s retries and backoff apply, as for object storage.
-    """
+def session_for(root: str, auth: DicomwebAuth) -> Any:
+    """A `requests.Session` for `root` with `auth`'s credentials and TLS settings (one per process and root, so
+    connections are pooled); `client_for`'s client and `retrieve_instance_bytes` both send through it."""
     import requests
-    from dicomweb_client.api import DICOMwebClient
 
     session = requests.Session()
     session.verify = auth.ca_bundle or True
@@ -183,7 +188,18 @@ def client_for(root: str, auth: DicomwebAuth) -> Any:
         session.headers["Authorization"] = f"Bearer {auth.token}"
     elif auth.username is not None:
         session.auth = (auth.username, auth.password or "")
-    client = DICOMwebClient(root, session=session, permissive_uid=True, timeout=REQUEST_TIMEOUT_S)
+    return session
+
+
+@functools.lru_cache(maxsize=16)
+def client_for(root: str, auth: DicomwebAuth) -> Any:
+    """A `dicomweb_client.DICOMwebClient` for `root`, over `session_for`'s session.
+
+    Its own retry loop is switched off: `cxrage_ray.storage.retries`' retries and backoff apply, as for object storage.
+    """
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(root, session=session_for(root, auth), permissive_uid=True, timeout=REQUEST_TIMEOUT_S)
     client.set_http_retry_params(retry=False)
     return client
 
@@ -257,8 +273,6 @@ def list_instances(url: str, storage: Any, page_size: int = PAGE_SIZE) -> list[I
         InputError: a malformed URL.
         ReadError: the archive failed a page after the storage retries.
     """
-    from cxrage_ray.storage.files import with_retries
-
     query = parse_query(url)
     client = client_for(query.root, DicomwebAuth.from_options(storage.options))
     filters = {k: v for k, v in query.filters if k.lower() not in _CONTROL_PARAMS}
@@ -331,32 +345,46 @@ def _first_value(item: dict, tag: str) -> str | None:
 def retrieve_instance_bytes(uri: str, storage: Any) -> bytes:
     """One WADO-RS retrieve of an instance URI, in the archive's stored transfer syntax, as Part-10 bytes.
 
-    One attempt: `storage.read_bytes` wraps it in the retries. Raises builtin exception types (see `translated`).
+    In:  an instance URI and a `StorageConfig` (credentials, TLS).
+    Out: the stored file, unparsed. One attempt: `cxrage_ray.pacs.read.read_bytes` wraps it in the retries.
+         Raises builtin exception types (see `translated`).
     """
     ref = parse_instance_uri(uri)
-    client = client_for(ref.root, DicomwebAuth.from_options(storage.options))
+    session = session_for(ref.root, DicomwebAuth.from_options(storage.options))
     url = f"{ref.root}/studies/{ref.study_instance_uid}/series/{ref.series_instance_uid}/instances/{ref.sop_instance_uid}"
 
     def get() -> bytes:
-        # The stored bytes, unparsed: `DICOMwebClient.retrieve_instance` parses each part with pydicom, which
-        # refuses archived ACR-NEMA files (no preamble/File Meta) that our decoder reads. Same GET, same
-        # multipart decoder, no parse.
-        response = client._http_get(url, headers={"Accept": ACCEPT_STORED_SYNTAX})
-        if response.headers.get("Content-Type", "").startswith("application/dicom"):
-            return bytes(response.content)  # a single non-encapsulated part (some archives)
-        parts = list(client._decode_multipart_message(response, stream=False))
-        if len(parts) != 1:
-            raise DicomwebHTTPError(response.status_code, f"WADO-RS retrieve ({len(parts)} parts, expected 1)")
-        return bytes(parts[0])  # the decoder yields bytearrays
+        # Not `DICOMwebClient.retrieve_instance`: it parses each part with pydicom, which refuses archived
+        # ACR-NEMA files (no preamble/File Meta) that our decoder reads, and dicomweb-client has no public call
+        # returning an instance's raw bytes (`retrieve_bulkdata` refuses application/dicom). So: the same GET on
+        # the client's session (same auth, TLS, pooled connections), and the multipart body split here.
+        response = session.get(url, headers={"Accept": ACCEPT_STORED_SYNTAX}, timeout=REQUEST_TIMEOUT_S)
+        response.raise_for_status()
+        return _single_instance(response.headers.get("Content-Type", ""), response.content, response.status_code)
 
     return translated(get, "WADO-RS retrieve")
+
+
+def _single_instance(content_type: str, body: bytes, status: int) -> bytes:
+    """The one DICOM file of a WADO-RS instance answer (multipart/related with one part, or a bare file)."""
+    if media_type(content_type) == "application/dicom":
+        return body  # a single non-encapsulated part (some archives)
+    if media_type(content_type) != "multipart/related":
+        raise DicomwebHTTPError(status, f"WADO-RS retrieve (answered {media_type(content_type) or 'no Content-Type'})")
+    if boundary_of(content_type) is None:
+        return body  # multipart without a boundary: the single part sent as is (dicomweb-client accepts it too)
+    try:
+        parts = split_parts(content_type, body)
+    except MultipartError as e:
+        raise DicomwebHTTPError(status, f"WADO-RS retrieve ({e})") from None
+    if len(parts) != 1:
+        raise DicomwebHTTPError(status, f"WADO-RS retrieve ({len(parts)} parts, expected 1)")
+    return parts[0]
 
 
 def retrieve_instance_metadata(ref: InstanceRef, storage: Any) -> Any:
     """The instance's header (no bulk data) as a pydicom Dataset, via WADO-RS metadata, with storage retries."""
     import pydicom
-
-    from cxrage_ray.storage.files import with_retries
 
     client = client_for(ref.root, DicomwebAuth.from_options(storage.options))
     meta = with_retries(lambda: translated(lambda: client.retrieve_instance_metadata(

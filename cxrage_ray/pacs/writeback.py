@@ -5,21 +5,26 @@ In:  OUTPUT (committed parts of a `cxrage score` run whose rows came from DICOMw
 Out: one Comprehensive 3D SR per ok row (TID 1500 Measurement Report: CXR-Age in years, its SD in years when
      TTA gave one, the model and weights sha256 as the algorithm identification, a reference to the source
      image; patient and study modules copied from the source, so the archive files it in the source's study),
-     plus OUTPUT/_cxrage/sr/records-<run>.parquet listing what was stored (row_id, sop_instance_uid,
-     sr_sop_instance_uid, archive, sc_sop_instance_uid). With `saliency`, each row's saliency overlay is also
-     stored as an RGB Secondary Capture in the source's study (upright films whose source states its
-     PatientOrientation; others are counted in `saliency_skipped`).
+     plus OUTPUT/_cxrage/sr/records-<run>-<seq>.jsonl (JSON Lines) listing what was stored (row_id,
+     sop_instance_uid, sr_sop_instance_uid, archive, sc_sop_instance_uid). With `saliency`, each row's saliency
+     overlay is also stored as an RGB Secondary Capture in the source's study (upright films whose source states
+     its PatientOrientation; others are counted in `saliency_skipped`).
 
 Reruns and resumes never duplicate a report: the SR's SOP Instance UID is derived from the source SOP
 Instance UID and the weights sha256 (`sr_instance_uid`), so storing it again names the same instance, and
 rows already recorded under OUTPUT/_cxrage/sr are skipped. A row whose report could not be stored is counted in
 `failed` and left unrecorded, so the next run tries it again.
+
+The records are JSON Lines, not Parquet, so that only score parts match ``OUTPUT/**/*.parquet`` (DuckDB, Spark
+and other recursive globs do not skip `_cxrage`). Outputs of older versions hold ``records-*.parquet``: those are
+still read (`read_records`), so a rerun on such an OUTPUT stores no report twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxrage_ray.config import WriteBackConfig
+from cxrage_ray.config import StorageConfig, WriteBackConfig
 from cxrage_ray.pacs.dicomweb import (
     DicomwebAuth,
     InstanceRef,
@@ -41,12 +46,19 @@ from cxrage_ray.pacs.dicomweb import (
     retrieve_instance_metadata,
     translated,
 )
-from cxrage_ray.config import StorageConfig
-from cxrage_ray.storage.files import list_files, read_bytes, with_retries, write_bytes
+from cxrage_ray.storage.files import list_files, read_bytes, write_bytes
+from cxrage_ray.storage.retries import with_retries
 
 log = logging.getLogger(__name__)
 
 RECORDS_DIR = "_cxrage/sr"  # out of the data set: `pd.read_parquet(OUTPUT)` reads the parts only
+#: What one record holds (the columns of `read_records`).
+RECORD_SCHEMA = pa.schema([("row_id", pa.int64()), ("sop_instance_uid", pa.string()),
+                           ("sr_sop_instance_uid", pa.string()), ("archive", pa.string()),
+                           ("sc_sop_instance_uid", pa.string())])
+#: Records written now; `LEGACY_RECORDS_SUFFIX` files (older outputs) are still read.
+RECORDS_SUFFIX = ".jsonl"
+LEGACY_RECORDS_SUFFIX = ".parquet"
 #: SR Series Number of the reports (one series per source study and weights).
 SR_SERIES_NUMBER = 9901
 #: Series Number of the saliency Secondary Captures.
@@ -269,27 +281,47 @@ def _stow(sr: Any, root: str, storage: StorageConfig) -> None:
 
 
 def _recorded(output: str, storage: StorageConfig) -> set[tuple[str, str]]:
-    """(sr_sop_instance_uid, archive) pairs already stored by earlier runs."""
-    done: set[tuple[str, str]] = set()
-    for uri in list_files(f"{output.rstrip('/')}/{RECORDS_DIR}", storage):
-        if uri.endswith(".parquet"):
-            t = pq.read_table(io.BytesIO(read_bytes(uri, storage)), columns=["sr_sop_instance_uid", "archive"])
-            done.update(zip(t.column("sr_sop_instance_uid").to_pylist(), t.column("archive").to_pylist()))
-    return done
+    """(sr_sop_instance_uid, archive) pairs already stored by earlier runs (JSON Lines and older Parquet records)."""
+    table = read_records(output, storage)
+    if table is None:
+        return set()
+    return set(zip(table.column("sr_sop_instance_uid").to_pylist(), table.column("archive").to_pylist()))
 
 
 def _write_records(output: str, storage: StorageConfig, run_id: str, seq: int, rows: list[dict[str, Any]]) -> None:
+    """One records file of `rows`, written whole (temp + rename, or one PUT) through the storage layer."""
     if not rows:
         return
-    sink = io.BytesIO()
-    schema = pa.schema([("row_id", pa.int64()), ("sop_instance_uid", pa.string()), ("sr_sop_instance_uid", pa.string()),
-                        ("archive", pa.string()), ("sc_sop_instance_uid", pa.string())])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, compression="zstd")
-    write_bytes(f"{output.rstrip('/')}/{RECORDS_DIR}/records-{run_id}-{seq:08d}.parquet", sink.getvalue(), storage)
+    lines = "".join(json.dumps({f.name: row.get(f.name) for f in RECORD_SCHEMA}, sort_keys=True) + "\n" for row in rows)
+    write_bytes(f"{_records_dir(output)}/records-{run_id}-{seq:08d}{RECORDS_SUFFIX}", lines.encode("utf-8"), storage)
 
 
 def read_records(output: str, storage: StorageConfig) -> pa.Table | None:
-    """Every report recorded under OUTPUT/_cxrage/sr (None before the first), e.g. to join `sr_sop_instance_uid` onto rows."""
-    tables = [pq.read_table(io.BytesIO(read_bytes(u, storage)))
-              for u in list_files(f"{output.rstrip('/')}/{RECORDS_DIR}", storage) if u.endswith(".parquet")]
+    """Every report recorded under OUTPUT/_cxrage/sr (None before the first), e.g. to join `sr_sop_instance_uid` onto rows.
+
+    In:  OUTPUT; its ``records-*.jsonl`` and, from older versions, ``records-*.parquet``.
+    Out: one table of `RECORD_SCHEMA` (a column an old file lacks is null).
+    """
+    tables = [_read_record_file(uri, storage) for uri in list_files(_records_dir(output), storage)
+              if uri.endswith((RECORDS_SUFFIX, LEGACY_RECORDS_SUFFIX))]
     return pa.concat_tables(tables) if tables else None
+
+
+def _read_record_file(uri: str, storage: StorageConfig) -> pa.Table:
+    """One records file as a `RECORD_SCHEMA` table."""
+    data = read_bytes(uri, storage)
+    if uri.endswith(LEGACY_RECORDS_SUFFIX):
+        return _conform(pq.read_table(io.BytesIO(data)))
+    rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    return pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """`table` with `RECORD_SCHEMA`'s columns in order, cast; absent ones null (older records files)."""
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+               for f in RECORD_SCHEMA]
+    return pa.Table.from_arrays(columns, schema=RECORD_SCHEMA)
+
+
+def _records_dir(output: str) -> str:
+    return f"{output.rstrip('/')}/{RECORDS_DIR}"

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import io
 from contextlib import contextmanager
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from cxrage_ray.config import SALIENCY_METHODS, SaliencyMethod
 from cxrage_ray.predict.predictor import as_hwc, same_shape_chunks
 from cxrage_ray.preprocess.fastai import SIZE, batch_tta_views
 
-SaliencyMethod = Literal["grad", "gradcam"]
 
 #: Blend weight of the heat map over the X-ray (blendImage's `alpha=0.5`).
 BLEND_ALPHA = 0.5
@@ -183,7 +183,7 @@ class SaliencyMaker:
     """
 
     def __init__(self, model: nn.Sequential, method: SaliencyMethod = "grad", batch_size: int = 16):
-        if method not in ("grad", "gradcam"):
+        if method not in SALIENCY_METHODS:
             raise ValueError(f"saliency method must be 'grad' or 'gradcam', got {method!r}")
         _require_eval(model)
         self.model = model

@@ -1,18 +1,18 @@
 """The seed chain and the dcmj2pnm mapping as tensor code, for the GPU (and the CPU in tests).
 
-In:  a torch tensor of Q16 pixels (H, W, C), C in {1, 3}, on any device (`seed_chain_tensor`), or a frame of
+In:  a torch tensor of Q16 pixels (H, W, C), C in {1, 3}, on any device (`TensorSeedChain`), or a frame of
      DICOM stored values plus its `GreyscaleParams` (`dcmtk_8bit_tensor`).
 Out: uint8 (H', W', C') on the same device — the same picture as the exact CPU path
-     (`cxrage_ray.preprocess.seed_chain`, `cxrage_ray.decode.dicom.dcmtk_8bit`), within one grey level.
+     (`cxrage_ray.preprocess.seed_chain`, `cxrage_ray.decode.dicom_greyscale.dcmtk_8bit`).
 
-Same arithmetic as the exact path, arranged for a GPU:
+Only the per-pixel kernels are torch; every parameter comes from the plain-numpy code the CPU path uses:
   trim          three whole-image comparisons against the TL/TR/BL corner colours (no edge scan)
-  LUT           -colorspace RGB, -auto-level, -depth 8 as one 65536-entry table built on the device from
-                the trimmed image's min/max (float64, as IM computes it)
-  resize        IM's Lanczos/Mitchell contribution rows (`seed_chain.axis_weights`, computed once per size)
-                as (output, tap) index/weight tensors; each pass sums tap by tap in IM's order over whole
-                rows at once (one gather + multiply-add per tap), float64, IM's Q16 rounding between passes
-                — so the sums, ties included, are IM's own.
+  LUT           `levels.level_table` for the trimmed image's min/max, moved to the device and indexed there
+  resize        `resize_weights.fill_plan` and IM's Lanczos/Mitchell contribution rows (`axis_weights`,
+                computed once per size) as (output, tap) index/weight tensors; each pass sums tap by tap in
+                IM's order over whole rows at once (one gather + multiply-add per tap), float64, IM's Q16
+                rounding between passes — so the sums, ties included, are IM's own.
+  dcmj2pnm      `dicom_window.window_plan` and its `OutputRamp`, applied per value.
 Images with an alpha channel (14 of the 250 sample films) take IM's alpha-weighted Mitchell resize, also
 tap by tap in IM's order.
 """
@@ -24,29 +24,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cxrage_ray.decode.dicom_window import GREY_WEIGHTS, GreyscaleParams, OutputRamp, needs_stored_range, window_plan
 from cxrage_ray.decode.limits import check_fill_aspect
-from cxrage_ray.preprocess.seed_chain import (
-    MAGICK_EPSILON,
-    QUANTUM,
-    FilterName,
-    axis_weights,
-    fill_size,
-    resize_filter,
-)
+from cxrage_ray.preprocess.levels import level_table
+from cxrage_ray.preprocess.quantum import MAGICK_EPSILON, QUANTUM
+from cxrage_ray.preprocess.resize_weights import FilterName, axis_weights, fill_plan
 
-_GREY_WEIGHTS = (0.299, 0.587, 0.114)
+#: Contribution tables kept per device: archives have many sizes, so the cache is bounded.
+MAX_CACHED_TAPS = 64
 
 
 @dataclass
 class TensorSeedChain:
-    """The seed chain on one device; holds the device's lookup tables and resize matrices (per instance).
+    """The seed chain on one device; holds the device's resize tap tables (per instance).
 
     Args:
         device: where the tensors live and the work runs.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    _linear: torch.Tensor | None = field(default=None, init=False, repr=False)
     _taps: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, init=False, repr=False)
 
@@ -85,22 +81,8 @@ class TensorSeedChain:
         return out, alpha8
 
     def level_table(self, raw_min: int, raw_max: int) -> torch.Tensor:
-        """int64 table raw Q16 -> floor(depth8(auto_level(linearize(v))) / 257) (`seed_chain.level_table`)."""
-        lin = self.linear_table()
-        lo, hi = float(lin[raw_min]), float(lin[raw_max])
-        if hi == lo:
-            return torch.div(lin.long(), 257, rounding_mode="floor")
-        value = QUANTUM * ((1.0 / (hi - lo)) * (lin - lo))
-        q16 = torch.floor(value.clamp(0.0, QUANTUM) + 0.5)
-        return torch.div(q16.long(), 257, rounding_mode="floor")
-
-    def linear_table(self) -> torch.Tensor:
-        """float64 table sRGB Q16 -> linear-light Q16 (integral values), built once on the device."""
-        if self._linear is None:
-            u = torch.arange(QUANTUM + 1, dtype=torch.float64, device=self.device) / QUANTUM
-            g = torch.where(u <= 0.0404482362771076, u / 12.92, ((u + 0.055) / 1.055) ** 2.4)
-            self._linear = torch.floor(QUANTUM * g + 0.5)
-        return self._linear
+        """uint8 table raw Q16 -> 8-bit level on the device: the CPU path's `levels.level_table` (64 KB moved)."""
+        return torch.from_numpy(level_table(raw_min, raw_max)).to(self.device)
 
     # ------------------------------------------------------------------------------------- the resize
 
@@ -108,15 +90,14 @@ class TensorSeedChain:
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """8-bit levels (H, W, C) [+ Q16 alpha (H, W)] -> Q16 int64 (H', W', C') [+ alpha] of `-resize 512x512^`."""
         h, w, _ = levels.shape
-        out_w, out_h = fill_size(w, h)
-        if (out_w, out_h) == (w, h):
+        plan = fill_plan(w, h, has_alpha=alpha is not None)
+        if plan.identity:
             return levels.long() * 257, alpha
-        name = resize_filter(w, h, out_w, out_h, has_alpha=alpha is not None)
+        name, out_w, out_h = plan.filter, plan.out_w, plan.out_h
         x = levels.permute(2, 0, 1).to(torch.float64) * 257.0  # (C, H, W) Q16 values
-        horizontal_first = out_w / w > out_h / h  # IM resizes the axis with the larger factor first
         if alpha is not None:
             opacity = QUANTUM - alpha.to(torch.float64)
-            if horizontal_first:
+            if plan.horizontal_first:
                 x, opacity = self._pass_alpha(x.transpose(1, 2), opacity.T, w, out_w, name)
                 x, opacity = self._pass_alpha(x.transpose(1, 2), opacity.T, h, out_h, name)
             else:
@@ -124,7 +105,7 @@ class TensorSeedChain:
                 x, opacity = self._pass_alpha(x.transpose(1, 2), opacity.T, w, out_w, name)
                 x, opacity = x.transpose(1, 2), opacity.T
             return x.long().permute(1, 2, 0), (QUANTUM - opacity).long()
-        if horizontal_first:
+        if plan.horizontal_first:
             mid = self._pass(x.transpose(1, 2), w, out_w, name)  # (C, out_w, h)
             res = self._pass(mid.transpose(1, 2), h, out_h, name)  # (C, out_h, out_w)
         else:
@@ -144,7 +125,7 @@ class TensorSeedChain:
 
     def _pass_alpha(self, color: torch.Tensor, opacity: torch.Tensor, n_in: int, n_out: int, name: FilterName
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass along dim 1 with IM's alpha weighting, in IM's order (`seed_chain._pass_rows_alpha`).
+        """One pass along dim 1 with IM's alpha weighting, in IM's order (as `resize`'s numpy alpha pass).
 
         Args:
             color: (C, n_in, m) Q16 colour values (float64); opacity: (n_in, m) IM opacity (65535 - alpha).
@@ -169,14 +150,13 @@ class TensorSeedChain:
 
     def taps(self, n_in: int, n_out: int, name: FilterName) -> tuple[torch.Tensor, torch.Tensor]:
         """IM's contribution rows n_in -> n_out on the device (cached): input index and weight per
-        (output, tap); padded taps point at a valid row with weight 0."""
+        (output, tap) (`resize_weights.AxisWeights`); padded taps point at a valid row with weight 0."""
         key = (n_in, n_out, name)
         if key not in self._taps:
             aw = axis_weights(n_in, n_out, name)
-            index = np.minimum(aw.starts[:, None] + np.arange(aw.weights.shape[1])[None, :], n_in - 1)
-            if len(self._taps) > 64:  # archives have many sizes; keep the cache bounded
+            if len(self._taps) > MAX_CACHED_TAPS:
                 self._taps.clear()
-            self._taps[key] = (torch.from_numpy(index).to(self.device),
+            self._taps[key] = (torch.from_numpy(aw.index.copy()).to(self.device),
                                torch.from_numpy(aw.weights.copy()).to(self.device))
         return self._taps[key]
 
@@ -191,7 +171,7 @@ def _channels_equal(x: torch.Tensor) -> bool:
 
 
 def trim_box_tensor(x: torch.Tensor) -> tuple[int, int, int, int]:
-    """`seed_chain.trim_box` (IM's bounding box, fuzz 0, no alpha) on a (H, W, C) tensor: inclusive
+    """`trim.trim_box` (IM's bounding box, fuzz 0, no alpha) on a (H, W, C) tensor: inclusive
     (top, bottom, left, right); the whole image when nothing differs from the top-left colour."""
     h, w = x.shape[:2]
     differs_tl = (x != x[0, 0]).any(dim=2)
@@ -213,69 +193,44 @@ def trim_box_tensor(x: torch.Tensor) -> tuple[int, int, int, int]:
 # ----------------------------------------------------------------------------- the dcmj2pnm mapping
 
 
-def dcmtk_8bit_tensor(frame: torch.Tensor, params) -> torch.Tensor:
-    """`cxrage_ray.decode.dicom.dcmtk_8bit` on a tensor: stored values (H, W) or RGB (H, W, 3) -> uint8 (H, W).
+def dcmtk_8bit_tensor(frame: torch.Tensor, params: GreyscaleParams) -> torch.Tensor:
+    """`dicom_greyscale.dcmtk_8bit` on a tensor: stored values (H, W) or RGB (H, W, 3) -> uint8 (H, W).
 
     Args:
-        frame: stored values, sign-extended to BitsStored (see `sign_extend`), any integer dtype.
+        frame: stored values, sign-extended to BitsStored (`cxrage_ray.decode.gpu.sign_extend`), any integer dtype.
         params: the header's `GreyscaleParams`.
     """
-    from cxrage_ray.decode.dicom import _representation_size
+    stored_range = (float(frame.min()), float(frame.max())) if needs_stored_range(params) else None
+    ramp = window_plan(params, frame.shape[0] * frame.shape[1], stored_range).ramp()
+    return _apply_ramp(_modality_values(frame, params), ramp)
 
-    bits = params.bits_stored
+
+def _modality_values(frame: torch.Tensor, params: GreyscaleParams) -> torch.Tensor:
+    """float64 values after DCMTK's colour-to-grey or modality transform (`dicom_greyscale.modality_values`)."""
     if params.colour:
         rgb = frame.to(torch.float64)
-        grey = torch.trunc(rgb[..., 0] * _GREY_WEIGHTS[0] + rgb[..., 1] * _GREY_WEIGHTS[1]
-                           + rgb[..., 2] * _GREY_WEIGHTS[2])
-        return _nowindow(grey, 0.0, float((1 << bits) - 1), False, 4, grey.numel())
-    if params.signed:
-        absmin, absmax = float(-(1 << (bits - 1))), float((1 << (bits - 1)) - 1)
-    else:
-        absmin, absmax = 0.0, float((1 << bits) - 1)
-    values = frame.to(torch.float64)
+        return torch.trunc(rgb[..., 0] * GREY_WEIGHTS[0] + rgb[..., 1] * GREY_WEIGHTS[1]
+                           + rgb[..., 2] * GREY_WEIGHTS[2])
     if params.lut_data is not None:
         lut = torch.from_numpy(params.lut_data.astype(np.int64)).to(frame.device)
         index = (frame.long() - params.lut_first).clamp(0, len(lut) - 1)
-        values = lut[index].to(torch.float64)
-        absmin, absmax = 0.0, float((1 << params.lut_bits) - 1)
-        lo, hi = float(params.lut_data.min()), float(params.lut_data.max())
-    elif params.slope is not None:
+        return lut[index].to(torch.float64)
+    values = frame.to(torch.float64)
+    if params.slope is not None:
         slope, intercept = params.slope, params.intercept
         if slope == 1.0:
-            values = torch.trunc(values + intercept)
-        elif intercept == 0.0:
-            values = torch.trunc(values * slope)
-        else:
-            values = torch.trunc(values * slope + intercept)
-        lo, hi = float(frame.min()) * slope + intercept, float(frame.max()) * slope + intercept
-        absmin, absmax = absmin * slope + intercept, absmax * slope + intercept
-        if slope < 0:
-            absmin, absmax = absmax, absmin
-            lo, hi = hi, lo
-    else:
-        lo, hi = float(frame.min()), float(frame.max())
-    return _nowindow(values, absmin, absmax, params.invert, _representation_size(lo, hi), frame.numel())
+            return torch.trunc(values + intercept)
+        if intercept == 0.0:
+            return torch.trunc(values * slope)
+        return torch.trunc(values * slope + intercept)
+    return values
 
 
-def _nowindow(values: torch.Tensor, absmin: float, absmax: float, invert: bool, inter_size: int,
-              count: int) -> torch.Tensor:
-    """dimoopxt.h `nowindow` (see `cxrage_ray.decode.dicom._nowindow`)."""
-    low, high = (255.0, 0.0) if invert else (0.0, 255.0)
-    absrange = absmax - absmin + 1.0
-    gradient = (high - low + 1.0) / absrange
-    ocnt = int(absrange) if absrange <= 10_000_000.0 else 0
-    offset = values - (float(int(absmin)) if inter_size <= 2 and ocnt > 0 and count > 3 * ocnt else absmin)
-    return torch.trunc(low + offset * gradient).clamp(0, 255).to(torch.uint8)
+def _apply_ramp(values: torch.Tensor, ramp: OutputRamp) -> torch.Tensor:
+    """dimoopxt.h `nowindow`'s per-value step (`dicom_greyscale.apply_ramp`): float64 -> uint8."""
+    return torch.trunc(ramp.low + (values - ramp.origin) * ramp.gradient).clamp(0, 255).to(torch.uint8)
 
 
-def sign_extend(stored: torch.Tensor, bits_stored: int, signed: bool) -> torch.Tensor:
-    """Raw samples as a codec returns them (unsigned container) -> int32 values BitsStored wide."""
-    x = stored.to(torch.int32) & ((1 << bits_stored) - 1)
-    if signed:
-        x = torch.where(x >= (1 << (bits_stored - 1)), x - (1 << bits_stored), x)
-    return x
-
-
-def dicom_q16_tensor(frame: torch.Tensor, params) -> torch.Tensor:
+def dicom_q16_tensor(frame: torch.Tensor, params: GreyscaleParams) -> torch.Tensor:
     """Stored values -> the Q16 (H, W, 1) form of the 8-bit picture `decode_dicom` hands the seed chain (v as 257 v)."""
     return dcmtk_8bit_tensor(frame, params).to(torch.int32)[..., None] * 257

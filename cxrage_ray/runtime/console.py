@@ -58,7 +58,7 @@ def native_stderr_to_session_log(verbose: bool) -> Iterator[None]:
     try:
         import ray
 
-        logs = ray._private.worker._global_node.get_logs_dir_path()  # the session's log folder
+        logs = session_logs_dir(ray.get_runtime_context())
         log_fd = os.open(os.path.join(logs, "cxrage-driver-stderr.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                          0o644)
         sys.stderr.flush()
@@ -79,3 +79,11 @@ def native_stderr_to_session_log(verbose: bool) -> Iterator[None]:
         sys.stderr = python_stderr
         os.close(terminal_fd)
         os.close(log_fd)
+
+
+def session_logs_dir(context: Any) -> str:
+    """The Ray session's log folder, from the public runtime context: `<temp dir>/<session name>/logs`."""
+    logs = os.path.join(context.get_temp_dir(), context.get_session_name(), "logs")
+    if not os.path.isdir(logs):
+        raise FileNotFoundError(logs)
+    return logs

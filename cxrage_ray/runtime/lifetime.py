@@ -118,7 +118,9 @@ def exit_now(code: int) -> NoReturn:
     ray = sys.modules.get("ray")
     if ray is not None:
         atexit.unregister(ray.shutdown)
-    atexit._run_exitfuncs()  # logging's flush, finalizers' cleanup (temporary folders), ...
+    # logging's flush, finalizers' cleanup (temporary folders), ...: the standard library has no public way to
+    # run the exit handlers and then skip the interpreter's teardown (sys.exit does both), so this private one
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

@@ -32,6 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from ray import serve
 from swagger_ui_bundle import swagger_ui_path
 
+from cxrage_ray.contract import PLAUSIBLE_AGE
 from cxrage_ray.errors import CxrAgeError, error_text
 from cxrage_ray.serve.config import ServeConfig
 from cxrage_ray.serve.scoring import (
@@ -206,8 +207,9 @@ def _age(text: bytes) -> float | None:
         age = float(value)
     except ValueError:
         raise BadForm(f"age {value[:20]!r} is not a number of years") from None
-    if not math.isfinite(age) or not 0 <= age <= 130:
-        raise BadForm(f"age {value[:20]!r} is not between 0 and 130 years")
+    low, high = PLAUSIBLE_AGE  # the rule every scored row follows (cxrage_ray.contract)
+    if not math.isfinite(age) or not low <= age <= high:
+        raise BadForm(f"age {value[:20]!r} is not between {low:g} and {high:g} years")
     return age
 
 

@@ -1,6 +1,6 @@
 """The model deployment: prepared rows -> served result objects, films batched across requests with `@serve.batch`.
 
-Each replica holds the `PredictStage` the batch scorer runs (an `AgePredictor` plus the constant labels) and
+Each replica holds the `ScoreActor` the batch scorer runs (an `AgePredictor` plus the constant labels) and
 a `SaliencyMaker` per method on the same model. A call scores one file that `FilmPreparer` has prepared:
 
     prepared row --(@serve.batch: films of concurrent requests gathered)--> score_films (one model pass) --> result
@@ -18,7 +18,8 @@ from typing import Any
 
 from ray import serve
 
-from cxrage_ray.pipeline.itinerary import CPU_BATCH_VIEWS, GPU_BATCH_VIEWS  # `--batch-size` auto, as for `cxrage score`
+from cxrage_ray.config import SALIENCY_METHODS
+from cxrage_ray.pipeline.plan import CPU_BATCH_VIEWS, GPU_BATCH_VIEWS
 from cxrage_ray.serve.config import ServeConfig
 from cxrage_ray.serve.scoring import ScoreOptions, score_films
 
@@ -37,7 +38,7 @@ class FilmScorer:
         from cxrage_ray.model.checkpoint import load_state_dict, sha256_file
         from cxrage_ray.errors import WeightsError
         from cxrage_ray.predict.saliency import SaliencyMaker
-        from cxrage_ray.pipeline.stages import PredictStage
+        from cxrage_ray.predict.scoring import ScoreActor
 
         sha256 = sha256_file(cfg.weights_path)
         if sha256 != cfg.weights_sha256:
@@ -48,9 +49,9 @@ class FilmScorer:
             predictor_config = replace(predictor_config, batch_size=GPU_BATCH_VIEWS if gpu else CPU_BATCH_VIEWS)
         labels = {"weights_sha256": cfg.weights_sha256, "preprocess": "seed", "tta": predictor_config.tta,
                   "decode": cfg.decode.mode}
-        self.stage = PredictStage([load_state_dict(cfg.weights_path)], predictor_config, labels)
+        self.stage = ScoreActor([load_state_dict(cfg.weights_path)], predictor_config, labels)
         model = self.stage.predictor.model
-        self.saliency_makers = {method: SaliencyMaker(model, method) for method in ("grad", "gradcam")}
+        self.saliency_makers = {method: SaliencyMaker(model, method) for method in SALIENCY_METHODS}
         self.score_batch.set_max_batch_size(cfg.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.batches_run = 0

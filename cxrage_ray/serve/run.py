@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import threading
 from typing import Callable, Iterator
@@ -20,8 +19,6 @@ from cxrage_ray.serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
-#: Logical CPUs the embedded Ray declares at least (as `cxrage score`: more logical than physical CPUs).
-MIN_LOCAL_LOGICAL_CPUS = 4
 APP_NAME = "cxrage"
 
 
@@ -53,17 +50,12 @@ def ray_for_serve(cfg: ServeConfig) -> Iterator[None]:
     """Join `cfg.ray_address`, or start a new embedded local Ray that is stopped on exit."""
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if cfg.ray_address:
-        ray.init(address=cfg.ray_address, **kwargs)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # address="local": always a fresh instance, never someone else's `ray start` on this machine
-        # no object spilling: uploads and their pictures pass through the object store (shared memory) and
-        # must never reach a disk; a full store makes requests wait instead
-        ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS),
-                 _system_config={"automatic_object_spilling_enabled": False}, **kwargs)
+    from cxrage_ray.runtime.session import init_ray
+
+    # no object spilling: uploads and their pictures pass through the object store (shared memory) and must
+    # never reach a disk; a full store makes requests wait instead
+    spilling = {} if cfg.ray_address else {"_system_config": {"automatic_object_spilling_enabled": False}}
+    init_ray(cfg.ray_address, cfg.num_cpus, {"logging_level": logging.WARNING, **spilling})
     try:
         yield
     finally:

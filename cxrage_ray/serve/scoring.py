@@ -20,20 +20,20 @@ import base64
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
+from cxrage_ray.config import SALIENCY_METHODS, PrepareSettings, SaliencyMethod
+from cxrage_ray.contract import CONTRACT_NAMES, PIXEL_COLUMNS, empty_prepared_row
+from cxrage_ray.decode.dicom_parse import looks_like_acr_nema
 from cxrage_ray.decode.image import is_dicom
-from cxrage_ray.decode.dicom import looks_like_acr_nema
 from cxrage_ray.decode.raster import sniff_format
 from cxrage_ray.errors import CxrAgeError, DecodeError, EmptyFileError, error_kind, error_text
-from cxrage_ray.write.parts import CONTRACT_NAMES
-from cxrage_ray.config import PrepareSettings
-from cxrage_ray.pipeline.stages import PIXEL_COLUMNS, empty_prepared_row, prepare_row, score_prepared, unpack_picture
+from cxrage_ray.pipeline.prepare import prepare_row
+from cxrage_ray.predict.scoring import score_prepared, unpack_picture
 
-SaliencyMethod = Literal["grad", "gradcam"]
 #: Contract fields a served result never fills: identifiers, dates and storage locations.
 WITHHELD_FIELDS = ("uri", "patient_id_hash", "study_date", "saliency_uri")
 #: Error kinds answered 415 for a one-file request (the bytes are no image at all).
@@ -100,7 +100,7 @@ def score_films(prepared: Sequence[dict[str, Any]], predictor, labels: dict[str,
 
     Args:
         prepared: rows from `prepare_upload` (ok and error rows mixed; error rows pass through unscored).
-        predictor: the `AgePredictor` (as held by `cxrage_ray.pipeline.stages.PredictStage`).
+        predictor: the `AgePredictor` (as held by `cxrage_ray.predict.scoring.ScoreActor`).
         labels: constant columns (weights_sha256, preprocess, tta, decode, device).
         saliency_makers: {"grad": SaliencyMaker, "gradcam": SaliencyMaker} on the predictor's model.
         options: per row, what to add to the result (aligned with `prepared`; default nothing).
@@ -110,10 +110,10 @@ def score_films(prepared: Sequence[dict[str, Any]], predictor, labels: dict[str,
     """
     options = list(options or [ScoreOptions()] * len(prepared))
     batch = pd.DataFrame(list(prepared))
-    scored = score_prepared(batch, predictor, labels, drop_pixels=False)
+    scored = score_prepared(batch, predictor, labels)
     extras: list[dict[str, Any]] = [{} for _ in range(len(scored))]
     ok = [i for i in range(len(scored)) if scored.iloc[i]["status"] == "ok"]
-    for method in ("grad", "gradcam"):
+    for method in SALIENCY_METHODS:
         wanted = [i for i in ok if options[i].saliency == method]
         if wanted and saliency_makers:
             pngs = saliency_makers[method]([unpack_picture(scored.iloc[i]) for i in wanted])

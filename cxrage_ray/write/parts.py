@@ -37,41 +37,9 @@ import pyarrow.parquet as pq
 from cxrage_ray.errors import InputError, OutputError, error_kind
 from cxrage_ray.write.spill import Spill
 from cxrage_ray.config import StorageConfig
-from cxrage_ray.storage.files import error_reason, exists, filesystem_for, list_files, read_bytes, write_bytes
+from cxrage_ray.storage.files import exists, filesystem_for, list_files, read_bytes, write_bytes
+from cxrage_ray.storage.retries import error_reason
 
-#: The output contract (issue 2 + DICOM metadata); other tools read these names.
-CONTRACT_FIELDS: list[pa.Field] = [
-    pa.field("row_id", pa.int64()),
-    pa.field("image_id", pa.string()),
-    pa.field("uri", pa.string()),
-    pa.field("status", pa.string()),
-    pa.field("error", pa.string()),
-    pa.field("cxr_age", pa.float64()),
-    pa.field("raw", pa.float64()),
-    pa.field("raw_sd", pa.float64()),
-    pa.field("chronological_age", pa.float64()),
-    pa.field("cxr_age_gap", pa.float64()),
-    pa.field("weights_sha256", pa.string()),
-    pa.field("weights_name", pa.string()),
-    pa.field("preprocess", pa.string()),
-    pa.field("tta", pa.string()),
-    pa.field("decode", pa.string()),
-    pa.field("device", pa.string()),
-    pa.field("decode_device", pa.string()),  # "cpu" or "gpu": where the file's pixels were decoded
-    pa.field("preprocess_engine", pa.string()),  # "exact" (CPU seed chain) or "tensor" (on the inference device)
-    pa.field("orientation", pa.int64()),
-    pa.field("rotation_source", pa.string()),
-    pa.field("qc", pa.list_(pa.string())),
-    pa.field("modality", pa.string()),
-    pa.field("view_position", pa.string()),
-    pa.field("body_part", pa.string()),
-    pa.field("patient_sex", pa.string()),
-    pa.field("study_date", pa.string()),
-    pa.field("frames", pa.int64()),
-    pa.field("patient_id_hash", pa.string()),
-    pa.field("saliency_uri", pa.string()),
-]
-CONTRACT_NAMES = [f.name for f in CONTRACT_FIELDS]
 PARTS_DIR = "parts"
 #: Job records, summary and report: `_`-prefixed so dataset readers skip them.
 RECORDS_DIR = "_cxrage"
@@ -84,12 +52,6 @@ LEGACY_RECORDS = ("job.json", "summary.json")
 def record_uri(output: str, name: str) -> str:
     """Where a record (job.json, summary.json, report.html, analysis.json) of OUTPUT lives."""
     return _join(output, RECORDS_DIR, name)
-
-
-def output_schema(carried: pa.Schema) -> pa.Schema:
-    """The contract columns, then the manifest's own columns carried through unchanged."""
-    extra = [f for f in carried if f.name not in CONTRACT_NAMES]
-    return pa.schema(CONTRACT_FIELDS + extra)
 
 
 def _as_type(column: pa.ChunkedArray, type_: pa.DataType) -> pa.ChunkedArray | pa.Array:

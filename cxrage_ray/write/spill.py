@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cxrage_ray.storage.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,14 @@ class Spill:
         return self.root / hashlib.sha256(self.output.rstrip("/").encode()).hexdigest()[:16]
 
     def keep(self, name: str, data: bytes) -> Path:
-        """Store one part that could not be committed; returns where it is."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "job.json").write_text(json.dumps({"output": self.output, "job": dict(self.job)},
-                                                         sort_keys=True))
-        tmp = self.folder / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.folder / name)  # whole or absent, like a committed part
+        """Store one part that could not be committed; returns where it is.
+
+        Both files are written whole or not at all: a half-written part would be restored into OUTPUT as a
+        broken part, and a half-written job.json would make `parts` fail to read the spill at all.
+        """
+        record = json.dumps({"output": self.output, "job": dict(self.job)}, sort_keys=True)
+        write_atomic(self.folder / "job.json", record.encode("utf-8"))
+        write_atomic(self.folder / name, data)
         return self.folder / name
 
     def parts(self) -> list[Path]:

@@ -24,10 +24,11 @@ import pytest
 
 from conftest import shared_root
 from cxrage_ray.config import DEFAULT_MAX_PIXELS
-from cxrage_ray.decode.image import DecodedImage, decode_image
+from cxrage_ray.decode.image import decode_image
 from cxrage_ray.decode.messages import plain_reason
+from cxrage_ray.decode.types import DecodedImage
 from cxrage_ray.errors import DecodeError
-from cxrage_ray.pipeline.itinerary import PREPARE_BASE_BYTES, prepare_memory_request
+from cxrage_ray.pipeline.plan import PREPARE_BASE_BYTES, prepare_memory_request
 from cxrage_ray.preprocess.seed_chain import seed_picture
 from imagegen import pillow_bytes, radiograph
 

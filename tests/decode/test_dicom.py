@@ -19,14 +19,13 @@ from pydicom.uid import (
 )
 
 from cxrage_ray.config import DecodeOptions
-from cxrage_ray.decode.image import FAST_DECODE_MIN_SIDE, decode_image
-from cxrage_ray.decode.dicom import (
-    decode_dicom,
-    decode_j2k_pillow,
-    looks_like_acr_nema,
-    parse_patient_age,
-    repair_sequential_sos,
-)
+from cxrage_ray.decode.dicom import decode_dicom
+from cxrage_ray.decode.dicom_frame import repair_sequential_sos
+from cxrage_ray.decode.dicom_metadata import parse_patient_age
+from cxrage_ray.decode.dicom_parse import looks_like_acr_nema
+from cxrage_ray.decode.dicom_pillow import decode_j2k_pillow
+from cxrage_ray.decode.geometry import FAST_DECODE_MIN_SIDE
+from cxrage_ray.decode.image import decode_image
 from cxrage_ray.errors import DecodeError, DecompressionBombError, UnsupportedModalityError
 import dicomgen as gen
 from conftest import require_tool

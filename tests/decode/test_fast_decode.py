@@ -19,9 +19,12 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 import dicomgen as gen
 from cxrage_ray.config import DecodeOptions
-from cxrage_ray.decode.image import FAST_DECODE_MIN_SIDE, DecodedImage, decode_image
-from cxrage_ray.decode.dicom import _encapsulated_frame, crop_to_fill_grid, decode_j2k_pillow, j2k_phase_align
-from cxrage_ray.preprocess.seed_chain import fill_size, seed_chain
+from cxrage_ray.decode.dicom_frame import encapsulated_frame
+from cxrage_ray.decode.dicom_pillow import decode_j2k_pillow, j2k_phase_align
+from cxrage_ray.decode.geometry import FAST_DECODE_MIN_SIDE, crop_to_fill_grid, fill_size
+from cxrage_ray.decode.image import decode_image
+from cxrage_ray.decode.types import DecodedImage
+from cxrage_ray.preprocess.seed_chain import seed_chain
 
 EXACT, FAST = DecodeOptions(mode="exact"), DecodeOptions(mode="fast")
 #: Odd width: ceil(2517 / 2) = 1259 would resize to 630 px wide, the exact film to 629.
@@ -65,7 +68,7 @@ def test_j2k_phase_alignment_matches_a_box_downscale() -> None:
     ramp = (x * 0.9 + y * 0.7).astype(np.uint16)  # <= 3430, inside 12 bits
     data = gen.compressed(gen.make_dataset(ramp, bits_stored=12), JPEG2000Lossless)
     ds = pydicom.dcmread(io.BytesIO(data))
-    stored = decode_j2k_pillow(_encapsulated_frame(ds), ds, 1).astype(float)
+    stored = decode_j2k_pillow(encapsulated_frame(ds), ds, 1).astype(float)
     aligned = j2k_phase_align(stored, 1, 4095).astype(float)
     box = ramp.reshape(1100, 2, 1050, 2).astype(float).mean(axis=(1, 3))
     inner = (slice(4, -4), slice(4, -4))

@@ -17,8 +17,9 @@ import pytest
 
 import dicomgen as gen
 from cxrage_ray.config import DecodeOptions
-from cxrage_ray.decode.image import DecodedImage, decode_image
 from cxrage_ray.decode.dicom import encoded_first_frame
+from cxrage_ray.decode.image import decode_image
+from cxrage_ray.decode.types import DecodedImage
 from cxrage_ray.decode.limits import MAX_FILL_ASPECT, codestream_size
 from cxrage_ray.errors import DecodeError, DecompressionBombError
 from cxrage_ray.preprocess.seed_chain import seed_chain
@@ -112,7 +113,8 @@ def test_every_real_sample_file_still_decodes(dicom_sample: Path, cxr_sample: Pa
 # would report 2 GB before doing anything; VmHWM belongs to the new address space.
 PEAK_SCRIPT = """
 import json, re, sys
-from cxrage_ray.decode.image import DecodeOptions, decode_image
+from cxrage_ray.config import DecodeOptions
+from cxrage_ray.decode.image import decode_image
 from cxrage_ray.preprocess.seed_chain import seed_chain
 outcome = {}
 for path in sys.argv[1:]:

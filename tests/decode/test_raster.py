@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cxrage_ray.config import DecodeOptions
-from cxrage_ray.decode.image import FAST_DECODE_MIN_SIDE
+from cxrage_ray.decode.geometry import FAST_DECODE_MIN_SIDE
 from cxrage_ray.decode.raster import decode_raster
 from cxrage_ray.errors import DecodeError, DecompressionBombError
 from conftest import require_tool, run_reference

@@ -9,9 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from cxrage_ray.config import DecodeOptions
-from cxrage_ray.decode.image import DecodedImage
+from cxrage_ray.decode.geometry import fill_size
 from cxrage_ray.decode.raster import decode_raster
+from cxrage_ray.decode.types import DecodedImage
 from cxrage_ray.preprocess import seed_chain as sc
+from cxrage_ray.preprocess.levels import auto_level, level_table, linearize, to_depth8
+from cxrage_ray.preprocess.resize import im_resize
+from cxrage_ray.preprocess.resize_weights import axis_weights, fill_plan, resize_filter
+from cxrage_ray.preprocess.trim import trim_box
 from conftest import require_tool, run_reference
 from imagegen import palette_png, pillow_bytes, radiograph, tiff_bytes
 
@@ -27,9 +32,9 @@ def test_trim_box_uses_top_left_top_right_bottom_left_corners() -> None:
     img[2:6, 3:7] = 500  # content
     img[7, 9] = 999  # bottom-right corner differs: never a reference, but it is content vs TL/TR/BL
     # TR and BL equal TL here, so the BR pixel extends right (col 9) and bottom (row 7)
-    assert sc.trim_box(img) == (2, 7, 3, 9)
+    assert trim_box(img) == (2, 7, 3, 9)
     img[7, 9] = 100
-    assert sc.trim_box(img) == (2, 5, 3, 6)
+    assert trim_box(img) == (2, 5, 3, 6)
 
 
 def test_trim_compares_against_each_corner_colour() -> None:
@@ -37,7 +42,7 @@ def test_trim_compares_against_each_corner_colour() -> None:
     img[:, 5] = 7  # right column (includes TR) a different colour
     img[2:4, 2:4] = 300
     # left/top: first col/row != TL (0); right: last col != TR (7); bottom: last row != BL (0)
-    top, bottom, left, right = sc.trim_box(img)
+    top, bottom, left, right = trim_box(img)
     assert (left, right) == (2, 4)  # the all-7 right column matches TR, column 4 does not
     assert top == 0  # row 0 holds the 7 at column 5, which differs from TL
     assert bottom == 5  # every row has 7 != BL (0) at col 5
@@ -46,24 +51,24 @@ def test_trim_compares_against_each_corner_colour() -> None:
 def test_trim_has_no_tolerance_and_alpha_counts() -> None:
     img = np.zeros((5, 5, 1), dtype=np.uint16)
     img[0, 2] = 1  # one barely-different border pixel stops the trim at row 0
-    assert sc.trim_box(img)[0] == 0
+    assert trim_box(img)[0] == 0
     flat = np.zeros((5, 5, 1), dtype=np.uint16)
     alpha = np.full((5, 5), 65535, dtype=np.uint16)
     alpha[1:3, 1:3] = 0
-    assert sc.trim_box(flat, alpha) == (1, 2, 1, 2)
-    assert sc.trim_box(flat) == (0, 4, 0, 4)  # uniform: kept whole
+    assert trim_box(flat, alpha) == (1, 2, 1, 2)
+    assert trim_box(flat) == (0, 4, 0, 4)  # uniform: kept whole
 
 
 def test_linearize_matches_the_srgb_formula() -> None:
     for v in (0, 1, 2650, 2651, 32768, 50000, 65535):
         u = v / 65535
         g = u / 12.92 if u <= 0.0404482362771076 else ((u + 0.055) / 1.055) ** 2.4
-        assert int(sc.linearize(np.array([v], dtype=np.uint16))[0]) == math.floor(65535 * g + 0.5)
+        assert int(linearize(np.array([v], dtype=np.uint16))[0]) == math.floor(65535 * g + 0.5)
 
 
 def test_auto_level_is_one_range_over_all_channels() -> None:
     px = np.array([[[1000, 3000, 2000], [2000, 5000, 1500]]], dtype=np.uint16)
-    out = sc.auto_level(px)
+    out = auto_level(px)
     scale = 1.0 / 4000
     expect = [[[math.floor(65535 * (scale * (v - 1000)) + 0.5) for v in p] for p in row] for row in px.tolist()]
     assert out.tolist() == expect
@@ -72,15 +77,15 @@ def test_auto_level_is_one_range_over_all_channels() -> None:
 
 def test_depth8_truncates() -> None:
     v = np.array([0, 256, 257, 513, 514, 65534, 65535], dtype=np.uint16)
-    assert sc.to_depth8(v).tolist() == [0, 0, 257, 257, 514, 65278, 65535]
+    assert to_depth8(v).tolist() == [0, 0, 257, 257, 514, 65278, 65535]
 
 
 def test_level_table_is_the_composition_of_the_three_steps() -> None:
     lo, hi = 5000, 60000
     v = np.arange(0, 65536, 7, dtype=np.uint16)
-    lin = sc.linearize(v)
-    expect = sc.to_depth8(sc.auto_level(lin, int(sc.linearize(np.uint16(lo))), int(sc.linearize(np.uint16(hi)))))
-    assert np.array_equal(sc.level_table(lo, hi)[v].astype(np.uint32) * 257, expect)
+    lin = linearize(v)
+    expect = to_depth8(auto_level(lin, int(linearize(np.uint16(lo))), int(linearize(np.uint16(hi)))))
+    assert np.array_equal(level_table(lo, hi)[v].astype(np.uint32) * 257, expect)
 
 
 def _sinc(x: float) -> float:
@@ -98,7 +103,7 @@ def _mitchell(x: float) -> float:
 
 
 def test_lanczos_weight_row_by_hand() -> None:
-    aw = sc.axis_weights(10, 5, "lanczos")  # f = 0.5: scale 2, support 6
+    aw = axis_weights(10, 5, "lanczos")  # f = 0.5: scale 2, support 6
     # output 2: centre c = 2.5/0.5 = 5, taps 0..9, w_j = L((j - 5 + 0.5)/2)
     raw = [_sinc((j - 4.5) / 2) * _sinc((j - 4.5) / 6) for j in range(10)]
     expect = [w / sum(raw) for w in raw]
@@ -107,7 +112,7 @@ def test_lanczos_weight_row_by_hand() -> None:
 
 
 def test_mitchell_weight_row_by_hand() -> None:
-    aw = sc.axis_weights(4, 8, "mitchell")  # f = 2: scale 1, support 2
+    aw = axis_weights(4, 8, "mitchell")  # f = 2: scale 1, support 2
     # output 3: c = 3.5/2 = 1.75, start int(0.25) = 0, stop min(int(4.25), 4) = 4, w_j = M(j - 1.25)
     raw = [_mitchell(j - 1.25) for j in range(4)]
     assert (aw.starts[3], aw.counts[3]) == (0, 4)
@@ -115,19 +120,29 @@ def test_mitchell_weight_row_by_hand() -> None:
 
 
 def test_fill_geometry_and_filter_choice() -> None:
-    assert sc.fill_size(1000, 2000) == (512, 1024)
-    assert sc.fill_size(300, 200) == (768, 512)
-    assert sc.fill_size(2048, 2048) == (512, 512)
-    assert sc.resize_filter(1000, 800, 640, 512, has_alpha=False) == "lanczos"
-    assert sc.resize_filter(300, 200, 768, 512, has_alpha=False) == "mitchell"
-    assert sc.resize_filter(1000, 800, 640, 512, has_alpha=True) == "mitchell"
+    assert fill_size(1000, 2000) == (512, 1024)
+    assert fill_size(300, 200) == (768, 512)
+    assert fill_size(2048, 2048) == (512, 512)
+    assert resize_filter(1000, 800, 640, 512, has_alpha=False) == "lanczos"
+    assert resize_filter(300, 200, 768, 512, has_alpha=False) == "mitchell"
+    assert resize_filter(1000, 800, 640, 512, has_alpha=True) == "mitchell"
+    plan = fill_plan(300, 200, has_alpha=False)  # the plan the numpy and torch resizes both follow
+    assert (plan.out_w, plan.out_h, plan.filter, plan.identity) == (768, 512, "mitchell", False)
+    assert not plan.horizontal_first and fill_plan(1200, 512, has_alpha=False).identity
+
+
+def test_tap_index_is_the_start_plus_tap_clipped_to_the_input() -> None:
+    aw = axis_weights(37, 11, "lanczos")
+    taps = np.arange(aw.weights.shape[1])
+    assert np.array_equal(aw.index, np.minimum(aw.starts[:, None] + taps, 36))
+    assert (aw.weights[taps[None, :] >= aw.counts[:, None]] == 0).all()  # the clipped taps weigh nothing
 
 
 def test_im_resize_flat_stays_flat_and_same_size_is_a_copy() -> None:
     flat = np.full((40, 30, 1), 12345, dtype=np.uint16)
-    out, _ = sc.im_resize(flat, 17, 23)
+    out, _ = im_resize(flat, 17, 23)
     assert out.shape == (23, 17, 1) and (out == 12345).all()
-    same, _ = sc.im_resize(flat, 30, 40)
+    same, _ = im_resize(flat, 30, 40)
     assert np.array_equal(same, flat)
 
 

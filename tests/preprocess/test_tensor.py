@@ -11,10 +11,13 @@ import torch
 
 import dicomgen as gen
 from cxrage_ray.config import DecodeOptions
-from cxrage_ray.decode.image import DecodedImage, decode_image
-from cxrage_ray.decode.dicom import dcmtk_8bit, decode_stored_frame, encoded_first_frame
+from cxrage_ray.decode.dicom import decode_stored_frame, encoded_first_frame
+from cxrage_ray.decode.dicom_greyscale import dcmtk_8bit
+from cxrage_ray.decode.image import decode_image
+from cxrage_ray.decode.types import DecodedImage
 from cxrage_ray.errors import CxrAgeError
 from cxrage_ray.preprocess import seed_chain as sc
+from cxrage_ray.preprocess.trim import trim_box
 from cxrage_ray.preprocess.tensor import TensorSeedChain, dcmtk_8bit_tensor, dicom_q16_tensor, trim_box_tensor
 from imagegen import radiograph
 
@@ -117,7 +120,7 @@ def test_trim_box_matches_the_exact_one_on_edge_cases() -> None:
     colour[3:5, 2:4, 1] = 40
     cases.append(colour)
     for case in cases:
-        assert trim_box_tensor(torch.from_numpy(case.astype(np.int32))) == sc.trim_box(case)
+        assert trim_box_tensor(torch.from_numpy(case.astype(np.int32))) == trim_box(case)
 
 
 @pytest.mark.parametrize("shape", [(300, 700), (700, 300), (512, 900), (2000, 150)])

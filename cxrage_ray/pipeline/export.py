@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from cxrage_ray.config import DecodeOptions
+from cxrage_ray.config import DecodeOptions, PrepareSettings, StorageConfig
+from cxrage_ray.contract import PROBLEM_COLUMN, png_name
 from cxrage_ray.decode.image import decode_image
 from cxrage_ray.errors import error_text
-from cxrage_ray.manifest.build import PROBLEM_COLUMN, build_manifest
-from cxrage_ray.config import StorageConfig
-from cxrage_ray.storage.files import read_bytes
-
-
-def png_name(image_id: str) -> str:
-    """`a/b/film.dcm` -> `a/b/film.png` (sub-folders kept so equal stems in different folders don't collide)."""
-    return str(PurePosixPath(image_id).with_suffix(".png"))
+from cxrage_ray.manifest.build import build_manifest
+from cxrage_ray.storage.atomic import write_atomic
+from cxrage_ray.pacs.read import read_bytes
 
 
 def export_one(uri: str, dest: Path, storage: StorageConfig, options: DecodeOptions) -> str | None:
@@ -36,61 +32,38 @@ def export_one(uri: str, dest: Path, storage: StorageConfig, options: DecodeOpti
         png = seed_chain_png(decode_image(read_bytes(uri, storage), uri, options))
     except Exception as exc:  # report and go on: one bad file must not stop the conversion
         return error_text(exc)
-    write_whole(dest, png)
+    write_atomic(dest, png)
     return None
 
 
-def write_whole(dest: Path, data: bytes) -> None:
-    """Write a file that appears whole or not at all (temporary name, then rename)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(dest.suffix + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(dest)
-
-
 class TensorExporter:
-    """`export_one` for the tensor engine: one decoder and seed chain on this process's device."""
+    """`export_one` for the tensor engine: the device itinerary's own prepare (`payloads.encode_row`) and decode
+    (`device_pictures.PayloadDecoder`) of one file, then the tensor seed chain, on this process's device."""
 
     def __init__(self) -> None:
         import torch
 
-        from cxrage_ray.decode.gpu import FrameDecoder
-        from cxrage_ray.preprocess.tensor import TensorSeedChain
+        from cxrage_ray.pipeline.device_pictures import PayloadDecoder
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.decoder = FrameDecoder(device)
-        self.chain = TensorSeedChain(device)
+        self.payloads = PayloadDecoder(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def __call__(self, uri: str, dest: Path, storage: StorageConfig, options: DecodeOptions) -> str | None:
-        import torch
+        import pandas as pd
 
-        from cxrage_ray.decode.image import is_dicom
-        from cxrage_ray.preprocess.seed_chain import encode_png
-        from cxrage_ray.preprocess.tensor import dicom_q16_tensor
+        from cxrage_ray.pipeline.payloads import encode_row
+        from cxrage_ray.preprocess.png import encode_png
 
         try:
-            data = read_bytes(uri, storage)
-            alpha = None
-            if is_dicom(data, uri):
-                from cxrage_ray.decode.dicom import encoded_first_frame
-
-                frame = encoded_first_frame(data, options)
-                if frame.codec in ("j2k", "jpeg"):
-                    stored = self.decoder.decode([frame])[0]
-                    if isinstance(stored, BaseException):
-                        raise stored
-                    q16 = dicom_q16_tensor(stored.values, frame.params)
-                else:
-                    q16 = torch.from_numpy(decode_image(data, uri, options).q16().astype("int32"))
-            else:
-                decoded = decode_image(data, uri, options)
-                q16 = torch.from_numpy(decoded.q16().astype("int32"))
-                alpha = None if decoded.alpha is None else torch.from_numpy(decoded.alpha.astype("int32"))
-            pixels, alpha8 = self.chain.picture(q16, alpha)
+            payload, _ = encode_row(read_bytes(uri, storage), uri, PrepareSettings(storage=storage, decode=options))
+            row = pd.DataFrame([{"status": "ok", "error": None, **payload}])
+            decoded = self.payloads.decode(row)
+            if row["status"].iat[0] != "ok":
+                return str(row["error"].iat[0])
+            pixels, alpha8 = self.payloads.chain.picture(*decoded[0])
             png = encode_png(pixels.cpu().numpy(), None if alpha8 is None else alpha8.cpu().numpy())
         except Exception as exc:  # report and go on: one bad file must not stop the conversion
             return error_text(exc)
-        write_whole(dest, png)
+        write_atomic(dest, png)
         return None
 
 

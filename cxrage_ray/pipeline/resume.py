@@ -1,0 +1,96 @@
+"""Resume: which job OUTPUT holds, and which of the manifest's rows are still to score.
+
+In:  the manifest (DataFrame), the `ScoreConfig`, the weights' sha256, OUTPUT's job record and committed parts.
+Out: the job record written to OUTPUT/_cxrage/job.json (`job_record`), and the manifest rows not yet scored
+     (`rows_to_score`); a different job in OUTPUT is refused (or discarded with --overwrite).
+
+The job's identity is explicit: the manifest's fingerprint and every setting that changes a score, the rotation
+list by its hash (`OrientConfig.job_key`), never the list itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pandas as pd
+
+from cxrage_ray.config import OrientConfig, ScoreConfig
+from cxrage_ray.errors import InputError
+from cxrage_ray.storage.files import filesystem_for
+from cxrage_ray.write.parts import (
+    PARTS_DIR,
+    commit_part,
+    committed_parts,
+    completed_row_ids,
+    drop_error_rows,
+    move_legacy_records,
+    read_json,
+    write_json,
+)
+from cxrage_ray.write.spill import Spill
+
+log = logging.getLogger(__name__)
+
+#: job.json keys that describe a job without defining it: older outputs lack them, and resume still applies.
+JOB_INFO_KEYS = ("weights_name",)
+
+
+def job_record(manifest: pd.DataFrame, cfg: ScoreConfig, weights_sha256: str) -> dict[str, Any]:
+    """What makes two runs the same job: the manifest rows and every setting that changes a score."""
+    rows = pd.util.hash_pandas_object(manifest[["row_id", "image_id", "uri"]].astype(str), index=False)
+    return {
+        "manifest_rows": len(manifest),
+        "manifest_fingerprint": f"{int(rows.sum()) & (2**64 - 1):016x}",
+        "weights_sha256": weights_sha256,
+        "preprocess": cfg.preprocess,
+        "tta": cfg.predictor.tta,
+        "decode": cfg.decode.mode,
+        "orient": None if cfg.orient is None else cfg.orient.job_key(),
+    }
+
+
+def differences(previous: dict[str, Any], job: dict[str, Any], orient: OrientConfig | None) -> list[str]:
+    """The defining keys in which OUTPUT's recorded job differs from this one.
+
+    Outputs written before the explicit job key recorded `repr(OrientConfig)` as the orientation's identity: such
+    a record is compared with that same string of this job's settings, so old outputs still resume.
+    """
+    changed = []
+    for key in (k for k in job if k not in JOB_INFO_KEYS):
+        before, now = previous.get(key), job[key]
+        if key == "orient" and isinstance(before, str):
+            from cxrage_ray.orient.rotation_list import legacy_orient_repr
+
+            now = legacy_orient_repr(orient)
+        if before != now:
+            changed.append(key)
+    return sorted(changed)
+
+
+def rows_to_score(manifest: pd.DataFrame, job: dict[str, Any], cfg: ScoreConfig, spill: Spill | None = None
+                  ) -> pd.DataFrame:
+    """The manifest rows OUTPUT does not hold yet; records this job in OUTPUT first (see the module docstring)."""
+    move_legacy_records(cfg.output, cfg.storage)  # job.json/summary.json of older outputs -> OUTPUT/_cxrage/
+    previous = read_json(cfg.output, "job.json", cfg.storage)
+    changed = differences(previous, job, cfg.orient) if previous is not None else []
+    if changed and committed_parts(cfg.output, cfg.storage):  # a record without rows binds nothing
+        if not cfg.overwrite:
+            raise InputError(
+                f"{cfg.output} holds results of a different job (differs in: {', '.join(changed)}); "
+                "choose another OUTPUT or pass --overwrite to discard them"
+            )
+        fs, path = filesystem_for(f"{cfg.output.rstrip('/')}/{PARTS_DIR}", cfg.storage)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    write_json(cfg.output, "job.json", job, cfg.storage)
+    if cfg.retry_errors is not None:
+        dropped = drop_error_rows(cfg.output, cfg.storage, cfg.retry_errors)
+        log.warning("--retry-errors: %d error rows%s will be scored again", dropped,
+                    f" ({', '.join(cfg.retry_errors)})" if cfg.retry_errors else "")
+    if spill is not None and spill.restore(lambda name, data: commit_part(cfg.output, name, data, cfg.storage)):
+        log.warning("rows an earlier run could not write to OUTPUT were committed from %s", spill.folder)
+    done = completed_row_ids(cfg.output, cfg.storage)
+    if done:
+        log.info("resuming: %d of %d rows already scored", len(done), len(manifest))
+    return manifest[~manifest["row_id"].isin(done)].reset_index(drop=True)
