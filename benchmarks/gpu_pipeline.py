@@ -11,7 +11,7 @@ to ages, with seed TTA and orientation:
 
   * cpu path: `stages.prepare_batch` (decode, seed chain, orientation on the CPU) in a process pool over all
     cores, feeding `ScoreActor` (the model on the device) in this process — today's GPU-node topology;
-  * device path: `device_stages.prepare_encoded_batch` (fetch + header parse; PNG inflate) in the same pool,
+  * device path: `payloads.prepare_encoded_batch` (fetch + header parse; PNG inflate) in the same pool,
     feeding `ScoreActor` with `DevicePictures` (GPU decode via nvImageCodec, mapping, tensor seed chain, orientation, model).
 
 It prints films/s for both, the ratio, where each film was decoded, and checks that both paths gave the same

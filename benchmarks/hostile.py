@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-#: The decoders' default pixel limit (`cxrage_ray.decode.image.DEFAULT_MAX_PIXELS`): the worst films a run accepts.
+#: The decoders' default pixel limit (`cxrage_ray.config.DEFAULT_MAX_PIXELS`): the worst films a run accepts.
 LIMIT_SIDE = 16384
 #: /proc is sampled this often: a prepare at the limit lasts seconds, so 0.2 s catches its peak.
 SAMPLE_INTERVAL_S = 0.2
@@ -141,8 +141,8 @@ def default_dicom_sample() -> Path:
 # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec (see tests/decode/test_limits.py).
 PREPARE_SCRIPT = """
 import json, re, sys, time
-from cxrage_ray.pipeline.stages import PrepareSettings, picture_from_bytes
-from cxrage_ray.storage.files import StorageConfig
+from cxrage_ray.config import PrepareSettings, StorageConfig
+from cxrage_ray.pipeline.prepare import picture_from_bytes
 path = sys.argv[1]
 data = open(path, "rb").read()
 start = time.perf_counter()

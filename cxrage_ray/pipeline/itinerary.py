@@ -151,9 +151,11 @@ def _dataset(todo: pd.DataFrame, plan: Plan, state_dict: dict, cfg: ScoreConfig)
     ctx.enable_progress_bars = False  # our own bar counts finished rows across resumes
     if hasattr(ctx, "execution_no_progress_timeout_s"):
         ctx.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
-    log.info("scoring actors: %d-%d, %s GPU and %s CPU each, torch threads: %s, %d films per batch",
-             *plan.actors, plan.actor_gpus, plan.actor_cpus, plan.predictor.num_threads or "every core of its node",
-             plan.images_per_batch)
+    threads = plan.predictor.num_threads or "every core of its node"
+    if plan.actor_gpus:
+        log.info("GPU inference: %d-%d scoring actor(s), %d films per batch", *plan.actors, plan.images_per_batch)
+    else:
+        log.info("CPU inference: %d predictor actor(s), torch threads each: %s", plan.actors[1], threads)
     first, per_task = plan.first_block_rows, plan.rows_per_task
     starts = [0, *range(first, len(todo), per_task)] if len(todo) > first else [0]
     blocks = [todo.iloc[i:j] for i, j in zip(starts, [*starts[1:], len(todo)])]

@@ -2,7 +2,7 @@
 
 In:  `Upload`s (file name, bytes, optional typed chronological age) and the job settings of `cxrage score`
      (`PrepareSettings`: exact decode, radiograph modalities only, seed chain, orientation `auto`).
-Out: per file a JSON-ready dict: `filename`, the output-contract fields (cxrage_ray.write.parts.CONTRACT_NAMES),
+Out: per file a JSON-ready dict: `filename`, the output-contract fields (cxrage_ray.contract.CONTRACT_NAMES),
      and on request the film as scored (`picture`) and its saliency map (`saliency`) as PNG data URIs.
 
 The path is the batch scorer's, function for function: `prepare_row` (decode -> seed chain -> orientation)
