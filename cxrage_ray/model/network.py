@@ -80,7 +80,7 @@ def _body(device: torch.device | str | None = None) -> nn.Sequential:
     """ResNet-34 without avgpool/fc (fastai `create_body`, cut=-2): conv1 bn1 relu maxpool layer1..4.
 
     The same modules, names, initialisation and order of random draws as `torchvision.models.resnet34()`
-    (`tests/test_model.py` checks it value for value), written here because importing torchvision costs every
+    (`tests/model/test_network.py` checks it value for value), written here because importing torchvision costs every
     process that builds the model ~1 s on a small CPU (issue 15), for these thirty lines.
     """
     stem = [nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False, device=device), nn.BatchNorm2d(64, device=device),

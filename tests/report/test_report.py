@@ -30,7 +30,7 @@ from cxrage_ray.report.page import TEMPLATE_FOLDER, TEMPLATE_NAME, template_envi
 from outputs import EVENT_COL, SCHEMA, TIME_COL, Cohort, simulate, write_scored_output
 
 TRUE_HR = 1.6
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CSP_META = ('<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
             'style-src \'unsafe-inline\'; script-src \'unsafe-inline\'">')
 
