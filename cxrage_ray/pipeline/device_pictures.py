@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -41,7 +41,7 @@ class DevicePictures:
 
     orient: OrientConfig | None = None
     gpu_decode: bool = True
-    consumed: tuple[str, ...] = tuple(PAYLOAD_COLUMNS)
+    consumed: ClassVar[tuple[str, ...]] = tuple(PAYLOAD_COLUMNS)
 
     def start(self, device: torch.device | None) -> PayloadDecoder:
         return PayloadDecoder(device or torch.device("cpu"), self.orient, self.gpu_decode)
@@ -49,6 +49,8 @@ class DevicePictures:
 
 class PayloadDecoder:
     """`DevicePictures` started on one device: one frame decoder and one tensor seed chain."""
+
+    consumed: ClassVar[tuple[str, ...]] = tuple(PAYLOAD_COLUMNS)
 
     def __init__(self, device: torch.device, orient: OrientConfig | None = None, gpu_decode: bool = True):
         from cxrage_ray.decode.gpu import FrameDecoder
@@ -58,7 +60,6 @@ class PayloadDecoder:
         self.decoder = FrameDecoder(device, use_nvimgcodec=gpu_decode)
         self.chain = TensorSeedChain(device)
         self.orient = orient
-        self.consumed = tuple(PAYLOAD_COLUMNS)
 
     def start(self, device: Any) -> PayloadDecoder:
         return self

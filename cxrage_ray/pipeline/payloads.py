@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cxrage_ray.config import PrepareSettings
+from cxrage_ray.contract import PIXEL_COLUMNS, empty_prepared_row
 from cxrage_ray.decode.dicom import EncodedFrame
 from cxrage_ray.decode.dicom_window import GreyscaleParams
 from cxrage_ray.decode.image import is_dicom
@@ -78,9 +79,10 @@ def frame_from_row(codestream: bytes, header_json: str) -> EncodedFrame:
 
 
 def empty_payload_row() -> dict[str, Any]:
-    """A payload row with every column and no payload yet."""
-    return {"status": "ok", "error": None, "payload": b"", "payload_kind": "", "payload_header": "", "alpha": b"",
-            "meta_json": "{}", "orientation": None, "rotation_source": None, "qc": [], "chronological_age": None}
+    """A payload row with every column and no payload yet: the prepared row's columns, the payload in place of the
+    picture."""
+    row = {key: value for key, value in empty_prepared_row().items() if key not in PIXEL_COLUMNS}
+    return {**row, "payload": b"", "payload_kind": "", "payload_header": "", "alpha": b"", "meta_json": "{}"}
 
 
 def prepare_encoded_row(row: Mapping[str, Any], settings: PrepareSettings, fetched: bytes | BaseException

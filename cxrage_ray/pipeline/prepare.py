@@ -124,7 +124,8 @@ def prepare_row(row: Mapping[str, Any], settings: PrepareSettings, fetched: byte
     except Exception as exc:  # a bug or an unexpected library failure: keep the row, keep going
         log.warning("unexpected %s while preparing row %s", type(exc).__name__, row.get("row_id"))
         out.update(status="error", error=error_text(exc))
-    finish_row(out, meta, row, settings.age_column)  # again for a film that failed before: the manifest's age
+    if out["status"] == "error":  # a film that failed before its age was read still gets the manifest's
+        finish_row(out, meta, row, settings.age_column)
     return out
 
 
