@@ -11,8 +11,14 @@ fault is read from the run's own progress bar (films done), not from a clock, si
 4. OUTPUT made unwritable at 30% (`chattr +i` on OUTPUT and OUTPUT/parts; root only): exit code, seconds
    from the lock to the exit, a traceback or not, rows committed + kept in the spill; then the lock is lifted
    and the same command rerun: rows it scored and the unique rows in OUTPUT.
+5. `--cluster` (issue 23; instead of 1-4): the README's cluster route on loopback (`ray start` head with the job
+   API + one 4-CPU worker node, moto S3, `ray job submit --working-dir . -- python jobs/score.py s3://… s3://…`):
+   the first submission's exit; the worker node SIGKILLed at its job's first committed part (seconds until the
+   job ended by itself, its exit, whether it said how to resume), a replacement node and one resubmission (rows,
+   unique rows, rows it scored); the head restarted at a job's first part and the job resubmitted (the same).
 
     python benchmarks/chaos.py                                   # this checkout
+    python benchmarks/chaos.py --cluster --films 120             # the cluster case
     git worktree add /tmp/before 60e8091 && python benchmarks/chaos.py --pythonpath /tmp/before
 """
 
@@ -120,12 +126,126 @@ def chattr(flag: str, *folders: Path) -> None:
             subprocess.run(["chattr", flag, str(folder)], check=False)
 
 
+def cluster_case(films: int, no_progress_s: int = 30) -> dict[str, object]:
+    """Scenario 5 (see the module docstring): figures of the cluster route on loopback."""
+    import io as _io
+
+    import boto3
+    import pandas as pd
+    from moto.server import ThreadedMotoServer
+
+    from cluster_fixtures import LoopbackCluster
+    from imagegen import radiograph
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    aws = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                      aws_secret_access_key="testing")
+    for bucket in ("archive", "results"):
+        s3.create_bucket(Bucket=bucket)
+    for i in range(films):
+        buf = _io.BytesIO()
+        Image.fromarray(radiograph(256, 256, seed=i)).save(buf, format="PNG")
+        s3.put_object(Bucket="archive", Key=f"films/f{i:04d}.png", Body=buf.getvalue())
+    s3.put_object(Bucket="archive", Key="manifest.csv",
+                  Body=pd.DataFrame({"uri": [f"films/f{i:04d}.png" for i in range(films)]}).to_csv(index=False).encode())
+
+    def rows(prefix: str) -> list[int]:
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="results", Prefix=f"{prefix}/parts/").get("Contents", [])]
+        return [r for k in keys if k.endswith(".parquet") for r in pq.read_table(_io.BytesIO(
+            s3.get_object(Bucket="results", Key=k)["Body"].read()), columns=["row_id"]).column("row_id").to_pylist()]
+
+    def scored(prefix: str) -> int | None:
+        try:
+            body = s3.get_object(Bucket="results", Key=f"{prefix}/_cxrage/summary.json")["Body"].read()
+        except s3.exceptions.NoSuchKey:
+            return None
+        return json.loads(body).get("rows_scored_this_run")
+
+    def command(prefix: str) -> list[str]:
+        return ["python", "jobs/score.py", "s3://archive/manifest.csv", f"s3://results/{prefix}/", "--device", "cpu",
+                "--weights", "demo", "--preprocess", "none", "--tta", "none", "--rotation", "off", "--no-progress",
+                "--part-rows", "10", "--no-progress-timeout", str(no_progress_s)]
+
+    def at_first_part(job, prefix: str) -> int:
+        while not (done := rows(prefix)):
+            if job.poll() is not None:
+                raise SystemExit(f"the job ended before its first part:\n{job.log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        return len(done)
+
+    def outcome(prefix: str, result) -> dict[str, object]:
+        got = rows(prefix)
+        return {"exit": result.returncode, "rows": len(got), "unique_rows": len(set(got)), "scored": scored(prefix)}
+
+    figures: dict[str, object] = {"films": films, "no_progress_timeout_s": no_progress_s}
+    with tempfile.TemporaryDirectory(prefix="cxc-", dir="/tmp") as tmp:
+        root = Path(tmp)
+        home = root / "home"
+        from cxrage_ray.model.demo import write_demo_checkpoint
+
+        write_demo_checkpoint(home / "weights" / "demo-random-seed0.pth")  # the weights thread reads them
+        env = {**os.environ, **aws, "CXRAGE_HOME": str(home),
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        cluster = LoopbackCluster(root, env, head_cpus=0)
+        try:
+            started = time.monotonic()
+            cluster.start_head()
+            cluster.add_worker(4)
+            figures["cluster_up_s"] = round(time.monotonic() - started, 1)
+            started = time.monotonic()
+            first = cluster.submit(REPO, command("first"), 900)
+            figures["first_submission"] = {**outcome("first", first), "wall_s": round(time.monotonic() - started, 1),
+                                           "FileNotFoundError": "FileNotFoundError" in first.stdout}
+
+            job = cluster.submit(REPO, command("spot"), 900, wait=False)
+            committed = at_first_part(job, "spot")
+            killed = time.monotonic()
+            processes = cluster.kill_node(cluster.nodes[1])
+            job.wait(timeout=no_progress_s + 600)
+            text = job.log_path.read_text(errors="replace")
+            figures["worker_killed"] = {"rows_at_kill": committed, "processes_killed": processes,
+                                        "job_ended_after_s": round(time.monotonic() - killed, 1),
+                                        "exit": job.returncode, "says_resume": "resumes" in text,
+                                        "rows_kept": len(set(rows("spot")))}
+            cluster.add_worker(4)
+            figures["resubmitted"] = outcome("spot", cluster.submit(REPO, command("spot"), 900))
+
+            job = cluster.submit(REPO, command("head"), 900, wait=False)
+            committed = at_first_part(job, "head")
+            started = time.monotonic()
+            cluster.restart_head(worker_cpus=[4])
+            try:  # the client tailing the old job's log has lost its job API with the head
+                job.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                job.kill()
+            figures["head_restarted"] = {"rows_at_restart": committed,
+                                         "restart_s": round(time.monotonic() - started, 1),
+                                         "rows_kept": len(set(rows("head")))}
+            figures["resumed"] = outcome("head", cluster.submit(REPO, command("head"), 900))
+        finally:
+            figures["processes_left"] = len(cluster.close())
+            moto.stop()
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--films", type=int, default=600)
     parser.add_argument("--pythonpath", help="run another checkout's code (same venv)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--cluster", action="store_true", help="run scenario 5 (the cluster route) instead of 1-4")
     args = parser.parse_args()
+    if args.cluster:
+        figures = cluster_case(args.films)
+        print(json.dumps(figures, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+        return
     figures: dict[str, object] = {"code": args.pythonpath or str(REPO), "films": args.films}
     with tempfile.TemporaryDirectory(prefix="cxrage-chaos-") as tmp:
         root = Path(tmp)

@@ -14,14 +14,18 @@ to ages, with seed TTA and orientation:
   * device path: `payloads.prepare_encoded_batch` (fetch + header parse; PNG inflate) in the same pool,
     feeding `ScoreActor` with `DevicePictures` (GPU decode via nvImageCodec, mapping, tensor seed chain, orientation, model).
 
-It prints films/s for both, the ratio, where each film was decoded, and checks that both paths gave the same
-ages (max |Δ cxr_age|). Then the predictor (`AgePredictor.predict` on uint8 512² pictures in host memory) vs
-the bare network on ready-made views, eager and `torch.compile`d.
+It prints films/s for both, the ratio, how many films each decoder took (`decode_device`), whether the device
+path's pictures equal the exact path's (pixel by pixel, orientation included) and that both paths gave the same
+ages (max |Δ cxr_age|). On a GPU, JPEG is measured twice: as shipped (decoded on the CPU, the exact IDCT) and on
+nvJPEG's GPU IDCT (`gpu_jpeg`), with its pixel agreement, so the cost of exactness is a number. Then the
+predictor (`AgePredictor.predict` on uint8 512² pictures in host memory) vs the bare network on ready-made
+views, eager and `torch.compile`d. On a GPU it stops at once, saying why, if nvImageCodec does not really decode
+on the GPU (every figure after would be the CPU's).
 
 Inputs (real films, by path): `--j2k` / `--jpeg` DICOM files (repeated to make up `--films`) and `--png-dir`.
-Defaults read `$CXRAGE_SHARED` (`../shared`); to run on a bare GPU machine, copy a few films into a git-ignored
-folder of the checkout and pass it (`--j2k bench-films/WG04_RG1_J2KR.dcm ...`). Needs torch, numpy, pillow,
-pandas, pydicom + pylibjpeg(-openjpeg, -libjpeg) and, for GPU decode, nvidia-nvimgcodec-cu13 + nvJPEG2000 + nvJPEG
+Defaults read `$CXRAGE_SHARED` (`../shared`). On a bare GPU machine run `bash bench-kit/run.sh` (built by
+`bash benchmarks/gpu_kit.sh`: pinned wheels and films; see docs/gpu.md). Needs torch, numpy, pillow, pandas,
+pydicom + pylibjpeg(-openjpeg, -libjpeg) and, for GPU decode, nvidia-nvimgcodec-cu13 + nvJPEG2000 + nvJPEG
 (`pip install 'cxrage-ray[gpu]'`). Weights are seeded random (speed only).
 """
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -46,7 +51,7 @@ from cxrage_ray.config import OrientConfig
 from cxrage_ray.predict.predictor import AgePredictor, PredictorConfig
 from cxrage_ray.preprocess.fastai import batch_tta_views
 from cxrage_ray.config import PrepareSettings
-from cxrage_ray.predict.scoring import ScoreActor
+from cxrage_ray.predict.scoring import PreparedPictures, ScoreActor
 from cxrage_ray.pipeline.prepare import prepare_batch
 from cxrage_ray.config import StorageConfig
 
@@ -89,14 +94,51 @@ def run_path(rows: pd.DataFrame, prepare, scorer, settings: PrepareSettings, poo
     return len(rows) / elapsed, pd.concat(scored)
 
 
-def bench_case(name: str, paths: list[Path], args, state_dict, pool) -> dict:
+def check_gpu_decode(j2k: Path, device: torch.device) -> None:
+    """Exit at once, saying why, unless nvImageCodec decodes a real J2K film on this GPU."""
+    from cxrage_ray.decode.dicom import encoded_first_frame
+    from cxrage_ray.decode.gpu import FrameDecoder
+
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+    except Exception as exc:
+        sys.exit(f"STOP: nvImageCodec does not import ({type(exc).__name__}: {exc}); install the kit's wheels "
+                 "(bench-kit/run.sh does) — without it every film decodes on the CPU and no figure is the GPU's")
+    decoder = FrameDecoder(device)
+    if not decoder.uses_nvimgcodec:
+        sys.exit("STOP: nvImageCodec imports but its GPU decoder did not start (see the warning above)")
+    result = decoder.decode([encoded_first_frame(j2k.read_bytes())])[0]
+    if isinstance(result, BaseException) or result.device != "gpu":
+        sys.exit(f"STOP: nvImageCodec did not decode {j2k.name} on the GPU: {result!r:.200}")
+    print(f"nvImageCodec decodes on {torch.cuda.get_device_name(device)}: ok", flush=True)
+
+
+def picture_agreement(paths: list[Path], settings: PrepareSettings, device: torch.device, gpu_jpeg: bool) -> str:
+    """How many of these films' device-path pictures equal the exact path's, pixel for pixel (and the worst
+    difference in 8-bit levels where they differ)."""
+    rows = manifest(paths, len(paths))
+    exact = PreparedPictures().pictures(prepare_batch(rows, settings))
+    source = DevicePictures(orient=settings.orient, gpu_jpeg=gpu_jpeg).start(device)
+    made = source.pictures(prepare_encoded_batch(rows, settings))
+    equal, worst = 0, 0
+    for i, picture in exact.items():
+        other = made[i].cpu().numpy() if i in made else None
+        if other is not None and other.shape == picture.shape:
+            diff = int(np.abs(other.astype(np.int16) - picture.astype(np.int16)).max())
+            equal, worst = equal + (diff == 0), max(worst, diff)
+        else:
+            worst = 255
+    return f"{equal}/{len(paths)}" + (f" (max |Δ| {worst})" if worst else "")
+
+
+def bench_case(name: str, paths: list[Path], args, state_dict, pool, gpu_jpeg: bool = False) -> dict:
     rows = manifest(paths, args.films)
     settings = PrepareSettings(storage=StorageConfig(), orient=OrientConfig())
     config = PredictorConfig(device=args.device, batch_size=args.batch_views)
     images = max(1, args.batch_views // 5)
     cpu_stage = ScoreActor([state_dict], config, {**LABELS, "decode_device": "cpu", "preprocess_engine": "exact"})
     device_stage = ScoreActor([state_dict], config, {**LABELS, "preprocess_engine": "tensor"},
-                              source=DevicePictures(orient=OrientConfig()))
+                              source=DevicePictures(orient=OrientConfig(), gpu_jpeg=gpu_jpeg))
     warm = rows.iloc[: min(len(rows), images)]
     cpu_stage(prepare_batch(warm, settings))  # model load, compile, codec start-up: not part of the figure
     device_stage(prepare_encoded_batch(warm, settings))
@@ -104,8 +146,11 @@ def bench_case(name: str, paths: list[Path], args, state_dict, pool) -> dict:
     dev_rate, dev_rows = run_path(rows, prepare_encoded_batch, device_stage, settings, pool, images)
     ok = (cpu_rows["status"] == "ok").to_numpy() & (dev_rows["status"] == "ok").to_numpy()
     diff = np.abs(cpu_rows["cxr_age"].to_numpy()[ok] - dev_rows["cxr_age"].to_numpy()[ok])
+    decoded = dev_rows["decode_device"].fillna("none").value_counts()
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     return {"case": name, "films": len(rows), "cpu_path": cpu_rate, "device_path": dev_rate,
-            "ratio": dev_rate / cpu_rate, "decoded_on": ",".join(sorted(set(dev_rows["decode_device"].dropna()))),
+            "ratio": dev_rate / cpu_rate, "decode_device": ",".join(f"{k}:{v}" for k, v in sorted(decoded.items())),
+            "pictures_equal": picture_agreement(sorted(set(paths))[:args.agree_films], settings, device, gpu_jpeg),
             "ok": f"{int(ok.sum())}/{len(rows)}", "max_age_diff": float(diff.max()) if ok.any() else float("nan")}
 
 
@@ -168,6 +213,7 @@ def main() -> None:
     parser.add_argument("--bare-views", type=int, default=1020, help="views per forward pass in the predictor check")
     parser.add_argument("--seconds", type=float, default=10.0, help="time per predictor/bare measurement")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU processes (all cores)")
+    parser.add_argument("--agree-films", type=int, default=12, help="distinct films per case compared pixel by pixel")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--cases", nargs="+", choices=["j2k", "jpeg", "png"], default=["j2k", "jpeg", "png"])
     args = parser.parse_args()
@@ -175,6 +221,8 @@ def main() -> None:
     on_gpu = args.device != "cpu" and torch.cuda.is_available()
     print(f"device: {torch.cuda.get_device_name() if on_gpu else 'CPU (script check only: no GPU figures)'}; "
           f"{args.workers} CPU workers; torch {torch.__version__}")
+    if on_gpu:
+        check_gpu_decode(Path(args.j2k[0]), torch.device("cuda"))
     state_dict = demo_state_dict()
     pngs = sorted(args.png_dir.glob("nih_*.png"))[:32]
     cases = [(title, paths) for key, title, paths in (("j2k", "J2K-lossless DICOM 2k 15-bit", args.j2k),
@@ -184,8 +232,11 @@ def main() -> None:
     # spawned, not forked: a fork of a process whose torch threads are running can hang in the child
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for name, paths in cases:
-            rows.append(bench_case(name, [Path(p) for p in paths], args, state_dict, pool))
-            print(pd.DataFrame(rows[-1:]).to_string(index=False, float_format=lambda v: f"{v:.2f}"), flush=True)
+            variants = [False, True] if on_gpu and name == "JPEG DICOM" else [False]
+            for gpu_jpeg in variants:  # on a GPU, JPEG as shipped (CPU IDCT) and on nvJPEG's GPU IDCT
+                label = f"{name} (nvJPEG GPU IDCT)" if gpu_jpeg else name
+                rows.append(bench_case(label, [Path(p) for p in paths], args, state_dict, pool, gpu_jpeg))
+                print(pd.DataFrame(rows[-1:]).to_string(index=False, float_format=lambda v: f"{v:.2f}"), flush=True)
     print("\nend to end, films/s (bytes in memory -> ages, seed TTA, orientation):")
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("\npredictor vs bare network:")

@@ -85,7 +85,7 @@ def main() -> None:
     chest_scores, other = frame.loc[frame["chest"], "chest_likeness"], frame.loc[~frame["chest"], "chest_likeness"]
     print(f"chest lowest: {np.sort(chest_scores)[:5].round(3).tolist()}; non-chest highest: "
           f"{np.sort(other)[-3:].round(3).tolist()}")
-    for threshold in (0.3, 0.35, 0.4, NON_CHEST_LIKENESS, 0.5, 0.55):
+    for threshold in sorted({0.15, 0.2, 0.3, 0.35, 0.4, 0.45, NON_CHEST_LIKENESS, 0.5, 0.55}):
         print(f"  flag below {threshold:.2f}: chest films flagged {int((chest_scores < threshold).sum())}/{n}, "
               f"non-chest missed {int((other >= threshold).sum())}/{len(other)}"
               + ("   <- NON_CHEST_LIKENESS" if threshold == NON_CHEST_LIKENESS else ""))

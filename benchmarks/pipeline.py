@@ -434,6 +434,10 @@ def memory(args: argparse.Namespace, images_folder: Path, weights: Path, work: P
 
 def report(results: dict) -> None:
     print()
+    for r in results.get("release", []):
+        print(f"release ({r['kind']}, {r['films']} films, best of {r['repeats']}): this {r['this_films_per_s']:.2f} "
+              f"films/s, other {r['other_films_per_s']:.2f}, ratio {r['ratio']:.3f}, max |Δ cxr_age| "
+              f"{r['max_abs_cxr_age_diff']:.3g} years")
     if "throughput" in results:
         t = results["throughput"]
         print(f"throughput ({t['rows']} rows, --tta {t['tta']}, batch {t['batch_size']} views; wall clock incl. start-up)")
@@ -478,6 +482,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--pythonpath", type=Path,
+                        help="also compare `cxrage score` of this tree against this source tree (the previous "
+                             "release: git worktree add /tmp/prev <commit>), heavy and light work, alternating, "
+                             "best of --release-repeats (benchmarks/release_compare.py)")
+    parser.add_argument("--release-films", type=int, nargs=2, default=[100, 1000], metavar=("HEAVY", "LIGHT"))
+    parser.add_argument("--release-repeats", type=int, default=3)
     parser.add_argument("--keep", type=Path, help="work in this folder (kept) instead of a temporary one")
     parser.add_argument("--loop-worker", nargs=2, metavar=("MANIFEST", "WEIGHTS"), help=argparse.SUPPRESS)
     parser.add_argument("--loop-scores", help=argparse.SUPPRESS)
@@ -503,6 +513,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_throughput:
             results["throughput"] = throughput(args, images, weights, work)
             save(results, args.json)  # each section as soon as it is measured: a long run may be cut short
+        if args.pythonpath is not None:
+            from release_compare import compare
+
+            results["release"] = [compare(args.pythonpath, kind, films, args.release_repeats)
+                                  for kind, films in zip(("heavy", "light"), args.release_films)]
+            save(results, args.json)
         if not args.skip_memory:
             results["memory"] = memory(args, folder, weights, work)
         results["load_average_end"] = os.getloadavg()

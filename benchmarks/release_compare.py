@@ -69,6 +69,41 @@ def max_age_difference(a: Path, b: Path) -> float:
     return float((left["cxr_age"] - right["cxr_age"]).abs().max())
 
 
+def compare(other: Path, kind: str, films_wanted: int, repeats: int) -> dict:
+    """This tree against `other` on one kind of work, alternating who goes first, best of `repeats`."""
+    if not (other / "cxrage_ray").is_dir():
+        raise SystemExit(f"{other} holds no cxrage_ray/ (make one with `git worktree add`)")
+    with tempfile.TemporaryDirectory(prefix="cxrage-release-") as tmp:
+        work, home = Path(tmp), Path(tmp) / "home"
+        films = list_images(images_dir())
+        if kind == "light":
+            films = pictures_of(films, work, home)
+        manifest = write_manifest(work / "manifest.csv", films, films_wanted)
+        sides = {"this": REPO, "other": other.resolve()}
+        walls: dict[str, list[float]] = {side: [] for side in sides}
+        for repeat in range(repeats):
+            order = list(sides) if repeat % 2 == 0 else list(sides)[::-1]  # alternate who goes first
+            for side in order:
+                out = work / f"out-{side}"
+                command = ["score", str(manifest), str(out), "--weights", "demo", "--no-progress", "--overwrite",
+                           *KIND_ARGS[kind]]
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+                wall, done = run_cxrage(sides[side], command, home)
+                if done.returncode != 0:
+                    raise SystemExit(f"{side}: exit {done.returncode}\n{done.stderr[-3000:]}")
+                walls[side].append(wall)
+                print(f"  {kind} run {repeat + 1} {side:5s}: {films_wanted / wall:7.2f} films/s ({wall:.1f} s)",
+                      flush=True)
+        difference = max_age_difference(work / "out-this", work / "out-other")
+    best = {side: films_wanted / min(w) for side, w in walls.items()}
+    print(f"{kind}, {films_wanted} films, best of {repeats}: this {best['this']:.2f} films/s, "
+          f"other {best['other']:.2f} films/s, ratio this/other {best['this'] / best['other']:.3f}; "
+          f"max |cxr_age this - other| = {difference:.3g} years", flush=True)
+    return {"kind": kind, "films": films_wanted, "repeats": repeats, "this_films_per_s": round(best["this"], 3),
+            "other_films_per_s": round(best["other"], 3), "ratio": round(best["this"] / best["other"], 3),
+            "max_abs_cxr_age_diff": difference, "walls_s": {k: [round(x, 2) for x in v] for k, v in walls.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("other", type=Path, help="the other release's source tree (holding cxrage_ray/)")
@@ -76,33 +111,7 @@ def main() -> None:
     parser.add_argument("--films", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if not (args.other / "cxrage_ray").is_dir():
-        raise SystemExit(f"{args.other} holds no cxrage_ray/ (make one with `git worktree add`)")
-    with tempfile.TemporaryDirectory(prefix="cxrage-release-") as tmp:
-        work, home = Path(tmp), Path(tmp) / "home"
-        films = list_images(images_dir())
-        if args.kind == "light":
-            films = pictures_of(films, work, home)
-        manifest = write_manifest(work / "manifest.csv", films, args.films)
-        sides = {"this": REPO, "other": args.other.resolve()}
-        walls: dict[str, list[float]] = {side: [] for side in sides}
-        for repeat in range(args.repeats):
-            order = list(sides) if repeat % 2 == 0 else list(sides)[::-1]  # alternate who goes first
-            for side in order:
-                out = work / f"out-{side}"
-                command = ["score", str(manifest), str(out), "--weights", "demo", "--no-progress", "--overwrite",
-                           *KIND_ARGS[args.kind]]
-                subprocess.run(["rm", "-rf", str(out)], check=True)
-                wall, done = run_cxrage(sides[side], command, home)
-                if done.returncode != 0:
-                    raise SystemExit(f"{side}: exit {done.returncode}\n{done.stderr[-3000:]}")
-                walls[side].append(wall)
-                print(f"  run {repeat + 1} {side:5s}: {args.films / wall:7.2f} films/s ({wall:.1f} s)", flush=True)
-        difference = max_age_difference(work / "out-this", work / "out-other")
-    best = {side: args.films / min(w) for side, w in walls.items()}
-    print(f"{args.kind}, {args.films} films, best of {args.repeats}: this {best['this']:.2f} films/s, "
-          f"other {best['other']:.2f} films/s, ratio this/other {best['this'] / best['other']:.3f}; "
-          f"max |cxr_age this - other| = {difference:.3g} years")
+    compare(args.other, args.kind, args.films, args.repeats)
 
 
 if __name__ == "__main__":

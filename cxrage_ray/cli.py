@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("output", help="OUTPUT folder of `cxrage score`")
     r.add_argument("--time-col", help="manifest column with follow-up time, for the Cox models")
     r.add_argument("--event-col", help="manifest column with the event indicator (0/1), for the Cox models")
+    r.add_argument("--include-flagged", action="store_true",
+                   help="keep films flagged non_chest, lateral, paediatric, blank, orientation_uncertain or "
+                   "age_implausible in the statistics (by default they are left out and counted per flag)")
     _add_storage(r)
     return parser
 
@@ -196,12 +199,13 @@ def _weights_home(env: Mapping[str, str]) -> Path:
 
 
 def _preflight(args: argparse.Namespace, storage):
-    """Every check that needs neither torch nor Ray, in the order a user would fix them; returns the manifest.
+    """Every check that needs neither torch nor Ray, in the order a user would fix them; returns INPUT opened
+    (`open_manifest`: a Parquet manifest's footer read, a folder listed or a CSV parsed; its rows stream later).
 
     Runs before the heavy imports so a mistake is answered in about a second and nothing is written.
     """
     from cxrage_ray.runtime import preflight
-    from cxrage_ray.manifest.build import build_manifest
+    from cxrage_ray.manifest.build import open_manifest
 
     preflight.check_limits(preflight.Limits(batch_size=args.batch_size, part_rows=args.part_rows,
                                             predict_actors=args.predict_actors, num_cpus=args.num_cpus,
@@ -217,7 +221,7 @@ def _preflight(args: argparse.Namespace, storage):
     if args.weights not in (None, "demo"):
         preflight.check_input_file(args.weights, option="--weights")
     preflight.check_device(args.device, args.ray_address)
-    return build_manifest(args.input, storage, uri_column=args.uri_column)
+    return open_manifest(args.input, storage, uri_column=args.uri_column)
 
 
 def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -227,6 +231,8 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from cxrage_ray.config import DecodeOptions, OrientConfig, PredictorConfig, RayConfig, SaliencySettings, ScoreConfig
     from cxrage_ray.pipeline.itinerary import score
     from cxrage_ray.orient.rotation_list import load_rotation_list
+    from cxrage_ray.model.registry import DEMO_WEIGHTS_NAME, weights_label
+    from cxrage_ray.runtime.console import failed_film_lines
     from cxrage_ray.write.spill import default_spill_root
 
     weights = args.weights
@@ -236,7 +242,7 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         input=args.input,
         output=args.output,
         weights=weights,
-        weights_name="demo" if args.weights == "demo" else None,
+        weights_name=weights_label(args.weights),
         allow_fetch=not args.no_fetch,
         storage=storage,
         decode=DecodeOptions(mode=args.decode, allow_any_modality=args.allow_any_modality,
@@ -246,7 +252,8 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                                   batch_size=args.batch_size),
         ray=RayConfig(address=args.ray_address, num_cpus=args.num_cpus, predict_actors=args.predict_actors,
                       no_progress_timeout_s=args.no_progress_timeout, verbose=args.verbose,
-                      stop_at_exit=args.exits_after),
+                      stop_at_exit=args.exits_after,
+                      wait_for_gpus=args.device == "cuda" or args.gpu_preprocess == "on"),
         orient=OrientConfig(mode=args.rotation, skip_flagged=args.skip_flagged,
                             rotation_list=load_rotation_list(args.rotation_list) if args.rotation_list else None),
         saliency=SaliencySettings(args.saliency, args.saliency_method, storage) if args.saliency else None,
@@ -263,7 +270,7 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     )
     with terminate_as_interrupt():  # SIGTERM at any point of the job ends it like Ctrl-C, with exit 143
         summary = score(cfg, _weights_home(env), manifest=manifest)
-    demo = " with DEMO weights (ages are meaningless)" if summary.get("weights_name") == "demo" else ""
+    demo = " with DEMO weights (ages are meaningless)" if summary.get("weights_name") == DEMO_WEIGHTS_NAME else ""
     print(
         f"cxrage: {summary['rows_ok']} ok, {summary['rows_error']} error of {summary['rows_total']} rows "
         f"({summary['rows_scored_this_run']} scored this run, {summary['images_per_s'] or 0:.1f} images/s){demo} "
@@ -272,15 +279,28 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     )
     if summary["errors_by_kind"]:
         print(f"cxrage: errors by kind: {json.dumps(summary['errors_by_kind'])}", file=sys.stderr)
+    audit = summary.get("precision_audit")
+    if audit:  # mixed precision: what it cost on these films, against fp32
+        print(f"cxrage: precision audit ({audit['precision']} vs fp32, {audit['films']} films): max |Δ cxr_age| "
+              f"{audit['max_abs_delta_years']:.4f} years, mean {audit['mean_abs_delta_years']:.4f}", file=sys.stderr)
+    _print_lines(failed_film_lines(summary.get("first_errors", []), summary["rows_error"], args.output))
     sr = summary.get("write_back")
     if sr is not None:
         print(f"cxrage: write-back: {sr['stored']} report(s) stored, {sr['already']} already stored, "
               f"{sr['failed']} failed (rerun to retry)", file=sys.stderr)
     if summary.get("qc_flags"):
-        excluded = " (`cxrage report` leaves non_chest rows out of its statistics)" \
-            if "non_chest" in summary["qc_flags"] else ""
+        from cxrage_ray.report.cohort import STATS_EXCLUDED_FLAGS
+
+        left_out = [flag for flag in summary["qc_flags"] if flag in STATS_EXCLUDED_FLAGS]
+        excluded = f" (`cxrage report` leaves {', '.join(left_out)} rows out of its statistics unless " \
+            "--include-flagged)" if left_out else ""
         print(f"cxrage: QC flags: {json.dumps(summary['qc_flags'])}{excluded}", file=sys.stderr)
     return EXIT_ROW_ERRORS if summary["rows_error"] or (sr and sr["failed"]) else EXIT_OK
+
+
+def _print_lines(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(line, file=sys.stderr)
 
 
 def _write_back(args: argparse.Namespace) -> "WriteBackConfig | None":  # noqa: F821 - imported lazily
@@ -364,7 +384,8 @@ def _retry_kinds(args: argparse.Namespace) -> tuple[str, ...] | None:
 def cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from cxrage_ray.report.analysis import write_report
 
-    write_report(args.output, time_col=args.time_col, event_col=args.event_col, storage=_storage(args, env))
+    write_report(args.output, time_col=args.time_col, event_col=args.event_col, storage=_storage(args, env),
+                 include_flagged=args.include_flagged, tell=lambda line: print(line, file=sys.stderr))
     from cxrage_ray.write.parts import record_uri
 
     print(f"cxrage: wrote {record_uri(args.output, 'report.html')} and analysis.json", file=sys.stderr)
@@ -376,7 +397,7 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     from cxrage_ray.config import DecodeOptions
     from cxrage_ray.config import PredictorConfig
-    from cxrage_ray.model.registry import resolve_weights
+    from cxrage_ray.model.registry import resolve_weights, weights_label, weights_name
     from cxrage_ray.serve.config import ServeConfig
     from cxrage_ray.serve.run import serve_until_stopped
 
@@ -388,6 +409,7 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     cfg = ServeConfig(
         weights_path=str(resolved.path),
         weights_sha256=resolved.sha256,
+        weights_name=weights_name(weights_label(args.weights), resolved),  # as `score` names them in every row
         host=args.host,
         port=args.port,
         predictor=PredictorConfig(device=args.device, precision=args.precision, batch_size=args.batch_size),
@@ -399,11 +421,13 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         num_gpus=1 if args.device == "cuda" or (args.device == "auto" and local_gpu) else 0,
         ray_address=args.ray_address,
         num_cpus=args.num_cpus,
+        verbose=args.verbose,
     )
     print(f"cxrage: starting Ray Serve (weights sha256 {resolved.sha256}) ...", file=sys.stderr, flush=True)
     serve_until_stopped(cfg, on_ready=lambda url: print(f"cxrage: serving on {url} (research use only, not "
                                                         "for clinical care); Ctrl-C stops", file=sys.stderr,
-                                                        flush=True))
+                                                        flush=True),
+                        on_logs=lambda logs: print(f"cxrage: Ray Serve's logs: {logs}", file=sys.stderr, flush=True))
     return EXIT_OK
 
 

@@ -162,10 +162,10 @@ def _auto_type(value: str) -> Any:
     return value
 
 
-#: Non-DICOM films whose `chest_likeness` is below this are flagged `non_chest`. Measured by
-#: benchmarks/non_chest.py (leave-one-out for the chest films): 2 of the 250 sample chest films flagged,
-#: 1 of the DICOM sample's 11 decodable non-chest radiographs (4 distinct pictures) missed.
-NON_CHEST_LIKENESS = 0.45
+#: Non-DICOM films whose `chest_likeness` is below this are flagged `non_chest` (strong evidence; between it and
+#: orient.qc.NON_CHEST_SUSPECTED_LIKENESS only `non_chest_suspected`). benchmarks/qc.py: the lowest real chest
+#: film, any copy, measures 0.21 (a child's portable AP); 0.45 flagged 2 real films (issue 25).
+NON_CHEST_LIKENESS = 0.15
 
 
 Mode = Literal["auto", "list", "off"]
@@ -379,8 +379,8 @@ class PredictorConfig:
         num_threads: torch intra-op threads on CPU; 0 means all cores of this machine. Ray workers start
             with OMP_NUM_THREADS=1, so this must be set explicitly.
         compile: `torch.compile` the network ("auto": on GPU; a failure falls back to eager, logged).
-        fold_batchnorm: fold the body's batch norms into its convolutions ("auto": on GPU; on the CPU the
-            unfolded network keeps fp32 scores equal to the plain model's).
+        fold_batchnorm: fold the body's batch norms into its convolutions ("auto": yes, on GPU and CPU;
+            fp32 ages stay within 1e-3 years of the plain model's; saliency uses the unfolded network).
     """
 
     device: Device = "auto"
@@ -415,6 +415,8 @@ class RayConfig:
             process exits (`lifetime.exit_now`). For the `cxrage` command, which exits right after its job: Ray's
             own shutdown stops its processes one by one (~1.4 s on 2 cores), the watcher kills them at once.
             Library callers keep the default (the job stops its Ray); a cluster (`address`) is only disconnected.
+        wait_for_gpus: the job needs GPUs (`--device cuda`, `--gpu-preprocess on`): on a cluster that has none yet,
+            wait up to `no_progress_timeout_s` for the autoscaler to add GPU nodes (`runtime.session.wait_for_gpus`).
     """
 
     address: str | None = None
@@ -424,6 +426,7 @@ class RayConfig:
     no_progress_timeout_s: float = 600.0
     verbose: bool = False
     stop_at_exit: bool = False
+    wait_for_gpus: bool = False
 
     def rows_per_task_for(self, preprocess: PreprocessMode) -> int:
         """Rows per CPU task for this job: each task costs Ray tens of ms (scheduling, a block through the object

@@ -64,6 +64,10 @@ META_COLUMNS = ["modality", "view_position", "body_part", "patient_sex", "study_
 #: Per prepared row: the storage retries its read took, as JSON ``{"SlowDown": 2}`` (``{}`` for none). Summed
 #: into summary.json by the driver; not an output column.
 RETRIES_COLUMN = "read_retries"
+#: Per scored row, with mixed precision: cxr_age minus the same film's fp32 cxr_age (years) for the films the
+#: precision audit sampled (`cxrage_ray.predict.precision_audit`), NaN for the others. Summarised into
+#: summary.json's `precision_audit` by the driver; not an output column.
+PRECISION_DELTA_COLUMN = "precision_delta_years"
 #: The columns the scoring actor adds.
 SCORE_COLUMNS = ["cxr_age", "raw", "raw_sd", "cxr_age_gap"]
 

@@ -75,10 +75,58 @@ def test_no_docker_and_spill_on_own_volume(config):
     assert any("/mnt/spill" in c and "mount" in c for c in config["setup_commands"])
 
 
+def _pip_installs(commands: list[str]) -> list[str]:
+    return [c for c in commands if "pip install" in c and "cxrage-ray" in c]
+
+
+def _worker_setup(config: dict, node_type: str) -> list[str]:
+    """What Ray runs on a worker of `node_type`: its own worker_setup_commands replace the global lists."""
+    own = config["available_node_types"][node_type].get("worker_setup_commands")
+    return own if own is not None else config["setup_commands"] + config.get("worker_setup_commands", [])
+
+
 def test_setup_installs_this_package_with_torch(config):
-    setup = " ".join(config["setup_commands"])
-    assert "torch==" in setup and "ray[default" in setup
-    assert "~/cxrage-ray" in setup and config["file_mounts"]["~/cxrage-ray"] == "."
+    for node_type in config["available_node_types"]:
+        commands = (config["setup_commands"] if node_type == config["head_node_type"]
+                    else _worker_setup(config, node_type))
+        setup = " ".join(commands)
+        assert "torch==" in setup and "ray[default" in setup and "/mnt/spill" in setup
+        assert len(_pip_installs(commands)) == 1
+    assert config["file_mounts"]["~/cxrage-ray"] == "."
+
+
+def test_gpu_nodes_install_the_gpu_extra(config):
+    """A GPU node without nvImageCodec silently decodes on its CPUs (`--gpu-preprocess auto`): the GPU type
+    installs the package with the extra that pyproject.toml declares for it; CPU nodes without it."""
+    import tomllib
+
+    extras = tomllib.loads((CLUSTER_YAML.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any("nvimgcodec" in requirement for requirement in extras["gpu"])
+    for name, node_type in config["available_node_types"].items():
+        commands = config["setup_commands"] if name == config["head_node_type"] else _worker_setup(config, name)
+        (install,) = _pip_installs(commands)
+        assert ("cxrage-ray[gpu]" in install) == bool(node_type["resources"].get("GPU")), (name, install)
+
+
+def test_nodes_reach_s3_by_instance_profile(config):
+    """No keys on the nodes: each node type names an instance profile; workers share one that holds S3 only, the
+    head's differs (it also launches the workers)."""
+    profiles = {name: t["node_config"].get("IamInstanceProfile") for name, t in config["available_node_types"].items()}
+    assert all(p and (p.get("Name") or p.get("Arn")) for p in profiles.values()), profiles
+    head = profiles.pop(config["head_node_type"])
+    assert len({json.dumps(p, sort_keys=True) for p in profiles.values()}) == 1
+    assert head != next(iter(profiles.values()))
+    text = CLUSTER_YAML.read_text()
+    assert "AWS_SECRET_ACCESS_KEY" not in text and "aws_secret_access_key" not in text
+
+
+def test_weights_fetched_once_on_the_head_and_verified(config):
+    """The driver on the head reads the weights; `cxrage weights fetch` checks size + sha256 and skips a verified
+    cached copy, so it runs on every (re)start of the head without downloading twice."""
+    assert any("cxrage weights fetch" in c for c in config["head_setup_commands"])
+    workers = [c for name in config["available_node_types"] if name != config["head_node_type"]
+               for c in _worker_setup(config, name)]
+    assert not any("weights fetch" in c for c in workers)
 
 
 def test_shell_commands_parse(config):
@@ -88,6 +136,7 @@ def test_shell_commands_parse(config):
     commands = [c for key in ("initialization_commands", "setup_commands", "head_setup_commands",
                               "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
                 for c in config.get(key, [])]
+    commands += [c for t in config["available_node_types"].values() for c in t.get("worker_setup_commands", [])]
     assert commands
     for command in commands:
         result = subprocess.run([bash, "-n", "-c", command], capture_output=True, text=True)

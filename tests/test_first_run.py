@@ -77,7 +77,9 @@ def test_demo_weights_are_marked_everywhere(first_run):
 def test_report_leaves_non_chest_rows_out_and_says_how_many(first_run):
     _, _, out = first_run
     analysis = json.loads((out / "_cxrage" / "analysis.json").read_text())
-    assert analysis["excluded_from_statistics"] == {"non_chest": len(NON_CHEST)}
+    excluded = analysis["excluded_from_statistics"]  # a film with two excluding flags counts under both
+    assert excluded["non_chest"] == len(NON_CHEST) and excluded["age_implausible"] == len(IMPLAUSIBLE)
+    assert analysis["n_excluded_from_statistics"] == len(NON_CHEST)  # ...and is left out once; the chest films stay
     assert analysis["cxr_age"]["n"] == len(CHEST)
     assert analysis["n_ok"] == len(CHEST) + len(NON_CHEST)
     assert f"{len(NON_CHEST)} flagged <code>non_chest</code>" in (out / "_cxrage" / "report.html").read_text()

@@ -11,6 +11,12 @@ decodes J2K/HTJ2K and JPEG on the GPU; lossless streams come out pixel-identical
 data, odd depths, a stream it refuses or a result of the wrong size — is decoded per file on the CPU with
 the exact path (pydicom + pylibjpeg) and moved to the device, so a film is never lost or silently wrong;
 `StoredFrame.device` records which path produced it (the `decode_device` output column).
+
+JPEG frames decode on the CPU by default, also on a GPU node: nvJPEG's GPU IDCT is not the islow IDCT of
+libjpeg(-turbo) that the exact path and dcmj2pnm use, so its pixels may differ by a level. They take
+nvImageCodec's CPU back end (libjpeg-turbo, equal to the exact path on the real films) in one batch call, else
+pydicom, and their rows say `decode_device = "cpu"`. `gpu_jpeg=True` opts into nvJPEG where a user measured and
+accepts the difference (`benchmarks/gpu_pipeline.py` prints it); never a silent difference.
 """
 
 from __future__ import annotations
@@ -57,37 +63,54 @@ class FrameDecoder:
             installed (otherwise every frame takes the CPU path).
         nvimgcodec_on_cpu: use nvImageCodec's CPU back ends instead (no GPU needed; what the tests run, since
             they exercise the same batch API, results and refusals as the GPU back ends).
+        gpu_jpeg: decode JPEG with nvJPEG on the GPU too (see the module docstring: not the exact IDCT).
     """
 
-    def __init__(self, device: torch.device, use_nvimgcodec: bool = True, nvimgcodec_on_cpu: bool = False):
+    def __init__(self, device: torch.device, use_nvimgcodec: bool = True, nvimgcodec_on_cpu: bool = False,
+                 gpu_jpeg: bool = False):
         self.device = device
-        self._decoder = None
+        self._decoder = self._cpu_decoder = None
         self._on_gpu = device.type == "cuda" and not nvimgcodec_on_cpu
+        self._jpeg_on_cpu = self._on_gpu and not gpu_jpeg
         codec = load_nvimgcodec() if use_nvimgcodec and (self._on_gpu or nvimgcodec_on_cpu) else None
         if codec is not None:
             try:
+                cpu_only = dict(device_id=codec.NVIMGCODEC_DEVICE_CPU_ONLY,
+                                backends=[codec.Backend(codec.BackendKind.CPU_ONLY)])
                 if self._on_gpu:
                     self._decoder = codec.Decoder(device_id=device.index or 0)
+                    if self._jpeg_on_cpu:
+                        self._cpu_decoder = codec.Decoder(**cpu_only)
                 else:
-                    self._decoder = codec.Decoder(device_id=codec.NVIMGCODEC_DEVICE_CPU_ONLY,
-                                                  backends=[codec.Backend(codec.BackendKind.CPU_ONLY)])
+                    self._decoder = codec.Decoder(**cpu_only)
                 self._params = codec.DecodeParams(color_spec=codec.ColorSpec.UNCHANGED, allow_any_depth=True)
             except Exception as exc:
                 log.warning("nvImageCodec could not start (%s): decoding on the CPU", type(exc).__name__)
-                self._decoder = None
+                self._decoder = self._cpu_decoder = None
 
     @property
     def uses_nvimgcodec(self) -> bool:
         return self._decoder is not None
 
+    def route(self, frame: EncodedFrame) -> str:
+        """Which path decodes `frame`: "gpu" (nvImageCodec on the device), "codec-cpu" (nvImageCodec's CPU back
+        end, for JPEG on a GPU node) or "cpu" (pydicom + pylibjpeg, the exact path)."""
+        return frame_route(frame, codec=self._decoder is not None, on_gpu=self._on_gpu,
+                           jpeg_on_cpu=self._jpeg_on_cpu, cpu_codec=self._cpu_decoder is not None)
+
     def decode(self, frames: Sequence[EncodedFrame]) -> list[StoredFrame | BaseException]:
         """Decode each frame; a frame that no path can decode is returned as its exception (in place)."""
         results: list[StoredFrame | BaseException | None] = [None] * len(frames)
-        batch_positions = [i for i, f in enumerate(frames) if self.uses_nvimgcodec and gpu_decodable(f)]
-        if batch_positions:
-            for i, values in zip(batch_positions, self._decode_batch([frames[i] for i in batch_positions])):
+        routes = [self.route(f) for f in frames]
+        for route in ("gpu", "codec-cpu"):
+            positions = [i for i, r in enumerate(routes) if r == route]
+            if not positions:
+                continue
+            on_gpu = route == "gpu"
+            decoder = self._decoder if on_gpu or not self._on_gpu else self._cpu_decoder
+            for i, values in zip(positions, self._decode_batch([frames[i] for i in positions], decoder, on_gpu)):
                 if values is not None:
-                    results[i] = StoredFrame(values, "gpu" if self._on_gpu else "cpu", "nvimgcodec")
+                    results[i] = StoredFrame(values, "gpu" if on_gpu else "cpu", "nvimgcodec")
         for i, frame in enumerate(frames):
             if results[i] is None:
                 try:
@@ -97,10 +120,10 @@ class FrameDecoder:
                     results[i] = exc
         return results  # type: ignore[return-value]
 
-    def _decode_batch(self, frames: Sequence[EncodedFrame]) -> list[torch.Tensor | None]:
+    def _decode_batch(self, frames: Sequence[EncodedFrame], decoder: Any, on_gpu: bool) -> list[torch.Tensor | None]:
         """nvImageCodec on a batch; None where it refused a stream or returned something unexpected."""
         try:
-            images = self._decoder.decode([f.codestream for f in frames], params=self._params)
+            images = decoder.decode([f.codestream for f in frames], params=self._params)
         except Exception as exc:  # a whole-batch failure: every frame goes to the CPU path
             log.warning("nvImageCodec batch decode failed (%s): CPU fallback for %d frames",
                         type(exc).__name__, len(frames))
@@ -109,11 +132,21 @@ class FrameDecoder:
         for frame, image in zip(frames, images):
             if image is None:
                 out.append(None)
-            elif self._on_gpu:  # stays on the GPU (__cuda_array_interface__)
+            elif on_gpu:  # stays on the GPU (__cuda_array_interface__)
                 out.append(_stored_values(torch.as_tensor(image, device=self.device), frame))
             else:
                 out.append(_stored_values(torch.from_numpy(np.asarray(image.cpu())).to(self.device), frame))
         return out
+
+
+def frame_route(frame: EncodedFrame, *, codec: bool, on_gpu: bool, jpeg_on_cpu: bool, cpu_codec: bool) -> str:
+    """`FrameDecoder.route` as a rule: `codec` — nvImageCodec started; `on_gpu` — on its GPU back ends;
+    `jpeg_on_cpu` — JPEG kept off nvJPEG; `cpu_codec` — its CPU back end started beside the GPU one."""
+    if not codec or not gpu_decodable(frame):
+        return "cpu"
+    if on_gpu and jpeg_on_cpu and frame.codec == "jpeg":
+        return "codec-cpu" if cpu_codec else "cpu"
+    return "gpu" if on_gpu else "codec-cpu"
 
 
 def gpu_decodable(frame: EncodedFrame) -> bool:

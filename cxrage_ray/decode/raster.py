@@ -184,11 +184,14 @@ def _decode_png(data: bytes, options: DecodeOptions) -> DecodedImage:
     width, height, depth, colour_type = _png_ihdr(data)
     _check_size(width, height, options)
     check_png_crcs(data)
-    if (depth == 16 and colour_type in (2, 4, 6)) or _libpng_native(depth, colour_type, data):
+    wide_colour = depth == 16 and colour_type in (2, 4, 6)
+    imagecodecs = _imagecodecs() if wide_colour or _libpng_native(depth, colour_type, data) else None
+    if wide_colour and imagecodecs is None:
+        raise DecodeError("a 16-bit colour PNG needs imagecodecs (pip install imagecodecs): Pillow would keep "
+                          "only the high byte of each sample")
+    if imagecodecs is not None:
         # Pillow keeps only the high byte of 16-bit colour/grey-alpha samples; for the plain layouts libpng
         # is exact too and allocates one array of the file's depth (see the module docstring)
-        import imagecodecs
-
         try:
             arr = imagecodecs.png_decode(data)
         except Exception as exc:
@@ -197,6 +200,16 @@ def _decode_png(data: bytes, options: DecodeOptions) -> DecodedImage:
     from PIL import PngImagePlugin
 
     return _load_pillow(PngImagePlugin.PngImageFile, data, "PNG", options)
+
+
+def _imagecodecs():
+    """The imagecodecs module, or None where it is not installed (a bare machine running from a checkout, as the
+    GPU benchmark kit does): then the plain layouts decode with Pillow, which gives the same samples."""
+    try:
+        import imagecodecs
+    except ImportError:
+        return None
+    return imagecodecs
 
 
 def _load_pillow(plugin, data: bytes, label: str, options: DecodeOptions, draft: bool = False) -> DecodedImage:

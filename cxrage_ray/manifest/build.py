@@ -32,26 +32,16 @@ import os
 import posixpath
 import re
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxrage_ray.contract import PROBLEM_COLUMN
-from cxrage_ray.pacs.dicomweb import is_dicomweb, query_manifest, with_uid_columns
-from cxrage_ray.errors import InputError, ReadError
-from cxrage_ray.contract import CONTRACT_NAMES
 from cxrage_ray.config import StorageConfig
-from cxrage_ray.storage.files import (
-    exists,
-    is_local,
-    join_uri,
-    list_files,
-    parent_uri,
-    read_bytes,
-    write_bytes,
-)
-from cxrage_ray.storage.uris import protocol_of
+from cxrage_ray.contract import CONTRACT_NAMES, PROBLEM_COLUMN
+from cxrage_ray.errors import InputError, ReadError
+from cxrage_ray.manifest.stream import ManifestSource, manifest_batches, scan_manifest
+from cxrage_ray.pacs.dicomweb import is_dicomweb, query_manifest
+from cxrage_ray.storage.files import exists, filesystem_for, list_files, parent_uri, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +51,30 @@ MANIFEST_EXTENSIONS = (".csv", ".parquet")
 RESERVED_COLUMNS = (*(c for c in CONTRACT_NAMES if c not in ("image_id", "uri")), PROBLEM_COLUMN)
 #: DICOM files are often named by UID ("1.2.840.113619.2.55"): an all-digit suffix is not an extension.
 _NUMERIC_SUFFIX = re.compile(r"^\.\d+$")
+#: Rows per row group of a Parquet manifest `write_manifest` writes: the unit `cxrage score` streams.
+MANIFEST_ROW_GROUP = 65_536
+
+
+def open_manifest(input: str, storage: StorageConfig, uri_column: str = "uri") -> ManifestSource:
+    """INPUT opened for streaming (`cxrage_ray.manifest.stream`): checked, but a Parquet manifest's rows not read.
+
+    A Parquet manifest is checked from its footer (columns, row count) and its rows stream from the file later;
+    a folder/prefix or DICOMweb query is listed once and a CSV parsed once, and their rows are held as one frame.
+
+    Raises:
+        InputError: as `build_manifest`.
+    """
+    if is_dicomweb(input):  # a QIDO-RS query: listed once, page by page
+        return _from_frame(input, storage, query_manifest(input, storage), base=None)
+    if input.lower().endswith(".parquet"):
+        return _open_parquet(input, storage, uri_column)
+    if input.lower().endswith(MANIFEST_EXTENSIONS):
+        return _from_csv(input, storage, uri_column)
+    return _from_folder(input, storage)
 
 
 def build_manifest(input: str, storage: StorageConfig, uri_column: str = "uri") -> pd.DataFrame:
-    """Rows to score for INPUT (see the module docstring).
+    """Rows to score for INPUT (see the module docstring), all at once: `open_manifest`, then every streamed batch.
 
     Args:
         input: folder/prefix, or a ``.csv`` / ``.parquet`` manifest; local path or fsspec URL.
@@ -76,27 +86,36 @@ def build_manifest(input: str, storage: StorageConfig, uri_column: str = "uri") 
             rows, lacks ``uri``, or has reserved column names. Blank uris/image_ids and duplicate image_ids
             are not refused: those rows carry their problem in `PROBLEM_COLUMN`.
     """
-    if is_dicomweb(input):  # a QIDO-RS query: listed once, page by page
-        return _finish(query_manifest(input, storage))
-    if input.lower().endswith(MANIFEST_EXTENSIONS):
-        return with_uid_columns(_from_manifest_file(input, storage, uri_column))
-    return _from_folder(input, storage)
+    source = open_manifest(input, storage, uri_column)
+    scan = scan_manifest(source)
+    return pd.concat(list(manifest_batches(source, scan)), ignore_index=True)
 
 
 def write_manifest(df: pd.DataFrame, out_url: str, storage: StorageConfig) -> None:
     """Write a manifest for reuse as INPUT: Parquet (or CSV when `out_url` ends in .csv), without ``row_id``.
 
     ``row_id`` and `PROBLEM_COLUMN` are dropped because they are reserved: the manifest read back gets fresh
-    row_ids in the same order, and its problems are found again.
+    row_ids in the same order, and its problems are found again. Parquet row groups of `MANIFEST_ROW_GROUP` rows
+    let `cxrage score` stream it a group at a time.
     """
     table_df = df.drop(columns=["row_id", PROBLEM_COLUMN], errors="ignore")
     if out_url.lower().endswith(".csv"):
         data = table_df.to_csv(index=False).encode()
     else:
         sink = io.BytesIO()
-        pq.write_table(pa.Table.from_pandas(table_df, preserve_index=False), sink, compression="zstd")
+        pq.write_table(pa.Table.from_pandas(table_df, preserve_index=False), sink, compression="zstd",
+                       row_group_size=MANIFEST_ROW_GROUP)
         data = sink.getvalue()
     write_bytes(out_url, data, storage)
+
+
+def _from_frame(input: str, storage: StorageConfig, frame: pd.DataFrame, base: str | None) -> ManifestSource:
+    """A source over rows already in memory (a listing, a parsed CSV)."""
+    frame = frame.reset_index(drop=True)
+    extras = frame.drop(columns=[c for c in ("uri", "image_id") if c in frame.columns])
+    schema = pa.Schema.from_pandas(extras, preserve_index=False) if len(extras.columns) else pa.schema([])
+    return ManifestSource(input=input, storage=storage, uri_column="uri", base=base, num_rows=len(frame),
+                          extras=tuple(schema), has_image_id="image_id" in frame.columns, frame=frame)
 
 
 # ---------------------------------------------------------------- folder / prefix
@@ -111,7 +130,7 @@ def is_image_name(relative_path: str) -> bool:
     return suffix in IMAGE_EXTENSIONS or suffix == "" or bool(_NUMERIC_SUFFIX.match(suffix))
 
 
-def _from_folder(input: str, storage: StorageConfig) -> pd.DataFrame:
+def _from_folder(input: str, storage: StorageConfig) -> ManifestSource:
     files = list_files(input, storage)
     if not files:
         if not exists(input, storage):
@@ -129,7 +148,8 @@ def _from_folder(input: str, storage: StorageConfig) -> pd.DataFrame:
             f"no images in {input}: {len(files)} file(s) found, none with an image extension "
             f"({', '.join(sorted(IMAGE_EXTENSIONS))}) or without an extension"
         )
-    return _finish(pd.DataFrame({"image_id": [r for r, _ in rows], "uri": [u for _, u in rows]}))
+    return _from_frame(input, storage, pd.DataFrame({"image_id": [r for r, _ in rows], "uri": [u for _, u in rows]}),
+                       base=None)
 
 
 def _folder_prefix(input: str) -> str:
@@ -142,49 +162,77 @@ def _folder_prefix(input: str) -> str:
 # ---------------------------------------------------------------- manifest file
 
 
-def _from_manifest_file(input: str, storage: StorageConfig, uri_column: str = "uri") -> pd.DataFrame:
+def _open_parquet(input: str, storage: StorageConfig, uri_column: str) -> ManifestSource:
+    """A Parquet manifest checked from its footer alone: its rows stream later (`cxrage_ray.manifest.stream`)."""
+    _check_readable(input, storage)
     try:
-        data = read_bytes(input, storage)
+        fs, path = filesystem_for(input, storage)
+        with fs.open(path, "rb") as handle:
+            metadata = pq.ParquetFile(handle).metadata
+            schema = metadata.schema.to_arrow_schema()
+    except Exception as e:  # noqa: BLE001 - any parser failure is the user's file, not our bug
+        raise InputError(f"cannot parse manifest {input}: {type(e).__name__}: {e}") from e
+    names = _checked_columns(input, schema.names, uri_column)
+    if metadata.num_rows == 0:
+        raise InputError(f"manifest {input} has no rows")
+    extras = tuple(schema.field(n) for n in names if n not in (uri_column, "image_id"))
+    groups = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+    return ManifestSource(input=input, storage=storage, uri_column=uri_column, base=parent_uri(input),
+                          num_rows=metadata.num_rows, extras=_plain_fields(extras), has_image_id="image_id" in names,
+                          parquet_rows=groups)
+
+
+def _from_csv(input: str, storage: StorageConfig, uri_column: str) -> ManifestSource:
+    """A CSV manifest, parsed once by pandas (its own type inference over the whole file) and held as a frame;
+    a manifest of millions of rows streams from Parquet instead (`cxrage manifest big.csv big.parquet`)."""
+    df = _parse(_check_readable(input, storage, read=True), input, uri_column)
+    _checked_columns(input, list(df.columns), uri_column)
+    if uri_column != "uri":
+        df = df.rename(columns={uri_column: "uri"})
+    if df.empty:
+        raise InputError(f"manifest {input} has no rows")
+    return _from_frame(input, storage, df, base=parent_uri(input))
+
+
+def _check_readable(input: str, storage: StorageConfig, read: bool = False) -> bytes:
+    """INPUT's bytes (`read`), or b"" once it is known to exist and not be empty; `InputError` otherwise."""
+    try:
+        if read:
+            return read_bytes(input, storage)
+        if not exists(input, storage):
+            raise ReadError(f"not found: {input}")
+        fs, path = filesystem_for(input, storage)
+        if fs.size(path) == 0:
+            raise ReadError(f"{input} is empty")
+        return b""
     except ReadError as e:
         if str(e).startswith("not found"):
             raise InputError(f"input not found: {input}") from e
         if "empty" in str(e):
             raise InputError(f"manifest {input} is empty (0 bytes)") from e
         raise InputError(f"cannot read manifest {input}: {e}") from e
-    df = _parse(data, input, uri_column)
-    if uri_column not in df.columns:
-        columns = ", ".join(map(str, df.columns[:12])) + (", ..." if len(df.columns) > 12 else "")
+
+
+def _checked_columns(input: str, columns: list, uri_column: str) -> list:
+    """The manifest's column names, refused when the path column is missing or a name is reserved."""
+    if uri_column not in columns:
+        names = ", ".join(map(str, columns[:12])) + (", ..." if len(columns) > 12 else "")
         hint = "" if uri_column != "uri" else "; name the column that holds the paths with --uri-column NAME"
-        raise InputError(f"manifest {input} has no `{uri_column}` column (columns: {columns or 'none'}){hint}")
-    if uri_column != "uri":
-        if "uri" in df.columns:
-            raise InputError(f"manifest {input} has both `{uri_column}` and `uri` columns: rename `uri` or drop "
-                             "--uri-column")
-        df = df.rename(columns={uri_column: "uri"})
-    reserved = [c for c in RESERVED_COLUMNS if c in df.columns]
+        raise InputError(f"manifest {input} has no `{uri_column}` column (columns: {names or 'none'}){hint}")
+    if uri_column != "uri" and "uri" in columns:
+        raise InputError(f"manifest {input} has both `{uri_column}` and `uri` columns: rename `uri` or drop "
+                         "--uri-column")
+    reserved = [c for c in RESERVED_COLUMNS if c in columns]
     if reserved:
         raise InputError(
             f"manifest {input} has column(s) reserved for the output: {', '.join(reserved)}; rename them"
         )
-    if df.empty:
-        raise InputError(f"manifest {input} has no rows")
-    base = parent_uri(input)
-    blank_uri = _blank(df["uri"])
-    uris = [None if blank else _resolve(str(u).strip(), base) for u, blank in zip(df["uri"], blank_uri)]
-    problems: list[str | None] = ["empty uri" if blank else None for blank in blank_uri]
-    if "image_id" in df.columns:  # a blank one is marked by _finish
-        image_ids = [None if blank else str(v) for v, blank in zip(df["image_id"], _blank(df["image_id"]))]
-    else:
-        image_ids = [None if u is None else _default_image_id(u, base) for u in uris]
-    extra = df.drop(columns=[c for c in ("uri", "image_id") if c in df.columns]).reset_index(drop=True)
-    out = pd.DataFrame({"image_id": pd.array(image_ids, dtype="string"), "uri": pd.array(uris, dtype="string")})
-    return _finish(pd.concat([out, extra], axis=1), problems)
+    return list(columns)
 
 
-def _blank(column: pd.Series) -> np.ndarray:
-    """Which cells of a manifest column are missing: null/NaN, or only whitespace (bool per row)."""
-    text = column.astype("string").str.strip()
-    return (text.isna() | (text == "")).fillna(True).to_numpy(dtype=bool)
+def _plain_fields(fields: tuple[pa.Field, ...]) -> tuple[pa.Field, ...]:
+    """Fields as the streamed rows carry them (a dictionary-encoded column reads back as its values)."""
+    return tuple(pa.field(f.name, f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in fields)
 
 
 def _parse(data: bytes, input: str, uri_column: str = "uri") -> pd.DataFrame:
@@ -197,49 +245,3 @@ def _parse(data: bytes, input: str, uri_column: str = "uri") -> pd.DataFrame:
         raise InputError(f"manifest {input} is empty") from e
     except Exception as e:  # noqa: BLE001 - any parser failure is the user's file, not our bug
         raise InputError(f"cannot parse manifest {input}: {type(e).__name__}: {e}") from e
-
-
-def _resolve(uri: str, base: str) -> str:
-    """Absolute URIs and absolute local paths stay; relative ones are joined onto the manifest's folder."""
-    if "://" in uri or uri.startswith("/"):
-        return uri
-    return join_uri(base, uri)
-
-
-def _default_image_id(uri: str, base: str) -> str:
-    """`uri`'s path relative to the manifest's folder when under it, else the uri itself."""
-    prefix = base.rstrip("/") + "/"
-    if protocol_of(uri) == protocol_of(base) and is_local(uri) == is_local(base):
-        candidate = uri
-        if is_local(uri) and "://" in uri:  # file:///x -> /x to compare with a plain local base
-            candidate = "/" + uri.split("://", 1)[1].lstrip("/")
-        if candidate.startswith(prefix):
-            return candidate[len(prefix):]
-    return uri
-
-
-def _finish(df: pd.DataFrame, problems: list[str | None] | None = None) -> pd.DataFrame:
-    """Type the key columns, prepend row_id, and append `PROBLEM_COLUMN`: `problems` (one per row, None when
-    fine), else ``empty image_id``, else ``duplicate image_id`` for a repeat of an earlier row's image_id;
-    each prefixed by the row. Logs a warning naming the first such row."""
-    df = df.reset_index(drop=True)
-    df["image_id"] = df["image_id"].astype("string")
-    found = list(problems) if problems is not None else [None] * len(df)
-    blank_id = _blank(df["image_id"])
-    for row in np.flatnonzero(blank_id):
-        found[row] = found[row] or "empty image_id"
-    # only rows that name an image claim an id; vectorised, as archive manifests run to millions of rows
-    claiming = df["image_id"][~(pd.Series(found, dtype=object).notna().to_numpy() | blank_id)]
-    repeat = claiming.duplicated(keep="first")
-    first_row = pd.Series(claiming[~repeat].index, index=claiming[~repeat].to_numpy())
-    for row, image_id in claiming[repeat].items():
-        found[row] = f"duplicate image_id {image_id!r} (also row {first_row[image_id]})"
-    df["uri"] = df["uri"].astype("string")
-    df.insert(0, "row_id", pd.RangeIndex(len(df)).astype("int64"))
-    df[PROBLEM_COLUMN] = pd.array([None if p is None else f"row {row}: {p}" for row, p in enumerate(found)],
-                                  dtype="string")
-    marked = df[PROBLEM_COLUMN].dropna()
-    if len(marked):  # said up front: these rows will be ManifestError rows, not scores
-        log.warning("%d manifest row(s) name no readable image and become ManifestError rows (%s%s)",
-                    len(marked), marked.iloc[0], ", ..." if len(marked) > 1 else "")
-    return df

@@ -19,11 +19,11 @@ import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, fields
-from importlib import resources
 from pathlib import Path
 from typing import Literal, Mapping
 
 from cxrage_ray.errors import WeightsError
+from cxrage_ray.model.packaged import packaged_file
 from cxrage_ray.storage.atomic import move_into_place, write_atomic
 from cxrage_ray.storage.digest import hash_file_into, sha256_file
 
@@ -82,7 +82,7 @@ class ResolvedWeights:
 
 def load_registry() -> dict[str, WeightsSpec]:
     """All registry entries by id, read from the packaged ``registry.json``."""
-    text = resources.files("cxrage_ray.weights_data").joinpath("registry.json").read_text(encoding="utf-8")
+    text = packaged_file("registry.json").read_text(encoding="utf-8")
     models = json.loads(text)["models"]
     known = {f.name for f in fields(WeightsSpec)} - {"id"}
     # fields a newer registry adds are ignored, so an older package still reads it
@@ -92,7 +92,7 @@ def load_registry() -> dict[str, WeightsSpec]:
 
 def model_card(spec: WeightsSpec) -> str:
     """The text of `spec`'s model card (Markdown)."""
-    return resources.files("cxrage_ray.weights_data").joinpath(spec.model_card).read_text(encoding="utf-8")
+    return packaged_file(spec.model_card).read_text(encoding="utf-8")
 
 
 def weights_home(env: Mapping[str, str] | None = None) -> Path:
@@ -295,3 +295,20 @@ def resolve_weights(path: str | None, home: Path, allow_fetch: bool, *, spec: We
             "disabled (--no-fetch).\n" + how_to_obtain(spec, home)
         )
     return ResolvedWeights(fetch_weights(spec, home, progress=progress), spec.sha256, "fetched")
+
+
+#: `weights_name` of the seeded random weights (`--weights demo`, `cxrage_ray.model.demo`): every row, record and
+#: served answer scored with them says so, and the report and the serve page show a red banner.
+DEMO_WEIGHTS_NAME = "demo"
+
+
+def weights_label(requested: str | None) -> str | None:
+    """The name `--weights` itself gives the weights (`ScoreConfig`/`ServeConfig.weights_name`): `demo` for the demo
+    weights, None for a file or the published model (named by `weights_name` once resolved)."""
+    return DEMO_WEIGHTS_NAME if requested == DEMO_WEIGHTS_NAME else None
+
+
+def weights_name(label: str | None, resolved: ResolvedWeights) -> str:
+    """What the weights are, written beside their sha256 in every output row and served answer: `label`
+    (`weights_label`) when given, else the published model's registry id, else the weights file's name."""
+    return label or (DEFAULT_MODEL if resolved.source != "explicit" else resolved.path.name)

@@ -91,9 +91,11 @@ class OrientationClassifier:
         from safetensors import safe_open
 
         if path is None:
-            from importlib.resources import as_file, files
+            from importlib.resources import as_file
 
-            with as_file(files("cxrage_ray.weights_data") / DEFAULT_WEIGHTS) as packaged:
+            from cxrage_ray.model.packaged import packaged_file
+
+            with as_file(packaged_file(DEFAULT_WEIGHTS)) as packaged:
                 return cls.load(packaged)
         path = Path(path)
         if not path.is_file():

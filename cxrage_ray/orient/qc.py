@@ -1,8 +1,10 @@
 """Picture and age QC: the checks behind the `qc` flags that do not come from the DICOM header.
 
 In:  a seed-chain picture (uint8 (H, W[, C])) or its `Thumbnails`; a chronological age (years) or None.
-Out: bools (`is_blank`, `picture_non_chest`, `is_paediatric`), the chest-likeness score behind `picture_non_chest`
-     (`chest_likeness_thumbs` of a `template_thumbnail`), and the QC flag names. Which ages are plausible is the
+Out: bools (`is_blank`, `picture_non_chest`, `is_paediatric`), the picture's verdict (`picture_chest_verdict`:
+     non_chest on strong evidence, non_chest_suspected on weak), the chest-likeness score behind them
+     (`chest_likeness_thumbs` of a `template_thumbnail`), how upright-chest-like the picture is at each quarter
+     turn (`upright_likeness`, the orientation stage's second opinion on a turn), and the QC flag names. Which ages are plausible is the
      row contract's rule (`cxrage_ray.contract.plausible_age`), applied before orientation.
 """
 
@@ -21,6 +23,14 @@ QC_BLANK = "blank"
 QC_PAEDIATRIC = "paediatric"
 QC_ORIENTATION_UNCERTAIN = "orientation_uncertain"
 QC_NON_CHEST = "non_chest"
+#: A warning, not an exclusion: the picture looks little like a chest film, but not so little that a real film
+#: (small, tightly cropped, low-contrast, a child's) is ruled out. Reports keep these rows in their statistics.
+QC_NON_CHEST_SUSPECTED = "non_chest_suspected"
+#: Pictures (no header) whose `chest_likeness` is below this but at or above `OrientConfig.non_chest_likeness`
+#: are flagged `non_chest_suspected` (benchmarks/qc.py).
+NON_CHEST_SUSPECTED_LIKENESS = 0.45
+#: Flags that only warn: `--skip-flagged` still scores such a film, and reports keep it in their statistics.
+WARNING_FLAGS = frozenset({QC_NON_CHEST_SUSPECTED})
 #: Paediatric below this chronological age (years); CXR-Age was trained on adults (PLCO, 55-74).
 ADULT_AGE = 18.0
 #: Side of the thumbnails compared with the mean chest films (`chest_likeness`).
@@ -40,25 +50,34 @@ def template_thumbnail(image_u8: np.ndarray | Thumbnails, size: int = CHEST_TEMP
     return (thumb - thumb.mean()) / (thumb.std() + 1e-6)
 
 
+def upright_likeness(thumb: np.ndarray, templates: Sequence[np.ndarray]) -> tuple[float, float, float, float]:
+    """How much a `template_thumbnail` looks like an upright chest film once a clockwise turn of 0/90/180/270°
+    is undone: per turn, the best Pearson correlation with any chest template, as it lies or mirrored (a mirror
+    image of an upright film is still upright)."""
+    standard = [(t - t.mean()) / (t.std() + 1e-6) for t in templates]
+    scores = []
+    for k in range(4):
+        view = np.rot90(thumb, k)  # undoes a clockwise turn of 90k degrees
+        scores.append(max(float((v * t).mean()) for t in standard for v in (view, view[:, ::-1])))
+    return (scores[0], scores[1], scores[2], scores[3])
+
+
 def chest_likeness_thumbs(thumb: np.ndarray, templates: Sequence[np.ndarray]) -> float:
     """Best Pearson correlation of a `template_thumbnail` with any chest template, over the four quarter turns
     and the mirror image (a film may lie turned or flipped; orientation is judged elsewhere)."""
-    best = -1.0
-    for template in templates:
-        t = (template - template.mean()) / (template.std() + 1e-6)
-        for view in (thumb, thumb[:, ::-1]):
-            best = max(best, *(float((np.rot90(view, k) * t).mean()) for k in range(4)))
-    return best
+    return max(upright_likeness(thumb, templates))
 
 
 @functools.lru_cache(maxsize=1)
 def chest_templates() -> tuple[np.ndarray, ...]:
     """The committed chest templates (frontal, lateral), loaded once per process."""
-    from importlib.resources import as_file, files
+    from importlib.resources import as_file
 
     from safetensors.numpy import load_file
 
-    with as_file(files("cxrage_ray.weights_data") / CHEST_TEMPLATES) as path:
+    from cxrage_ray.model.packaged import packaged_file
+
+    with as_file(packaged_file(CHEST_TEMPLATES)) as path:
         loaded = load_file(str(path))
     return tuple(loaded[key].astype(np.float64) for key in sorted(loaded))
 
@@ -66,6 +85,24 @@ def chest_templates() -> tuple[np.ndarray, ...]:
 def picture_non_chest(image_u8: np.ndarray | Thumbnails, threshold: float = NON_CHEST_LIKENESS) -> bool:
     """True when a seed-chain picture looks like no chest film (`chest_likeness` below `threshold`)."""
     return chest_likeness_thumbs(template_thumbnail(image_u8), chest_templates()) < threshold
+
+
+def picture_chest_verdict(likeness: float, threshold: float = NON_CHEST_LIKENESS,
+                          suspected_below: float = NON_CHEST_SUSPECTED_LIKENESS) -> str | None:
+    """The flag a picture alone earns from its `chest_likeness`: `non_chest` below `threshold` (strong evidence:
+    the picture is scored but left out of statistics), `non_chest_suspected` below `suspected_below` (a warning
+    only), else None."""
+    if likeness < threshold:
+        return QC_NON_CHEST
+    if likeness < suspected_below:
+        return QC_NON_CHEST_SUSPECTED
+    return None
+
+
+def excludes(qc: Sequence[str]) -> bool:
+    """Whether a film with these orientation-stage flags is one `--skip-flagged` leaves unscored (any flag but a
+    warning)."""
+    return any(flag not in WARNING_FLAGS for flag in qc)
 
 
 def is_blank(image_u8: np.ndarray | Thumbnails) -> bool:

@@ -5,8 +5,8 @@ In:  the seed chain's uint8 picture (H, W, C), C in {1, 3}, short side 512 (spec
      chronological age when known; the job's `OrientConfig`.
 Out: `OrientResult`: the corrected picture (exact, lossless `np.rot90`/`np.fliplr` of the input), the
      detected clockwise rotation of the input (`orientation`, degrees), where that came from
-     (`rotation_source`: list | dicom | model | none) and `qc` flags (non_chest, lateral, blank, paediatric,
-     orientation_uncertain).
+     (`rotation_source`: list | dicom | model | none) and `qc` flags (non_chest, non_chest_suspected, lateral,
+     blank, paediatric, orientation_uncertain).
 
 The correction runs on the seed chain's output, exactly where the original ran `mogrify -rotate 90` on its
 PNGs (spec §9); `mogrify -rotate 90` is clockwise and lossless, i.e. `np.rot90(img, k=-1)`.
@@ -18,12 +18,17 @@ Sources, in the order `mode="auto"` tries them:
 2. DICOM Patient Orientation (0020,0020) (`cxrage_ray.orient.dicom_hints.dicom_orientation`).
 3. our orientation classifier (`cxrage_ray.orient.classifier.OrientationClassifier`), which also gives the
    `lateral` flag with `use_view_model`. `needs_classifier` says which pictures it sees.
+
+The classifier's turn is applied only when it is confident, the film is no lateral, and the turned picture looks
+more like an upright chest film than the picture as it lies (`cxrage_ray.orient.qc.upright_likeness`, a second,
+independent opinion); otherwise the row gets `orientation_uncertain` and the film is left as it lies (issue 25:
+on films as they come, a wrong turn of an upright film costs more than an unturned turned one, which is flagged).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -44,13 +49,26 @@ from cxrage_ray.orient.qc import (
     QC_BLANK,
     QC_LATERAL,
     QC_NON_CHEST,
+    QC_NON_CHEST_SUSPECTED,
     QC_ORIENTATION_UNCERTAIN,
     QC_PAEDIATRIC,
+    chest_templates,
+    excludes,
     is_blank,
     is_paediatric,
-    picture_non_chest,
+    picture_chest_verdict,
+    template_thumbnail,
+    upright_likeness,
 )
 from cxrage_ray.orient.thumbnails import Thumbnails
+
+#: A model turn is applied only when the turned picture's `upright_likeness` beats the picture's as it lies by
+#: more than this (Pearson correlation with the mean chest film; benchmarks/qc.py).
+TURN_LIKENESS_MARGIN = 0.0
+#: A model turn of a film whose lateral probability is above this (but not above `lateral_threshold`, which flags
+#: it `lateral`) is not applied either: it may be a lateral, and a lateral is never turned into a "frontal".
+#: The sample's frontal adult films measure <= 0.07, its laterals >= 0.85 (benchmarks/qc.py).
+LATERAL_UNSURE = 0.2
 
 
 @dataclass(frozen=True)
@@ -61,7 +79,8 @@ class OrientResult:
         image: the corrected (upright) picture, same dtype and channels as the input.
         orientation: detected clockwise rotation of the INPUT, degrees (0/90/180/270).
         rotation_source: "list", "dicom", "model" or "none".
-        qc: flags, in a fixed order: non_chest, lateral, blank, paediatric, orientation_uncertain.
+        qc: flags, in a fixed order: non_chest, non_chest_suspected, lateral, blank, paediatric,
+            orientation_uncertain.
         mirrored: a left-right flip was undone too (DICOM Patient Orientation only).
         skip: the config says flagged rows are not scored and this row has a flag.
         applied: the clockwise rotation actually undone (0 when an uncertain model verdict was not applied).
@@ -207,20 +226,33 @@ def _predict_where_needed(thumbs: Sequence[Thumbnails], needed: Sequence[bool],
 def _result(image: np.ndarray, thumbs: Thumbnails, known: KnownRotation, prediction: OrientationPrediction | None,
             meta: Mapping[str, Any], chronological_age: float | None, config: OrientConfig) -> OrientResult:
     """The verdict for one picture once everything about it is known."""
-    verdict = _rotation(known, prediction, config)
+    upright = upright_likeness(template_thumbnail(thumbs), chest_templates())
+    lateral = dicom_is_lateral(meta) or (prediction is not None and prediction.lateral_prob > config.lateral_threshold)
+    verdict = _checked_model_turn(_rotation(known, prediction, config), prediction, lateral, upright)
     # an uncertain model verdict is reported (orientation + qc flag) but not applied: turning an upright
     # film on a guess would corrupt its score, leaving a rotated one as it is only flags it
     applied = 0 if verdict.uncertain else verdict.rotation
-    qc = _flags(thumbs, meta, chronological_age, verdict, prediction, config)
+    qc = _flags(thumbs, meta, chronological_age, verdict, lateral, max(upright), config)
     return OrientResult(
         image=correct_orientation(image, applied, verdict.mirrored),
         orientation=int(verdict.rotation),
         rotation_source=verdict.source,
         qc=qc,
         mirrored=verdict.mirrored,
-        skip=config.skip_flagged and bool(qc),
+        skip=config.skip_flagged and excludes(qc),  # a warning (non_chest_suspected) alone does not skip
         applied=applied,
     )
+
+
+def _checked_model_turn(verdict: _Rotation, prediction: OrientationPrediction | None, lateral: bool,
+                        upright: Sequence[float]) -> _Rotation:
+    """A confident model turn, kept only when the film is no (possible) lateral and the turn makes the picture
+    look more like an upright chest film than it did; else the verdict becomes uncertain (not applied)."""
+    if verdict.source != "model" or verdict.uncertain or verdict.rotation == 0 or prediction is None:
+        return verdict
+    maybe_lateral = lateral or prediction.lateral_prob > LATERAL_UNSURE
+    looks_better = upright[verdict.rotation // 90] > upright[0] + TURN_LIKENESS_MARGIN
+    return verdict if looks_better and not maybe_lateral else replace(verdict, uncertain=True)
 
 
 def _rotation(known: KnownRotation, prediction: OrientationPrediction | None, config: OrientConfig) -> _Rotation:
@@ -235,17 +267,19 @@ def _rotation(known: KnownRotation, prediction: OrientationPrediction | None, co
 
 
 def _flags(thumbs: Thumbnails, meta: Mapping[str, Any], chronological_age: float | None, verdict: _Rotation,
-           prediction: OrientationPrediction | None, config: OrientConfig) -> list[str]:
+           lateral: bool, chest_likeness: float, config: OrientConfig) -> list[str]:
     """The qc flags, in `OrientResult.qc`'s order."""
     blank = is_blank(thumbs)
+    picture_verdict = None
     if meta:  # DICOM: the header says what the film shows
         non_chest = dicom_non_chest(meta)
     else:  # a raster file says nothing: judge the picture (a blank one is flagged `blank`, which says more)
-        non_chest = (config.non_chest_likeness is not None and not blank
-                     and picture_non_chest(thumbs, config.non_chest_likeness))
-    lateral = dicom_is_lateral(meta) or (prediction is not None and prediction.lateral_prob > config.lateral_threshold)
+        if config.non_chest_likeness is not None and not blank:
+            picture_verdict = picture_chest_verdict(chest_likeness, config.non_chest_likeness)
+        non_chest = picture_verdict == QC_NON_CHEST
     raised = [
         (QC_NON_CHEST, non_chest),
+        (QC_NON_CHEST_SUSPECTED, picture_verdict == QC_NON_CHEST_SUSPECTED),
         (QC_LATERAL, lateral),
         (QC_BLANK, blank),
         (QC_PAEDIATRIC, is_paediatric(chronological_age)),

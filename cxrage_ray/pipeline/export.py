@@ -2,7 +2,8 @@
 
 In:  a folder/prefix or manifest (see `cxrage_ray.manifest.build`).
 Out: OUTDIR/<image_id without extension>.png for each decodable input (grey when all channels are equal,
-     as ImageMagick writes it); the number of inputs that failed (each reported on stderr by image_id).
+     as ImageMagick writes it); the number of inputs that failed (each named on stderr by its file name, as
+     `cxrage score` names failed films: `runtime.console.named_error`).
 
 Runs in a local process pool, not on Ray: it is a conversion tool for inspecting and comparing the
 pixels the model sees, not an archive-scale job. `engine="tensor"` writes the GPU path's pictures instead
@@ -22,6 +23,7 @@ from cxrage_ray.errors import error_text
 from cxrage_ray.manifest.build import build_manifest
 from cxrage_ray.storage.atomic import write_atomic
 from cxrage_ray.pacs.read import read_bytes
+from cxrage_ray.runtime.console import named_error
 
 
 def export_one(uri: str, dest: Path, storage: StorageConfig, options: DecodeOptions) -> str | None:
@@ -91,7 +93,8 @@ def export_seed_chain_pngs(
         for (uri, dest), error in zip(jobs, results):
             if error is not None:
                 unwritten += 1
-                print(f"cxrage preprocess: {dest.name}: {error}", file=sys.stderr)
+                failed = named_error(uri, error)  # named as `cxrage score` names a failed film
+                print(f"cxrage preprocess: {failed['film']}: {failed['error']}", file=sys.stderr)
     failures = unwritten + int(marked.sum())
     print(f"cxrage preprocess: {len(jobs) - unwritten} written, {failures} failed -> {outdir}", file=sys.stderr)
     return failures

@@ -1,6 +1,10 @@
 """The data's itinerary for `cxrage score`, top to bottom, on Ray Data:
 
-    manifest   driver: folder listing or CSV/Parquet (cxrage_ray.manifest), minus rows already scored (resume)
+    manifest   driver: INPUT opened (a Parquet manifest's footer; a folder listed or a CSV parsed once), one
+               scan of every row for the fingerprint and duplicate ids at 8 bytes a row (cxrage_ray.manifest.stream),
+               the row_ids already scored read from OUTPUT's parts (resume)
+    rows       read tasks stream the manifest unit by unit, minus the rows already scored
+                                                                      (pipeline.manifest_reads)
     plan       driver: itinerary, prepare function, scoring actor, resources, batch sizes (plan.resolve_plan)
     prepare    CPU tasks, one of:
                  cpu     fetch, decode, seed chain, orientation          (prepare.prepare_batch)
@@ -23,18 +27,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+import numpy as np
 import pyarrow as pa
 
 from cxrage_ray.config import ScoreConfig
-from cxrage_ray.contract import PROBLEM_COLUMN, output_schema
+from cxrage_ray.contract import output_schema
 from cxrage_ray.errors import JobInterrupted, StalledError
-from cxrage_ray.manifest.build import build_manifest
-from cxrage_ray.model.registry import DEFAULT_MODEL, resolve_weights
+from cxrage_ray.manifest.build import open_manifest
+from cxrage_ray.manifest.stream import ManifestScan, ManifestSource, carried_schema, legacy_fingerprint, scan_manifest
+from cxrage_ray.model.registry import resolve_weights
+from cxrage_ray.model.registry import weights_name as name_of_weights
 from cxrage_ray.pipeline.plan import Itinerary, Plan, check_gpu_request, resolve_plan
 from cxrage_ray.pipeline.prepare import retry_counts
-from cxrage_ray.pipeline.resume import job_record, rows_to_score
+from cxrage_ray.pipeline.manifest_reads import manifest_dataset
+from cxrage_ray.pipeline.resume import finished_rows, job_record
 from cxrage_ray.pipeline.summary import summarise
+from cxrage_ray.predict.precision_audit import AuditTally
 from cxrage_ray.runtime.console import progress_bar
 from cxrage_ray.runtime.lifetime import Terminated
 from cxrage_ray.runtime.session import cluster_facts, ray_session
@@ -44,40 +52,44 @@ from cxrage_ray.write.spill import Spill
 log = logging.getLogger(__name__)
 
 
-def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = None,
+def score(cfg: ScoreConfig, weights_home: Path, manifest: ManifestSource | None = None,
           stand_in: Any = None) -> dict[str, Any]:
     """Run a scoring job to completion (or resume one); returns the summary written to summary.json.
 
-    `manifest`: INPUT's rows when the caller built them already (the CLI does, before importing torch).
+    `manifest`: INPUT opened when the caller did it already (the CLI does, before importing torch).
     `stand_in`: benchmark-only (`cxrage_ray.pipeline.stand_in.CeilingStandIn`, `benchmarks/pipeline_ceiling.py`):
     bytes instead of pictures, a constant instead of the model; the CLI never passes it.
     """
     started = time.perf_counter()
     check_gpu_request(cfg)
     if manifest is None:
-        manifest = build_manifest(cfg.input, cfg.storage, uri_column=cfg.uri_column)
+        manifest = open_manifest(cfg.input, cfg.storage, uri_column=cfg.uri_column)
+    scan = scan_manifest(manifest)  # every row once, 8 bytes a row kept: fingerprint, duplicate ids
+    startup_scan_s = time.perf_counter() - started
     weights = resolve_weights(cfg.weights, weights_home, cfg.allow_fetch)
-    weights_name = cfg.weights_name or (DEFAULT_MODEL if weights.source != "explicit" else weights.path.name)
-    job = job_record(manifest, cfg, weights.sha256)
+    weights_name = name_of_weights(cfg.weights_name, weights)  # the rule `cxrage serve` follows too
+    job = job_record(scan, cfg, weights.sha256)
     spill = Spill(cfg.spill_root, cfg.output, job) if cfg.spill_root is not None else None
-    todo = rows_to_score(manifest, {**job, "weights_name": weights_name}, cfg, spill)
-    carried = manifest.drop(columns=[PROBLEM_COLUMN], errors="ignore")  # read by prepare, not an output column
-    writer = PartWriter(cfg.output, output_schema(pa.Schema.from_pandas(carried, preserve_index=False)), cfg.storage,
+    done = finished_rows(scan.rows, {**job, "weights_name": weights_name}, cfg, spill,
+                         legacy_fingerprint=lambda: legacy_fingerprint(manifest))
+    todo = scan.rows - len(done)
+    writer = PartWriter(cfg.output, output_schema(carried_schema(manifest, scan)), cfg.storage,
                         part_rows=cfg.part_rows, commit_every_s=cfg.commit_every_s, spill=spill)
     labels = {"weights_sha256": weights.sha256, "weights_name": weights_name, "preprocess": cfg.preprocess,
               "tta": cfg.predictor.tta, "decode": cfg.decode.mode}
 
     scored = 0
     retries: Counter = Counter()  # storage retries of this run's reads, by kind (summary.json)
-    startup: dict[str, float] = {"before_ray_s": time.perf_counter() - started}
+    audit = AuditTally()  # mixed precision: the sampled films' cxr_age against fp32 (summary.json)
+    startup: dict[str, float] = {"manifest_scanned_s": startup_scan_s, "before_ray_s": time.perf_counter() - started}
     itinerary = Itinerary("cpu", "nothing left to score")
-    if len(todo):
+    if todo:
         # the weights are read (torch imported, ~85 MB parsed) on a thread while Ray starts: nothing on the way
         # to ray.init imports torch (~2.5 s on a 2-core machine, issue 15)
         loading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrage-weights")
         state_dict_future = loading.submit(_load_state_dict, weights.path)
         loading.shutdown(wait=False)
-        with ray_session(cfg.ray), progress_bar(len(todo), len(manifest), cfg.progress) as bar, \
+        with ray_session(cfg.ray), progress_bar(todo, scan.rows, cfg.progress) as bar, \
                 committing_on_time(writer):
             startup["ray_started_s"] = time.perf_counter() - started
             plan = resolve_plan(cfg, labels, cluster_facts(cfg.ray), stand_in)
@@ -86,18 +98,19 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
             state_dict = state_dict_future.result()
             startup["weights_loaded_s"] = time.perf_counter() - started
             try:
-                for table in _dataset(todo, plan, state_dict, cfg).iter_batches(batch_format="pyarrow",
-                                                                               batch_size=None):
+                dataset = _dataset((manifest, scan, done), plan, state_dict, cfg)
+                for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                     startup.setdefault("first_film_s", time.perf_counter() - started)
                     writer.add(table)
                     scored += len(table)
                     retries += retry_counts(table)
+                    audit.add(table)
                     bar.update(len(table))
             except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (lifetime.Terminated)
                 writer.flush()  # whole rows already scored are worth keeping
                 raise JobInterrupted(
                     f"{writer.rows_written} rows scored this run were written to {cfg.output} "
-                    f"({len(manifest) - len(todo) + writer.rows_written} of {len(manifest)} in all)",
+                    f"({scan.rows - todo + writer.rows_written} of {scan.rows} in all)",
                     terminated=isinstance(exc, Terminated)) from exc
             except _execution_timeout() as exc:
                 writer.flush()  # keep what was scored: the rerun resumes from it
@@ -109,9 +122,10 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: pd.DataFrame | None = 
                     "actors), or a storage read that never returns. Ray said: " + str(exc).splitlines()[0]
                 ) from exc
             writer.flush()
-    summary = summarise(cfg, manifest, weights.sha256, scored, time.perf_counter() - started)
+    summary = summarise(cfg, scan.rows, weights.sha256, scored, time.perf_counter() - started)
     summary["itinerary"] = {"path": itinerary.path, "reason": itinerary.reason}
     summary["retries"] = dict(sorted(retries.items()))
+    summary["precision_audit"] = audit.summary()
     if cfg.write_back is not None:  # after scoring, over every ok row of OUTPUT (resumes included)
         from cxrage_ray.pacs.writeback import write_back
 
@@ -141,8 +155,9 @@ def _execution_timeout() -> type[BaseException]:
     return ExecutionTimeoutError
 
 
-def _dataset(todo: pd.DataFrame, plan: Plan, state_dict: dict, cfg: ScoreConfig):
-    """The plan as a Ray Dataset: manifest blocks -> prepare tasks -> scoring actors."""
+def _dataset(todo: tuple[ManifestSource, ManifestScan, np.ndarray], plan: Plan, state_dict: dict, cfg: ScoreConfig):
+    """The plan as a Ray Dataset: the manifest's rows still to score (`todo`: the source, its scan, the row_ids
+    already scored), streamed by read tasks -> prepare tasks -> scoring actors."""
     import ray
 
     from cxrage_ray.predict.scoring import ScoreActor
@@ -156,12 +171,8 @@ def _dataset(todo: pd.DataFrame, plan: Plan, state_dict: dict, cfg: ScoreConfig)
         log.info("GPU inference: %d-%d scoring actor(s), %d films per batch", *plan.actors, plan.images_per_batch)
     else:
         log.info("CPU inference: %d predictor actor(s), torch threads each: %s", plan.actors[1], threads)
-    first, per_task = plan.first_block_rows, plan.rows_per_task
-    starts = [0, *range(first, len(todo), per_task)] if len(todo) > first else [0]
-    blocks = [todo.iloc[i:j] for i, j in zip(starts, [*starts[1:], len(todo)])]
-    # from_blocks computes the blocks' metadata here; from_pandas ran a remote task per block for it, which on a
-    # 2-core node waited for worker processes to start and held the whole itinerary back ~8 s (issue 15)
-    rows = ray.data.from_blocks(blocks)
+    # blocks of one prepare task's rows, cut as the read tasks stream the manifest
+    rows = manifest_dataset(*todo, plan.rows_per_task)
     min_actors, max_actors = plan.actors
     return (
         # the scheduler places prepare tasks by the memory their worst film may take, not only by CPU

@@ -1,19 +1,23 @@
 """Resume: which job OUTPUT holds, and which of the manifest's rows are still to score.
 
-In:  the manifest (DataFrame), the `ScoreConfig`, the weights' sha256, OUTPUT's job record and committed parts.
-Out: the job record written to OUTPUT/_cxrage/job.json (`job_record`), and the manifest rows not yet scored
-     (`rows_to_score`); a different job in OUTPUT is refused (or discarded with --overwrite).
+In:  the manifest's scan (`cxrage_ray.manifest.stream.ManifestScan`: row count and fingerprint), the `ScoreConfig`,
+     the weights' sha256, OUTPUT's job record and committed parts.
+Out: the job record written to OUTPUT/_cxrage/job.json (`job_record`), and the row_ids OUTPUT already holds as a
+     sorted int64 array (`finished_rows`, 8 bytes per finished row; the manifest stream leaves them out batch by
+     batch); a different job in OUTPUT is refused (or discarded with --overwrite).
 
 The job's identity is explicit: the manifest's fingerprint and every setting that changes a score, the rotation
-list by its hash (`OrientConfig.job_key`), never the list itself.
+list by its hash (`OrientConfig.job_key`), never the list itself. An OUTPUT whose record holds the fingerprint of
+a release before the streaming manifest is compared with that same older fingerprint, so it still resumes.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
-import pandas as pd
+import numpy as np
 
 from cxrage_ray.config import OrientConfig, ScoreConfig
 from cxrage_ray.errors import InputError
@@ -22,12 +26,13 @@ from cxrage_ray.write.parts import (
     PARTS_DIR,
     commit_part,
     committed_parts,
-    completed_row_ids,
+    completed_row_id_array,
     drop_error_rows,
     move_legacy_records,
     read_json,
     write_json,
 )
+from cxrage_ray.manifest.stream import FINGERPRINT_PREFIX, ManifestScan
 from cxrage_ray.write.spill import Spill
 
 log = logging.getLogger(__name__)
@@ -36,12 +41,12 @@ log = logging.getLogger(__name__)
 JOB_INFO_KEYS = ("weights_name",)
 
 
-def job_record(manifest: pd.DataFrame, cfg: ScoreConfig, weights_sha256: str) -> dict[str, Any]:
-    """What makes two runs the same job: the manifest rows and every setting that changes a score."""
-    rows = pd.util.hash_pandas_object(manifest[["row_id", "image_id", "uri"]].astype(str), index=False)
+def job_record(scan: ManifestScan, cfg: ScoreConfig, weights_sha256: str) -> dict[str, Any]:
+    """What makes two runs the same job: the manifest rows (their count and fingerprint, from the scan) and every
+    setting that changes a score."""
     return {
-        "manifest_rows": len(manifest),
-        "manifest_fingerprint": f"{int(rows.sum()) & (2**64 - 1):016x}",
+        "manifest_rows": scan.rows,
+        "manifest_fingerprint": scan.fingerprint,
         "weights_sha256": weights_sha256,
         "preprocess": cfg.preprocess,
         "tta": cfg.predictor.tta,
@@ -50,11 +55,13 @@ def job_record(manifest: pd.DataFrame, cfg: ScoreConfig, weights_sha256: str) ->
     }
 
 
-def differences(previous: dict[str, Any], job: dict[str, Any], orient: OrientConfig | None) -> list[str]:
+def differences(previous: dict[str, Any], job: dict[str, Any], orient: OrientConfig | None,
+                legacy_fingerprint: Callable[[], str] | None = None) -> list[str]:
     """The defining keys in which OUTPUT's recorded job differs from this one.
 
     Outputs written before the explicit job key recorded `repr(OrientConfig)` as the orientation's identity: such
-    a record is compared with that same string of this job's settings, so old outputs still resume.
+    a record is compared with that same string of this job's settings, so old outputs still resume. Likewise a
+    fingerprint without `FINGERPRINT_PREFIX` is compared with `legacy_fingerprint()` (computed only then).
     """
     changed = []
     for key in (k for k in job if k not in JOB_INFO_KEYS):
@@ -63,17 +70,21 @@ def differences(previous: dict[str, Any], job: dict[str, Any], orient: OrientCon
             from cxrage_ray.orient.rotation_list import legacy_orient_repr
 
             now = legacy_orient_repr(orient)
+        if (key == "manifest_fingerprint" and isinstance(before, str) and legacy_fingerprint is not None
+                and not before.startswith(FINGERPRINT_PREFIX)):
+            now = legacy_fingerprint()
         if before != now:
             changed.append(key)
     return sorted(changed)
 
 
-def rows_to_score(manifest: pd.DataFrame, job: dict[str, Any], cfg: ScoreConfig, spill: Spill | None = None
-                  ) -> pd.DataFrame:
-    """The manifest rows OUTPUT does not hold yet; records this job in OUTPUT first (see the module docstring)."""
+def finished_rows(rows: int, job: dict[str, Any], cfg: ScoreConfig, spill: Spill | None = None,
+                  legacy_fingerprint: Callable[[], str] | None = None) -> np.ndarray:
+    """The row_ids (sorted int64, each below `rows`) OUTPUT already holds; records this job in OUTPUT first (see
+    the module docstring). Only the parts' row_id column is read."""
     move_legacy_records(cfg.output, cfg.storage)  # job.json/summary.json of older outputs -> OUTPUT/_cxrage/
     previous = read_json(cfg.output, "job.json", cfg.storage)
-    changed = differences(previous, job, cfg.orient) if previous is not None else []
+    changed = differences(previous, job, cfg.orient, legacy_fingerprint) if previous is not None else []
     if changed and committed_parts(cfg.output, cfg.storage):  # a record without rows binds nothing
         if not cfg.overwrite:
             raise InputError(
@@ -90,7 +101,8 @@ def rows_to_score(manifest: pd.DataFrame, job: dict[str, Any], cfg: ScoreConfig,
                     f" ({', '.join(cfg.retry_errors)})" if cfg.retry_errors else "")
     if spill is not None and spill.restore(lambda name, data: commit_part(cfg.output, name, data, cfg.storage)):
         log.warning("rows an earlier run could not write to OUTPUT were committed from %s", spill.folder)
-    done = completed_row_ids(cfg.output, cfg.storage)
-    if done:
-        log.info("resuming: %d of %d rows already scored", len(done), len(manifest))
-    return manifest[~manifest["row_id"].isin(done)].reset_index(drop=True)
+    done = completed_row_id_array(cfg.output, cfg.storage)
+    done = done[done < rows]
+    if len(done):
+        log.info("resuming: %d of %d rows already scored", len(done), rows)
+    return done

@@ -1,7 +1,8 @@
 """The job's summary: what OUTPUT holds after a run, written to OUTPUT/_cxrage/summary.json.
 
-In:  the `ScoreConfig`, the manifest, the weights' sha256, this run's count and time, OUTPUT's committed parts.
-Out: a JSON-ready dict: rows total/written/ok/error, errors by kind, QC flags, parts, speed, settings, versions.
+In:  the `ScoreConfig`, the manifest's row count, the weights' sha256, this run's count and time, OUTPUT's committed parts.
+Out: a JSON-ready dict: rows total/written/ok/error, errors by kind, the first error rows by film name, QC flags,
+     parts, speed, settings, versions.
 """
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import cxrage_ray
 from cxrage_ray.config import ScoreConfig
 from cxrage_ray.errors import error_kind
+from cxrage_ray.runtime.console import ERRORS_NAMED, named_errors
 from cxrage_ray.write.parts import committed_parts, read_output
 
 
-def summarise(cfg: ScoreConfig, manifest: pd.DataFrame, sha: str, scored: int, elapsed: float) -> dict[str, Any]:
-    table = read_output(cfg.output, cfg.storage).select(["row_id", "status", "error", "qc"]).to_pandas()
+def summarise(cfg: ScoreConfig, rows_total: int, sha: str, scored: int, elapsed: float) -> dict[str, Any]:
+    output = read_output(cfg.output, cfg.storage)
+    first_errors = output.filter(pc.equal(output["status"], "error")).slice(0, ERRORS_NAMED)
+    table = output.select(["row_id", "status", "error", "qc"]).to_pandas()
     errors = table.loc[table["status"] == "error", "error"].fillna("Error: ?")
     kinds = Counter(errors.map(error_kind))
     flags = Counter(flag for qc in table["qc"] if qc is not None for flag in qc)
@@ -32,14 +36,15 @@ def summarise(cfg: ScoreConfig, manifest: pd.DataFrame, sha: str, scored: int, e
     return {
         "input": cfg.input,
         "output": cfg.output,
-        "rows_total": len(manifest),
+        "rows_total": rows_total,
         "rows_written": len(table),
         "rows_unique": int(table["row_id"].nunique()),
         "rows_ok": int((table["status"] == "ok").sum()),
         "rows_error": int((table["status"] == "error").sum()),
         "errors_by_kind": dict(sorted(kinds.items())),
+        "first_errors": named_errors(first_errors.select(["row_id", "image_id", "uri", "error"]).to_pylist()),
         "qc_flags": dict(sorted(flags.items())),
-        "complete": int(table["row_id"].nunique()) == len(manifest),
+        "complete": int(table["row_id"].nunique()) == rows_total,
         # every part listed here is whole: parts only appear by atomic rename / single PUT
         "parts": sorted(u.rsplit("/", 1)[-1] for u in committed_parts(cfg.output, cfg.storage)),
         "rows_scored_this_run": scored,

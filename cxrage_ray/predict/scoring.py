@@ -92,16 +92,29 @@ class ScoreActor:
                  stand_in: Any = None):
         self.saliency = saliency
         self.saliency_maker = None
+        self.auditor = None
         if stand_in is not None:
             self.predictor = stand_in.predictor()
             self.labels = {**labels, "device": "stand-in"}
         else:
+            import torch
+
             from cxrage_ray.predict.predictor import AgePredictor
 
-            self.predictor = AgePredictor(_resolved(state_dict_ref[0]), predictor_config)
+            state_dict = _resolved(state_dict_ref[0])
+            self.predictor = AgePredictor(state_dict, predictor_config)
             precision = str(self.predictor.dtype).removeprefix("torch.")
             # where the numbers came from: GPU autocast and CPU fp32 agree only to ~1e-3 raw
             self.labels = {**labels, "device": f"{self.predictor.device.type}/{precision}"}
+            if self.predictor.dtype != torch.float32:
+                from dataclasses import replace
+
+                from cxrage_ray.predict.precision_audit import PrecisionAuditor
+
+                # mixed precision: a sample of films is scored again in fp32 (summary.json's precision_audit);
+                # eager, as the reference scores a few films only
+                reference = AgePredictor(state_dict, replace(predictor_config, precision="fp32", compile="off"))
+                self.auditor = PrecisionAuditor(reference)
         self.source = (source or PreparedPictures()).start(getattr(self.predictor, "device", None))
         if saliency is not None:
             from cxrage_ray.predict.saliency import SaliencyMaker
@@ -114,6 +127,8 @@ class ScoreActor:
             batch[name] = np.nan
         pictures = self.source.pictures(batch)
         score_pictures(batch, pictures, self.predictor)
+        if self.auditor is not None:
+            self.auditor.audit(batch, pictures)
         finish_scores(batch, self.labels)
         if self.saliency is not None:
             write_saliency(batch, pictures, self.saliency_maker, self.saliency)

@@ -10,9 +10,10 @@ Only the per-pixel kernels are torch; every parameter comes from the plain-numpy
   LUT           `levels.level_table` for the trimmed image's min/max, moved to the device and indexed there
   resize        `resize_weights.fill_plan` and IM's Lanczos/Mitchell contribution rows (`axis_weights`,
                 computed once per size) as (output, tap) index/weight tensors; each pass sums tap by tap in
-                IM's order over whole rows at once (one gather + multiply-add per tap), float64, IM's Q16
+                IM's order over whole rows at once (one gather, multiply, add per tap: never a fused
+                multiply-add, which IM's build does not use), float64, IM's Q16
                 rounding between passes — so the sums, ties included, are IM's own.
-  dcmj2pnm      `dicom_window.window_plan` and its `OutputRamp`, applied per value.
+  dcmj2pnm      a host table from `dicom_greyscale`'s own functions over the frame's stored-value range.
 Images with an alpha channel (14 of the 250 sample films) take IM's alpha-weighted Mitchell resize, also
 tap by tap in IM's order.
 """
@@ -24,7 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cxrage_ray.decode.dicom_window import GREY_WEIGHTS, GreyscaleParams, OutputRamp, needs_stored_range, window_plan
+from cxrage_ray.decode.dicom_greyscale import apply_ramp, dcmtk_8bit, modality_values
+from cxrage_ray.decode.dicom_window import GreyscaleParams, needs_stored_range, window_plan
 from cxrage_ray.decode.limits import check_fill_aspect
 from cxrage_ray.preprocess.levels import level_table
 from cxrage_ray.preprocess.quantum import MAGICK_EPSILON, QUANTUM
@@ -67,9 +69,11 @@ class TensorSeedChain:
         if alpha is not None:  # -depth 8 quantises opacity (65535 - alpha) as it does colour
             opacity = QUANTUM - alpha[top:bottom + 1, left:right + 1]
             alpha = QUANTUM - torch.div(opacity, 257, rounding_mode="floor") * 257
-        if x.shape[2] == 3 and _channels_equal(x):
+        # min, max and whether the channels agree, read back in one host sync
+        raw_min, raw_max, grey = torch.stack([x.min(), x.max(), _channels_equal_flag(x)]).tolist()
+        if x.shape[2] == 3 and grey:
             x = x[:, :, :1]
-        levels = self.level_table(int(x.min()), int(x.max()))[x.long()]  # 8-bit levels k for Q16 257 k
+        levels = self.level_table(raw_min, raw_max)[x.long()]  # 8-bit levels k for Q16 257 k
         out, alpha = self.resize_fill_512(levels, alpha)  # Q16
         out = torch.div(out, 257, rounding_mode="floor").to(torch.uint8)
         if out.shape[2] == 3 and _channels_equal(out):
@@ -120,7 +124,9 @@ class TensorSeedChain:
         x = x.contiguous()
         acc = torch.zeros((x.shape[0], n_out, x.shape[2]), dtype=torch.float64, device=x.device)
         for t in range(weights.shape[1]):
-            acc.addcmul_(x.index_select(1, index[:, t]), weights[:, t, None])
+            # a separate multiply and add, as IM's generic x86-64 build rounds twice: `addcmul_` may run as one
+            # fused multiply-add on CUDA, which rounds once and moves ties
+            acc.add_(x.index_select(1, index[:, t]).mul_(weights[:, t, None]))
         return _round_q16(acc)
 
     def _pass_alpha(self, color: torch.Tensor, opacity: torch.Tensor, n_in: int, n_out: int, name: FilterName
@@ -170,21 +176,33 @@ def _channels_equal(x: torch.Tensor) -> bool:
     return bool(torch.equal(x[:, :, 0], x[:, :, 1]) and torch.equal(x[:, :, 1], x[:, :, 2]))
 
 
+def _channels_equal_flag(x: torch.Tensor) -> torch.Tensor:
+    """On the device, without a sync: 1 when a 3-channel picture's channels are all equal, else 0 (0 for grey)."""
+    if x.shape[2] != 3:
+        return torch.zeros((), dtype=x.dtype, device=x.device)
+    return ((x[:, :, 0] == x[:, :, 1]) & (x[:, :, 1] == x[:, :, 2])).all().to(x.dtype)
+
+
 def trim_box_tensor(x: torch.Tensor) -> tuple[int, int, int, int]:
     """`trim.trim_box` (IM's bounding box, fuzz 0, no alpha) on a (H, W, C) tensor: inclusive
-    (top, bottom, left, right); the whole image when nothing differs from the top-left colour."""
+    (top, bottom, left, right); the whole image when nothing differs from the top-left colour.
+
+    The four edges are reduced on the device and read back together: one host sync, not one per edge."""
     h, w = x.shape[:2]
     differs_tl = (x != x[0, 0]).any(dim=2)
-    cols_tl = torch.nonzero(differs_tl.any(dim=0)).flatten()
-    if cols_tl.numel() == 0:
+    cols_tl, rows_tl = differs_tl.any(dim=0), differs_tl.any(dim=1)
+    cols_tr = (x != x[0, w - 1]).any(dim=2).any(dim=0)
+    rows_bl = (x != x[h - 1, 0]).any(dim=2).any(dim=1)
+    across = torch.arange(w, device=x.device)
+    down = torch.arange(h, device=x.device)
+    edges = torch.stack([cols_tl.any().long(),
+                         torch.where(cols_tl, across, w).min(), torch.where(rows_tl, down, h).min(),
+                         torch.where(cols_tr, across, -1).max(), torch.where(rows_bl, down, -1).max()])
+    found, left, top, right, bottom = edges.tolist()
+    if not found:
         return 0, h - 1, 0, w - 1
-    rows_tl = torch.nonzero(differs_tl.any(dim=1)).flatten()
-    cols_tr = torch.nonzero((x != x[0, w - 1]).any(dim=2).any(dim=0)).flatten()
-    rows_bl = torch.nonzero((x != x[h - 1, 0]).any(dim=2).any(dim=1)).flatten()
-    left, top = int(cols_tl[0]), int(rows_tl[0])
     # IM starts right/bottom at 0 and only raises them
-    right = int(cols_tr[-1]) if cols_tr.numel() else 0
-    bottom = int(rows_bl[-1]) if rows_bl.numel() else 0
+    right, bottom = max(right, 0), max(bottom, 0)
     if right < left or bottom < top:
         return 0, h - 1, 0, w - 1
     return top, bottom, left, right
@@ -196,39 +214,22 @@ def trim_box_tensor(x: torch.Tensor) -> tuple[int, int, int, int]:
 def dcmtk_8bit_tensor(frame: torch.Tensor, params: GreyscaleParams) -> torch.Tensor:
     """`dicom_greyscale.dcmtk_8bit` on a tensor: stored values (H, W) or RGB (H, W, 3) -> uint8 (H, W).
 
+    A grey frame is mapped through a table built on the host by the CPU path's own functions for every stored
+    value between the frame's min and max (at most 2^16 entries) and indexed on the device: exact by
+    construction, one reduction and one gather, and no float64 arithmetic on the device, where a compiler may
+    fuse a multiply-add the CPU rounds twice. The rare colour frame is mapped on the host.
+
     Args:
         frame: stored values, sign-extended to BitsStored (`cxrage_ray.decode.gpu.sign_extend`), any integer dtype.
         params: the header's `GreyscaleParams`.
     """
-    stored_range = (float(frame.min()), float(frame.max())) if needs_stored_range(params) else None
-    ramp = window_plan(params, frame.shape[0] * frame.shape[1], stored_range).ramp()
-    return _apply_ramp(_modality_values(frame, params), ramp)
-
-
-def _modality_values(frame: torch.Tensor, params: GreyscaleParams) -> torch.Tensor:
-    """float64 values after DCMTK's colour-to-grey or modality transform (`dicom_greyscale.modality_values`)."""
     if params.colour:
-        rgb = frame.to(torch.float64)
-        return torch.trunc(rgb[..., 0] * GREY_WEIGHTS[0] + rgb[..., 1] * GREY_WEIGHTS[1]
-                           + rgb[..., 2] * GREY_WEIGHTS[2])
-    if params.lut_data is not None:
-        lut = torch.from_numpy(params.lut_data.astype(np.int64)).to(frame.device)
-        index = (frame.long() - params.lut_first).clamp(0, len(lut) - 1)
-        return lut[index].to(torch.float64)
-    values = frame.to(torch.float64)
-    if params.slope is not None:
-        slope, intercept = params.slope, params.intercept
-        if slope == 1.0:
-            return torch.trunc(values + intercept)
-        if intercept == 0.0:
-            return torch.trunc(values * slope)
-        return torch.trunc(values * slope + intercept)
-    return values
-
-
-def _apply_ramp(values: torch.Tensor, ramp: OutputRamp) -> torch.Tensor:
-    """dimoopxt.h `nowindow`'s per-value step (`dicom_greyscale.apply_ramp`): float64 -> uint8."""
-    return torch.trunc(ramp.low + (values - ramp.origin) * ramp.gradient).clamp(0, 255).to(torch.uint8)
+        return torch.from_numpy(dcmtk_8bit(frame.cpu().numpy(), params)).to(frame.device)
+    lo, hi = (int(v) for v in torch.stack(torch.aminmax(frame)).tolist())  # one host sync for both
+    stored_range = (float(lo), float(hi)) if needs_stored_range(params) else None
+    ramp = window_plan(params, frame.shape[0] * frame.shape[1], stored_range).ramp()
+    table = apply_ramp(modality_values(np.arange(lo, hi + 1, dtype=np.int64), params), ramp)
+    return torch.from_numpy(table).to(frame.device)[(frame.to(torch.int64) - lo)]
 
 
 def dicom_q16_tensor(frame: torch.Tensor, params: GreyscaleParams) -> torch.Tensor:

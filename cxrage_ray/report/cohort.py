@@ -2,8 +2,9 @@
 
 In:  the scored rows of `cxrage_ray.report.read.read_scored` (output-contract columns plus carried manifest
      columns), and optionally the names of the follow-up time and event columns.
-Out: `cohort(...)`: the ok rows with a finite CXR-Age that are chest films, as `cxr_age`, `chronological_age`,
-     `gap`, `sex`, `view` (and `time`/`event`); `excluded_rows(...)`: which rows no statistic may include.
+Out: `cohort(...)`: the ok rows with a finite CXR-Age that are films the model is for (not flagged with one of
+     `statistics_excluded_flags`), as `cxr_age`, `chronological_age`, `gap`, `sex`, `view` (and `time`/`event`);
+     `excluded_rows(...)`: which rows no statistic includes.
 """
 
 from __future__ import annotations
@@ -14,22 +15,48 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from cxrage_ray.contract import QC_AGE_IMPLAUSIBLE
 from cxrage_ray.errors import InputError
+from cxrage_ray.orient.qc import QC_BLANK, QC_LATERAL, QC_NON_CHEST, QC_ORIENTATION_UNCERTAIN, QC_PAEDIATRIC
 
 #: Cohort variables may come from the pipeline (DICOM header) or the manifest; per row, the first non-null wins.
 AGE_COLUMNS = ("chronological_age", "age")
 SEX_COLUMNS = ("patient_sex", "sex")
 VIEW_COLUMNS = ("view_position", "view")
-#: QC flags whose rows are not chest radiographs: their CXR-Age means nothing, so no statistic includes them.
-STATS_EXCLUDED_FLAGS = ("non_chest",)
+#: QC flags whose rows the statistics leave out by default. CXR-Age is a model of frontal chest films of adults:
+#: a film that is no chest film, a lateral, a child's, a blank one or one whose orientation is uncertain says
+#: nothing about it, and an implausible age is a data error. Flags that only warn (e.g. `non_chest_suspected`)
+#: are not here. Their rows keep their scores in the Parquet; `cxrage report --include-flagged` keeps them in.
+STATS_EXCLUDED_FLAGS = (QC_NON_CHEST, QC_LATERAL, QC_PAEDIATRIC, QC_BLANK, QC_ORIENTATION_UNCERTAIN,
+                        QC_AGE_IMPLAUSIBLE)
 
 
-def excluded_rows(frame: pd.DataFrame) -> pd.Series:
-    """True for rows carrying a flag in `STATS_EXCLUDED_FLAGS` (non-chest films)."""
+def statistics_excluded_flags(include_flagged: bool = False) -> tuple[str, ...]:
+    """The flags whose rows no statistic includes: `STATS_EXCLUDED_FLAGS`, or none with `--include-flagged`.
+    The one rule the numbers (analysis.json), the page and the console follow."""
+    return () if include_flagged else STATS_EXCLUDED_FLAGS
+
+
+def _flag_lists(frame: pd.DataFrame) -> pd.Series:
+    """Each row's QC flags as a list of text (empty for a null)."""
     if "qc" not in frame.columns:
-        return pd.Series(False, index=frame.index)
-    return frame["qc"].map(lambda flags: flags is not None and not isinstance(flags, float)
-                           and any(str(f) in STATS_EXCLUDED_FLAGS for f in flags)).astype(bool)
+        return pd.Series([[]] * len(frame), index=frame.index, dtype=object)
+    return frame["qc"].map(lambda flags: [] if flags is None or isinstance(flags, float)
+                           else [str(f) for f in flags if f is not None])
+
+
+def excluded_rows(frame: pd.DataFrame, flags: tuple[str, ...] = STATS_EXCLUDED_FLAGS) -> pd.Series:
+    """True for rows carrying one of `flags` (default `STATS_EXCLUDED_FLAGS`)."""
+    wanted = set(flags)
+    return _flag_lists(frame).map(lambda row_flags: bool(wanted.intersection(row_flags))).astype(bool)
+
+
+def excluded_counts(frame: pd.DataFrame, flags: tuple[str, ...] = STATS_EXCLUDED_FLAGS) -> dict[str, int]:
+    """Scored (ok) rows left out of the statistics, per excluding flag in `flags`' order (a row with two such
+    flags counts for both; `excluded_rows(...).sum()` counts it once)."""
+    per_row = _flag_lists(frame[frame["status"] == "ok"]).map(set)
+    counts = {flag: int(per_row.map(lambda row_flags: flag in row_flags).sum()) for flag in flags}
+    return {flag: n for flag, n in counts.items() if n}
 
 
 def _coalesce(frame: pd.DataFrame, names: Iterable[str]) -> pd.Series:
@@ -89,8 +116,9 @@ def _time_values(series: pd.Series, name: str) -> pd.Series:
     return numeric.astype(float)
 
 
-def cohort(frame: pd.DataFrame, time_col: str | None = None, event_col: str | None = None) -> pd.DataFrame:
-    """The ok rows with a finite CXR-Age, as the analysis columns.
+def cohort(frame: pd.DataFrame, time_col: str | None = None, event_col: str | None = None,
+           excluded_flags: tuple[str, ...] = STATS_EXCLUDED_FLAGS) -> pd.DataFrame:
+    """The ok rows with a finite CXR-Age and none of `excluded_flags`, as the analysis columns.
 
     Returns:
         Columns `cxr_age`, `chronological_age`, `gap` (= cxr_age - chronological_age), `sex` ('M'/'F'/other
@@ -99,7 +127,7 @@ def cohort(frame: pd.DataFrame, time_col: str | None = None, event_col: str | No
     Raises:
         InputError: the time or event column holds values that are not follow-up times / 0-1 events.
     """
-    ok = frame[(frame["status"] == "ok") & ~excluded_rows(frame)]
+    ok = frame[(frame["status"] == "ok") & ~excluded_rows(frame, excluded_flags)]
     cxr = pd.to_numeric(ok["cxr_age"], errors="coerce").astype(float) if "cxr_age" in ok.columns else \
         pd.Series(np.nan, index=ok.index)
     ok, cxr = ok[np.isfinite(cxr)], cxr[np.isfinite(cxr)]

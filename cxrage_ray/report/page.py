@@ -28,6 +28,9 @@ TEMPLATE_FOLDER = "templates"
 TEMPLATE_NAME = "report.html.j2"
 #: Error messages shown per kind (they carry file names; analysis.json has counts only).
 ERROR_EXAMPLES = 3
+#: The red banner of a page whose ages come from the demo weights (style and markup): the report includes it,
+#: and `cxrage serve`'s page shows the same (`demo_banner_html`).
+DEMO_BANNER_TEMPLATE = "demo_banner.html"
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,12 @@ def template_environment() -> jinja2.Environment:
     )
     environment.filters["fmt"] = format_value
     return environment
+
+
+def demo_banner_html() -> str:
+    """The demo-weights banner as HTML (a `<style>` and a `div#demo-weights-banner`), exactly as the report shows
+    it."""
+    return template_environment().get_template(DEMO_BANNER_TEMPLATE).render()
 
 
 def error_examples(frame: pd.DataFrame) -> dict[str, list[str]]:
@@ -135,6 +144,8 @@ def page_context(a: dict[str, Any], frame: pd.DataFrame, c: pd.DataFrame) -> dic
     return {
         "demo_weights": bool(a.get("demo_weights")),
         "excluded": a.get("excluded_from_statistics") or {},
+        "n_excluded": a.get("n_excluded_from_statistics") or 0,
+        "flagged_included": a.get("flagged_in_statistics") or {},
         "cards": cards,
         "distribution": Table(["n", "mean", "SD", "median", "min", "max"],
                               [[stats["n"], stats["mean"], stats["sd"], stats["median"], stats["min"],

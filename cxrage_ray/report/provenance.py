@@ -12,9 +12,8 @@ import numpy as np
 import pandas as pd
 
 import cxrage_ray
+from cxrage_ray.model.registry import DEMO_WEIGHTS_NAME  # their ages mean nothing
 
-#: `weights_name` of the seeded random weights (`--weights demo`): their ages mean nothing.
-DEMO_WEIGHTS_NAME = "demo"
 #: summary.json entries the report shows as the run's throughput.
 THROUGHPUT_KEYS = ("rows_total", "rows_ok", "rows_error", "rows_scored_this_run", "elapsed_s", "images_per_s",
                    "complete")

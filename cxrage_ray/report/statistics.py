@@ -1,8 +1,8 @@
 """The report's numbers: scored rows and their cohort -> JSON-ready counts and summaries.
 
 In:  the scored rows (`status`, `error`, `qc`, ...) and the cohort frame of `cxrage_ray.report.cohort.cohort`.
-Out: plain dicts of Python numbers (NaN/inf as None): counts per error kind and QC flag, the films left out of
-     the statistics, the CXR-Age distribution, its agreement with chronological age, and the gap per group.
+Out: plain dicts of Python numbers (NaN/inf as None): counts per error kind and QC flag, the CXR-Age
+     distribution, its agreement with chronological age, and the gap per group.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 
 from cxrage_ray.errors import error_kind
-from cxrage_ray.report.cohort import STATS_EXCLUDED_FLAGS
 
 
 def json_float(x: Any) -> float | None:
@@ -107,9 +106,3 @@ def qc_counts(frame: pd.DataFrame) -> dict[str, int]:
         for flag in set(str(f) for f in flags if f is not None):
             counts[flag] = counts.get(flag, 0) + 1
     return dict(sorted(counts.items()))
-
-
-def excluded_counts(frame: pd.DataFrame) -> dict[str, int]:
-    """Scored rows left out of the statistics, per excluding flag."""
-    counts = qc_counts(frame[frame["status"] == "ok"])
-    return {flag: counts[flag] for flag in STATS_EXCLUDED_FLAGS if counts.get(flag)}

@@ -1,7 +1,8 @@
 """The HTTP ingress: FastAPI routes for the page, the scoring API and the docs, on Ray Serve (`serve.ingress`).
 
 Routes:
-    GET  /             the page for non-programmers (static/index.html; every asset served from here, no CDN)
+    GET  /             the page for non-programmers (static/index.html; every asset served from here, no CDN),
+                       opening with the report's red banner when the weights are the demo ones
     POST /v1/score     multipart form, a `files` part per file (+ optional `age` parts, aligned with the files);
                        `?saliency=gradcam|grad` adds the map, `?picture=true` the film as scored (PNG data URIs)
                        -> JSON array in upload order, one object per file
@@ -9,6 +10,8 @@ Routes:
     GET  /v1/stats     the model replica's batching figures (batches run, mean batch size)
     GET  /healthz      200 when the prepare and model replicas answer
     GET  /docs         Swagger UI (bundled assets), /openapi.json
+
+Every /v1/score answer carries `weights_name` (`demo` for the demo weights), as every batch row does.
 
 Status codes of /v1/score: 413 over the size limit (before parsing); for a one-file request 415 when the
 file is no image at all and 422 with the batch scorer's "<Kind>: message" for an undecodable image, a
@@ -27,13 +30,15 @@ from typing import Any, Literal
 import ray
 from fastapi import FastAPI, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from ray import serve
 from swagger_ui_bundle import swagger_ui_path
 
 from cxrage_ray.contract import PLAUSIBLE_AGE
 from cxrage_ray.errors import CxrAgeError, error_text
+from cxrage_ray.model.registry import DEMO_WEIGHTS_NAME
+from cxrage_ray.report.page import demo_banner_html
 from cxrage_ray.serve.config import ServeConfig
 from cxrage_ray.serve.scoring import (
     ScoreOptions,
@@ -102,9 +107,11 @@ def build_fastapi(preparer, scorer, cfg: ServeConfig):
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
 
+    index = page_html((static / "index.html").read_text(encoding="utf-8"), cfg.weights_name)
+
     @app.get("/", include_in_schema=False)
-    async def page() -> FileResponse:
-        return FileResponse(str(static / "index.html"), media_type="text/html")
+    async def page() -> HTMLResponse:
+        return HTMLResponse(index)
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
@@ -160,6 +167,8 @@ def build_fastapi(preparer, scorer, cfg: ServeConfig):
         options = ScoreOptions(saliency=saliency, picture=picture)
         results = await asyncio.gather(*(_score_one(preparer, scorer, u, options, i)
                                          for i, u in enumerate(uploads)))
+        for result in results:  # files refused before the model too: every answer says what would score it
+            result["weights_name"] = cfg.weights_name
         if len(results) == 1 and results[0]["status"] == "error":
             (result,) = results
             status = 415 if is_not_an_image(result) else 422
@@ -167,6 +176,13 @@ def build_fastapi(preparer, scorer, cfg: ServeConfig):
         return JSONResponse(results)
 
     return app
+
+
+def page_html(index: str, weights_name: str | None) -> str:
+    """The page (static/index.html), opening with the report's red banner when the weights are the demo ones."""
+    if weights_name != DEMO_WEIGHTS_NAME:
+        return index
+    return index.replace("<body>", "<body>\n" + demo_banner_html(), 1)
 
 
 async def _score_one(preparer, scorer, upload: Upload, options: ScoreOptions, position: int) -> dict[str, Any]:

@@ -19,6 +19,8 @@ class ServeConfig:
     Args:
         weights_path: the resolved weights file (as `score` resolves `--weights`); replicas load it from here.
         weights_sha256: its sha256, checked again by every model replica after loading.
+        weights_name: what the weights are, in every answer as in every batch row
+            (`cxrage_ray.model.registry.weights_name`: `demo` for the demo weights, which the page flags).
         host, port: where Ray Serve's HTTP proxy listens (loopback by default: put TLS in front, see README).
         predictor: device/precision/TTA/views per forward pass (batch_size 0 = `score`'s auto: 64 CPU, 640 GPU).
         decode: decoder options (`--allow-any-modality` is not offered: the page is for chest films).
@@ -34,10 +36,13 @@ class ServeConfig:
         num_gpus: GPUs for the model replica (0 on CPU).
         ray_address: join this cluster instead of starting an embedded local Ray.
         num_cpus: logical CPUs of the embedded Ray (None = this machine's, at least 4).
+        verbose: let Ray's and Ray Serve's own log lines through to the terminal (`-v`); they always reach
+            their files under Ray's session log folder.
     """
 
     weights_path: str
     weights_sha256: str
+    weights_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     predictor: PredictorConfig = PredictorConfig()
@@ -55,6 +60,7 @@ class ServeConfig:
     num_gpus: float = 0
     ray_address: str | None = None
     num_cpus: int | None = None
+    verbose: bool = False
 
     @property
     def max_upload_bytes(self) -> int:

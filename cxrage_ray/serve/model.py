@@ -47,8 +47,8 @@ class FilmScorer:
         if predictor_config.batch_size <= 0:
             gpu = predictor_config.device != "cpu" and torch.cuda.is_available()
             predictor_config = replace(predictor_config, batch_size=GPU_BATCH_VIEWS if gpu else CPU_BATCH_VIEWS)
-        labels = {"weights_sha256": cfg.weights_sha256, "preprocess": "seed", "tta": predictor_config.tta,
-                  "decode": cfg.decode.mode}
+        labels = {"weights_sha256": cfg.weights_sha256, "weights_name": cfg.weights_name, "preprocess": "seed",
+                  "tta": predictor_config.tta, "decode": cfg.decode.mode}
         self.stage = ScoreActor([load_state_dict(cfg.weights_path)], predictor_config, labels)
         model = self.stage.predictor.model
         self.saliency_makers = {method: SaliencyMaker(model, method) for method in SALIENCY_METHODS}
@@ -95,6 +95,7 @@ class FilmScorer:
         predictor = self.stage.predictor
         return {
             "weights_sha256": self.stage.labels["weights_sha256"],
+            "weights_name": self.stage.labels["weights_name"],
             "device": self.stage.labels["device"],
             "tta": predictor.config.tta,
             "views_per_forward_pass": predictor.config.batch_size,

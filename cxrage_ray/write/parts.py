@@ -28,9 +28,11 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -235,12 +237,29 @@ def committed_parts(output: str, storage: StorageConfig) -> list[str]:
 
 
 def completed_row_ids(output: str, storage: StorageConfig) -> set[int]:
-    """row_ids already in committed parts (for resume). Unreadable parts are reported, not trusted."""
-    done: set[int] = set()
-    for uri in committed_parts(output, storage):
-        table = pq.read_table(io.BytesIO(read_bytes(uri, storage)), columns=["row_id"])
-        done.update(table.column("row_id").to_pylist())
-    return done
+    """row_ids already in committed parts, as a set (see `completed_row_id_array`)."""
+    return set(completed_row_id_array(output, storage).tolist())
+
+
+def completed_row_id_array(output: str, storage: StorageConfig) -> np.ndarray:
+    """row_ids already in committed parts (for resume), sorted and unique, int64: 8 bytes per finished row.
+
+    Only each part's row_id column is read (its Parquet column chunk, not the whole part), several parts at a
+    time: on an object store each part is a request or two, and a 99%-done archive job has hundreds of them.
+    """
+    parts = committed_parts(output, storage)
+    if not parts:
+        return np.zeros(0, dtype=np.int64)
+    with ThreadPoolExecutor(max_workers=min(8, len(parts)), thread_name_prefix="cxrage-resume") as pool:
+        ids = list(pool.map(lambda uri: _row_ids(uri, storage), parts))
+    return np.unique(np.concatenate(ids))
+
+
+def _row_ids(uri: str, storage: StorageConfig) -> np.ndarray:
+    fs, path = filesystem_for(uri, storage)
+    with fs.open(path, "rb") as handle:
+        table = pq.read_table(handle, columns=["row_id"])
+    return table.column("row_id").to_numpy().astype(np.int64, copy=False)
 
 
 def drop_error_rows(output: str, storage: StorageConfig, kinds: tuple[str, ...] = ()) -> int:

@@ -67,3 +67,20 @@ def test_without_nvimgcodec_every_frame_takes_the_exact_cpu_path(dicom_sample: P
     (result,) = decoder.decode([encoded_first_frame(raw)])
     assert result.decoder == "pydicom" and result.device == "cpu"
     assert np.array_equal(result.values.numpy(), decode_stored_frame(raw, ANY)[0].astype(np.int32))
+
+
+def test_jpeg_stays_off_the_gpu_idct_unless_asked(dicom_sample: Path) -> None:
+    """On a GPU node JPEG takes nvImageCodec's CPU back end (libjpeg-turbo, the exact IDCT), or pydicom when that
+    back end did not start; J2K goes to the GPU; only `gpu_jpeg` sends JPEG to nvJPEG. Off a GPU, the CPU paths."""
+    from cxrage_ray.decode.gpu import frame_route
+
+    j2k = encoded_first_frame((dicom_sample / FILMS[0]).read_bytes())
+    jpeg = encoded_first_frame((dicom_sample / FILMS[4]).read_bytes())
+    jpeg_ls = encoded_first_frame((dicom_sample / FILMS[5]).read_bytes())
+    gpu_node = dict(codec=True, on_gpu=True, jpeg_on_cpu=True, cpu_codec=True)
+    assert [frame_route(f, **gpu_node) for f in (j2k, jpeg, jpeg_ls)] == ["gpu", "codec-cpu", "cpu"]
+    assert frame_route(jpeg, **{**gpu_node, "cpu_codec": False}) == "cpu"
+    assert frame_route(jpeg, **{**gpu_node, "jpeg_on_cpu": False}) == "gpu"
+    assert frame_route(j2k, codec=True, on_gpu=False, jpeg_on_cpu=False, cpu_codec=False) == "codec-cpu"
+    assert frame_route(j2k, codec=False, on_gpu=True, jpeg_on_cpu=True, cpu_codec=True) == "cpu"
+    assert not FrameDecoder(CPU)._jpeg_on_cpu  # a CPU device has no nvJPEG to avoid

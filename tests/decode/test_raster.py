@@ -149,3 +149,22 @@ def test_bombs_are_refused_before_decoding() -> None:
     for data in (pillow_bytes(g, "PNG"), pillow_bytes(g, "JPEG"), tiff_bytes(g)):
         with pytest.raises(DecompressionBombError):
             decode_raster(data, small)
+
+
+def test_png_without_imagecodecs_decodes_plain_layouts_with_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare machine (the GPU benchmark kit) has no imagecodecs: the plain layouts give the same samples through
+    Pillow; a 16-bit colour PNG, which Pillow would truncate, is refused with the fix, never silently cut."""
+    import cxrage_ray.decode.raster as raster
+
+    imagecodecs = pytest.importorskip("imagecodecs")
+    grey8 = radiograph(31, 22)
+    grey16 = radiograph(31, 22, dtype=np.uint16)
+    rgb8 = np.dstack([radiograph(31, 22, seed=s) for s in range(3)])
+    files = [pillow_bytes(grey8, "PNG"), pillow_bytes(grey16, "PNG", mode="I;16"), pillow_bytes(rgb8, "PNG")]
+    with_codec = [decode_raster(f, OPTS).q16() for f in files]
+    monkeypatch.setattr(raster, "_imagecodecs", lambda: None)
+    for data, expect in zip(files, with_codec):
+        assert np.array_equal(decode_raster(data, OPTS).q16(), expect)
+    wide = imagecodecs.png_encode(np.dstack([radiograph(20, 25, seed=s, dtype=np.uint16) for s in range(3)]))
+    with pytest.raises(DecodeError, match="imagecodecs"):
+        decode_raster(wide, OPTS)

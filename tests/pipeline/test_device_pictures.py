@@ -125,3 +125,23 @@ def test_an_implausible_age_gives_the_same_row_on_both_itineraries(tmp_path: Pat
         assert frame.loc["adult.png", "chronological_age"] == 45.0 and "age_implausible" not in frame.loc["adult.png", "qc"]
         assert np.isfinite(frame.loc["adult.png", "cxr_age_gap"])
         assert ("paediatric" in frame.loc["child.png", "qc"]) == (orient is not None)
+
+
+def test_decode_in_overlapping_chunks_gives_the_same_pictures_and_rows(films: pd.DataFrame) -> None:
+    """Codestreams decode a chunk at a time, the next on a thread while the chain runs: one frame per chunk (the
+    most interleaving) gives the same pictures, decode devices and error rows as one chunk for the whole batch."""
+    encoded = prepare_encoded_batch(films, PrepareSettings(storage=StorageConfig()))
+    results = []
+    for chunk in (1, 1000):
+        source = DevicePictures().start(None)
+        source.decode_chunk = chunk
+        batch = encoded.copy()
+        pictures = source.pictures(batch)
+        results.append((batch, {i: p.numpy() for i, p in pictures.items()}))
+    (one, one_pictures), (whole, whole_pictures) = results
+    assert sorted(one_pictures) == sorted(whole_pictures) and len(one_pictures) >= len(films) - 3
+    for i, picture in whole_pictures.items():
+        np.testing.assert_array_equal(one_pictures[i], picture)
+    assert plain(one["decode_device"]) == plain(whole["decode_device"])
+    assert plain(one["status"]) == plain(whole["status"]) and plain(one["error"]) == plain(whole["error"])
+    assert (encoded["payload_kind"] == "codestream").sum() >= 2  # several chunks really ran

@@ -35,8 +35,9 @@ def test_predict_equals_hand_composition(state_dict, pictures):
     with torch.no_grad():
         outs = torch.stack([model(tta_views(p))[:, 0] for p in pictures])
     final, sd = combine_tta(outs)
-    np.testing.assert_allclose(pred.raw, final.double().numpy(), atol=1e-5)
-    np.testing.assert_allclose(pred.raw_sd, sd.double().numpy(), atol=1e-5)
+    # channels_last on the CPU (issue 22): the hand-composed NCHW model up to float rounding
+    np.testing.assert_allclose(pred.raw, final.double().numpy(), atol=1e-4)
+    np.testing.assert_allclose(pred.raw_sd, sd.double().numpy(), atol=1e-4)
     np.testing.assert_array_equal(pred.cxr_age, calibrate(pred.raw))
     assert pred.raw.dtype == np.float64 and pred.cxr_age.dtype == np.float64
     assert np.all(pred.raw_sd > 0)
@@ -53,7 +54,7 @@ def test_tta_none_is_the_centre_view(state_dict, pictures):
     model = build_model(state_dict)
     with torch.no_grad():
         centre = torch.stack([model(tta_views(p, "none"))[0, 0] for p in pictures])
-    np.testing.assert_allclose(pred.raw, centre.double().numpy(), atol=1e-5)
+    np.testing.assert_allclose(pred.raw, centre.double().numpy(), atol=1e-4)
     assert np.all(np.isnan(pred.raw_sd))
 
 
@@ -76,16 +77,29 @@ def test_cuda_request_without_gpu_fails_clearly(state_dict):
         AgePredictor(state_dict, PredictorConfig(device="cuda"))
 
 
-def test_fp32_on_cpu_equals_the_plain_model_exactly(state_dict, pictures):
-    """The GPU-oriented restructuring (queue of views, staging) must not move a CPU fp32 score at all."""
+def test_fp32_on_cpu_scores_the_plain_model_within_1e_3_years():
+    """The CPU's fast path (channels_last weights and inputs, issue 22) is the plain NCHW model up to float
+    rounding: ages within 1e-3 years (demo weights: raw outputs in the trained model's range, where an age means
+    something; the seeded random weights put raw near 10 and ages in the thousands) and smooth radiograph-like
+    pictures (raw near 1, ages 75-79)."""
+    from cxrage_ray.model.demo import demo_state_dict
+
+    state_dict = demo_state_dict(seed=1)
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:512, 0:480]
+    pictures = [(120 + 80 * np.sin(x / (30 + k)) * np.cos(y / (41 + k)) + rng.normal(0, 6, x.shape))
+                .clip(0, 255).astype(np.uint8) for k in range(3)]
     predictor = AgePredictor(state_dict, PredictorConfig(device="cpu", batch_size=5))
-    assert not predictor.compiled and predictor._network is predictor.model  # CPU: unfolded, eager
+    assert not predictor.compiled and predictor.engine == "torch"
+    assert predictor.model[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     pred = predictor.predict(pictures)
     model = build_model(state_dict)
     with torch.no_grad():
         outs = torch.stack([model(tta_views(p))[:, 0] for p in pictures])
     final, _ = combine_tta(outs)
-    np.testing.assert_array_equal(pred.raw, final.double().numpy())
+    np.testing.assert_allclose(pred.raw, final.double().numpy(), atol=1e-4)
+    assert np.all((pred.cxr_age > 40) & (pred.cxr_age < 90))  # the range the tolerance is meant for
+    np.testing.assert_allclose(pred.cxr_age, calibrate(final.double().numpy()), atol=1e-3)
 
 
 def test_tensor_pictures_score_like_host_pictures(state_dict, pictures):
@@ -96,8 +110,8 @@ def test_tensor_pictures_score_like_host_pictures(state_dict, pictures):
 
 
 def test_folded_batchnorm_is_the_same_function(state_dict, pictures):
-    plain = AgePredictor(state_dict, PredictorConfig(device="cpu"))
-    folded = AgePredictor(state_dict, PredictorConfig(device="cpu", fold_batchnorm="on"))
+    plain = AgePredictor(state_dict, PredictorConfig(device="cpu", fold_batchnorm="off"))
+    folded = AgePredictor(state_dict, PredictorConfig(device="cpu"))  # folded by default, CPU too (issue 22)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded._network.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())  # saliency keeps the original
     a, b = plain.predict(pictures), folded.predict(pictures)

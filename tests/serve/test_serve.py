@@ -170,6 +170,7 @@ def test_served_scores_equal_batch_scorer(server, films, batch_scores, weights):
         for field in ("cxr_age", "raw", "raw_sd"):
             assert abs(got[field] - want[field]) <= 1e-6, (name, field, got[field], want[field])
         assert got["weights_sha256"] == want["weights_sha256"] == sha
+        assert got["weights_name"] == want["weights_name"] == weights.name  # one naming rule for both
         assert got["qc"] == list(want["qc"]) and got["orientation"] == want["orientation"]
         assert (got["tta"], got["preprocess"], got["decode"]) == ("seed", "seed", "exact")
     rsna = _post(base, [("rsna.dcm", (films[Path(DICOMS[0]).name]).read_bytes())]).json()[0]
@@ -283,6 +284,8 @@ def test_model_health_and_docs_are_served_locally(server, weights):
         assert page.status_code == 200
         assert "https://" not in page.text and "http://" not in page.text  # no CDN: works offline
     assert "research use only" in requests.get(base, timeout=60).text.lower()
+    assert "demo-weights-banner" not in requests.get(base, timeout=60).text  # real weights: no demo banner
+    assert model["weights_name"] == weights.name
     for asset in ("/docs-assets/swagger-ui-bundle.js", "/static/app.js", "/static/app.css"):
         assert requests.get(f"{base}{asset}", timeout=60).status_code == 200
 
