@@ -41,8 +41,11 @@ KIND_ARGS = {
 def run_cxrage(tree: Path, args: list[str], home: Path) -> tuple[float, subprocess.CompletedProcess]:
     env = {**os.environ, "PYTHONPATH": str(tree), "CXRAGE_HOME": str(home), "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0"}
+    home.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", ENTRY, *args], env=env, capture_output=True, text=True)
+    # cwd outside both trees: `python -c` puts the working folder first on sys.path, ahead of PYTHONPATH, so run
+    # from this checkout both sides (and their Ray workers) would import this checkout's package
+    done = subprocess.run([sys.executable, "-c", ENTRY, *args], env=env, capture_output=True, text=True, cwd=home)
     return time.perf_counter() - started, done
 
 
