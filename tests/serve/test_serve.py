@@ -28,6 +28,7 @@ from PIL import Image
 
 from checkpoints import random_state_dict, save_fastai_checkpoint
 from conftest import REPO_ROOT
+from processes import wait_until_healthy
 from cxrage_ray.model.checkpoint import sha256_file
 
 requests = pytest.importorskip("requests")
@@ -108,18 +109,7 @@ def server(batch_scores, weights, tmp_path_factory):
                             env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"cxrage serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{base}/healthz", timeout=40).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or the app is still deploying
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"cxrage serve not healthy after {START_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_until_healthy(proc, base, log_path, START_TIMEOUT_S)
         yield base, log_path
     finally:
         proc.send_signal(signal.SIGINT)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from cxrage_ray.report.page import demo_banner_html
+from processes import wait_until_healthy
 from imagegen import pillow_bytes, radiograph
 
 requests = pytest.importorskip("requests")
@@ -55,18 +56,7 @@ def demo_server(tmp_path_factory):
                                 env=env, stdout=out, stderr=err, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"cxrage serve exited with {proc.returncode}:\n{err_path.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{base}/healthz", timeout=40).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"cxrage serve not healthy after {START_TIMEOUT_S}s:\n{err_path.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_until_healthy(proc, base, err_path, START_TIMEOUT_S)
         yield base, out_path, err_path, proc
     finally:
         if proc.poll() is None:
