@@ -76,7 +76,7 @@ class TensorSeedChain:
         levels = self.level_table(raw_min, raw_max)[x.long()]  # 8-bit levels k for Q16 257 k
         out, alpha = self.resize_fill_512(levels, alpha)  # Q16
         out = torch.div(out, 257, rounding_mode="floor").to(torch.uint8)
-        if out.shape[2] == 3 and _channels_equal(out):
+        if out.shape[2] == 3 and bool(_channels_equal_flag(out)):
             out = out[:, :, :1]
         alpha8 = None
         if alpha is not None and int(alpha.min()) < QUANTUM:  # IM's PNG writer drops an all-opaque alpha
@@ -170,10 +170,6 @@ class TensorSeedChain:
 def _round_q16(value: torch.Tensor) -> torch.Tensor:
     """IM's `ClampToQuantum` between passes: floor(clamp(v, 0, 65535) + 0.5)."""
     return torch.floor(value.clamp(0.0, QUANTUM) + 0.5)
-
-
-def _channels_equal(x: torch.Tensor) -> bool:
-    return bool(torch.equal(x[:, :, 0], x[:, :, 1]) and torch.equal(x[:, :, 1], x[:, :, 2]))
 
 
 def _channels_equal_flag(x: torch.Tensor) -> torch.Tensor:
