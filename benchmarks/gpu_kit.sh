@@ -20,7 +20,10 @@ rm -rf "$KIT" && mkdir -p "$KIT/wheels" "$KIT/films/png"
 cp "$SHARED/data/dicom-sample/cxr/WG04_RG1_J2KR.dcm" "$KIT/films/j2k.dcm"
 cp "$SHARED/data/dicom-sample/cxr/orthanc_Issue44_Monochrome1-Jpeg.dcm" "$KIT/films/jpeg1.dcm"
 cp "$SHARED/data/dicom-sample/cxr/rsna-pneumonia_c64d5667-a776-4f95-9e21-bfabafb07740.dcm" "$KIT/films/jpeg2.dcm"
-ls "$SHARED/data/cxr-sample/images"/nih_*.png | head -n 12 | xargs -I{} cp {} "$KIT/films/png/"
+# A glob, not `ls | head`: under pipefail, ls dies of SIGPIPE when head stops reading (exit 141, seen in CI)
+pngs=("$SHARED/data/cxr-sample/images"/nih_*.png)
+if [ ! -e "${pngs[0]}" ]; then echo "no nih_*.png films under $SHARED/data/cxr-sample/images" >&2; exit 1; fi
+cp "${pngs[@]:0:12}" "$KIT/films/png/"
 cp benchmarks/gpu_kit_run.sh "$KIT/run.sh"
 size_mib=$(( $(du -sb "$KIT" | cut -f1) / 1048576 ))
 echo "$KIT: ${size_mib} MiB ($(ls "$KIT/wheels" | wc -l) wheels for Python $PYVER, $(find "$KIT/films" -type f | wc -l) films)"
