@@ -93,7 +93,8 @@ def light_loop_worker(manifest: str, weights: str, batch_size: int) -> None:
                       "stage_s": stage_s, "scores": dict(zip(ids, ages))}))
 
 
-def ceiling_worker(manifest: str, out: str, weights: str, batch_size: int, rows_per_task: int | None) -> None:
+def ceiling_worker(manifest: str, out: str, weights: str, batch_size: int, rows_per_task: int | None,
+                   num_cpus: int | None = None) -> None:
     """`pipeline.score` as `cxrage score --preprocess none --tta none --rotation off --device cpu` builds it, with
     `CeilingStandIn`; the summary JSON on stdout."""
     from cxrage_ray.config import RayConfig, ScoreConfig
@@ -105,7 +106,7 @@ def ceiling_worker(manifest: str, out: str, weights: str, batch_size: int, rows_
     cfg = ScoreConfig(input=manifest, output=out, weights=weights, weights_name="demo", preprocess="none",
                       predictor=PredictorConfig(device="cpu", tta="none", batch_size=batch_size),
                       orient=OrientConfig(mode="off"), progress=False, gpu_preprocess="off",
-                      ray=RayConfig(**({"rows_per_task": rows_per_task} if rows_per_task else {})))
+                      ray=RayConfig(num_cpus=num_cpus, **({"rows_per_task": rows_per_task} if rows_per_task else {})))
     summary = score(cfg, Path(out) / "_weights", stand_in=CeilingStandIn())
     print(json.dumps(summary, default=str))
 
@@ -201,7 +202,8 @@ def ceiling(args: argparse.Namespace, pngs: list[Path], weights: Path, work: Pat
         out = fresh(work / f"out-ceiling-{cores}")
         command = this_script("--ceiling-worker", str(manifest), str(out), str(weights),
                               "--batch-size", str(args.batch_size),
-                              *(["--rows-per-task", str(args.rows_per_task)] if args.rows_per_task else []))
+                              *(["--rows-per-task", str(args.rows_per_task)] if args.rows_per_task else []),
+                              *(["--num-cpus", str(args.num_cpus)] if args.num_cpus else []))
         run = heavy.run_measured(f"ceiling on {cores} core(s)", pinned(cores, command), args.interval,
                                  heavy.child_env())
         heavy.check(run)
@@ -265,6 +267,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cores", type=int, nargs="+", default=[1, 2], help="cores the ceiling runs are pinned to")
     parser.add_argument("--batch-size", type=int, default=32, help="model views per forward pass")
     parser.add_argument("--rows-per-task", type=int, help="ceiling: manifest rows per CPU task (default: cxrage's)")
+    parser.add_argument("--num-cpus", type=int,
+                        help="ceiling: logical CPUs of the embedded Ray (e.g. 16: Ray schedules 16-wide on these cores, "
+                        "to see the driver's cost per row at a wider cluster's batch rate)")
     parser.add_argument("--score-args", default="", help="extra arguments for the light `cxrage score` (one string)")
     parser.add_argument("--interval", type=float, default=0.5, help="process-tree sampling period (s)")
     parser.add_argument("--skip-light", action="store_true")
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         light_loop_worker(*args.light_loop_worker, args.batch_size)
         return 0
     if args.ceiling_worker:
-        ceiling_worker(*args.ceiling_worker, args.batch_size, args.rows_per_task)
+        ceiling_worker(*args.ceiling_worker, args.batch_size, args.rows_per_task, args.num_cpus)
         return 0
     folder = heavy.images_dir()
     heavy.list_images(folder)  # fails early with a clear message when the films are missing
