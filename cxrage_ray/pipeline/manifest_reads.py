@@ -6,6 +6,11 @@ Out: a Ray Dataset read by one read task per read unit (a Parquet row group, or 
      rows are cut into blocks of one prepare task's rows as they come, so the first prepare task starts once the
      first unit is read, whatever the manifest's size, and the driver never holds the rows.
 
+The first unit is read by two tasks: a head task yields its first `first_block_rows` rows still to score as a
+block of their own, the other task the rest. Everything one task yields is joined into one block before it is
+cut, so only a task of its own gives the predictor a small first block, and the first scored rows reach OUTPUT
+after one small batch instead of a whole block's (issue 23).
+
 The read tasks ask for no CPU (reading and shaping rows is light, and a head node without CPUs must still run
 them); a request different from the prepare tasks' one CPU also keeps Ray Data from fusing the two, which would
 run a whole row group's films inside one read task. Ray Data runs `READ_CONCURRENCY` of them at a time, so at most
@@ -14,7 +19,7 @@ that many units are held in memory. A local manifest is read on the driver's nod
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -27,8 +32,10 @@ from cxrage_ray.storage.files import is_local
 READ_CONCURRENCY = 2
 
 
-def manifest_dataset(source: ManifestSource, scan: ManifestScan, done: np.ndarray, rows_per_block: int) -> Any:
-    """A Ray Dataset of the manifest rows not in `done`, in blocks of `rows_per_block` (see the module docstring)."""
+def manifest_dataset(source: ManifestSource, scan: ManifestScan, done: np.ndarray, rows_per_block: int,
+                     first_block_rows: int | None = None) -> Any:
+    """A Ray Dataset of the manifest rows not in `done`, in blocks of `rows_per_block`, the first of
+    `first_block_rows` (default: `rows_per_block`; see the module docstring)."""
     import ray
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
@@ -40,11 +47,23 @@ def manifest_dataset(source: ManifestSource, scan: ManifestScan, done: np.ndarra
     light = ManifestSource(**{**source.__dict__, "frame": None})
     scan_ref, done_ref = ray.put(scan), ray.put(done)
 
-    def read_unit(index: int) -> Iterator[pd.DataFrame]:
+    head = min(first_block_rows or rows_per_block, rows_per_block)
+    # (unit, rows of it skipped, rows of it taken: None for the rest); the first unit split in head and rest
+    tasks: list[tuple[int, int, int | None]] = [(i, 0, None) for i in range(len(units))]
+    first_todo = _todo(done, *units[0]) if units else 0
+    if 0 < head < rows_per_block and head < first_todo:
+        tasks[0:1] = [(0, 0, head), (0, head, None)]
+
+    def read_unit(index: int, skip: int, take: int | None) -> Iterator[pd.DataFrame]:
         start, rows = units[index]
         unit_source = light if frames[index] is None else \
             ManifestSource(**{**light.__dict__, "frame": ray.get(frames[index]), "frame_start": start})
-        yield from unit_batches(unit_source, ray.get(scan_ref), start, rows, ray.get(done_ref))
+        yield from rows_between(unit_batches(unit_source, ray.get(scan_ref), start, rows, ray.get(done_ref)),
+                                skip, take)
+
+    def task_rows(index: int, skip: int, take: int | None) -> int:
+        todo = _todo(done, *units[index]) - skip
+        return todo if take is None else min(take, todo)
 
     class ManifestRows(Datasource):
         def estimate_inmemory_data_size(self) -> int | None:
@@ -52,19 +71,36 @@ def manifest_dataset(source: ManifestSource, scan: ManifestScan, done: np.ndarra
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list:
-            return [ReadTask(lambda i=i: read_unit(i),
-                             BlockMetadata(num_rows=_todo(done, start, rows), size_bytes=None, exec_stats=None,
+            return [ReadTask(lambda task=task: read_unit(*task),
+                             BlockMetadata(num_rows=task_rows(*task), size_bytes=None, exec_stats=None,
                                            input_files=None))
-                    for i, (start, rows) in enumerate(units)]
+                    for task in tasks]
 
     here = None
     if source.frame is None and is_local(source.input):  # the file is on this machine only
         here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
-    rows = ray.data.read_datasource(ManifestRows(), num_cpus=0, concurrency=max(1, min(READ_CONCURRENCY, len(units))),
-                                    override_num_blocks=max(1, len(units)), label_selector=here)
+    rows = ray.data.read_datasource(ManifestRows(), num_cpus=0, concurrency=max(1, min(READ_CONCURRENCY, len(tasks))),
+                                    override_num_blocks=max(1, len(tasks)), label_selector=here)
     # Ray Data joins what one read task yields into blocks of up to 128 MiB (a whole unit): cut them to one prepare
     # task's rows as they stream by
     return rows.repartition(target_num_rows_per_block=rows_per_block)
+
+
+def rows_between(batches: Iterable[pd.DataFrame], skip: int, take: int | None) -> Iterator[pd.DataFrame]:
+    """The rows of `batches` after the first `skip`, at most `take` of them (all: None), batch by batch; reading
+    stops once `take` rows are out."""
+    passed, left = 0, take
+    for batch in batches:
+        first = max(0, skip - passed)
+        passed += len(batch)
+        if first >= len(batch):
+            continue
+        part = batch.iloc[first:] if left is None else batch.iloc[first:first + left]
+        if left is not None:
+            left -= len(part)
+        yield part.reset_index(drop=True)
+        if left == 0:
+            return
 
 
 def _todo(done: np.ndarray, start: int, rows: int) -> int:

@@ -345,3 +345,34 @@ def test_two_predictor_actors_share_the_cores_and_score_like_one(ray_local, arch
     assert len(two) == 24 and two["row_id"].is_unique and (two["status"] == "ok").all()
     ages = two.set_index("image_id")["cxr_age"].sort_index()
     assert np.allclose(ages, one.set_index("image_id")["cxr_age"].sort_index(), rtol=0, atol=1e-4)
+
+
+def test_each_scored_block_reaches_the_driver_before_the_next_is_done(ray_local, tmp_path):
+    """The driver writes a block as soon as it is done: the second block's task waits for the driver to have
+    the first (Ray Data's default prefetch held the first back until the second was there)."""
+    import ray
+
+    from cxrage_ray.pipeline.itinerary import arriving_tables
+
+    seen_first = tmp_path / "driver-has-the-first-block"
+
+    def second_waits(batch: pd.DataFrame) -> pd.DataFrame:
+        import time
+
+        waited = False
+        if batch["id"].iloc[0] == 1:
+            deadline = time.monotonic() + 30
+            while not seen_first.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            waited = not seen_first.exists()
+        return batch.assign(timed_out=waited)
+
+    dataset = ray.data.range(2, override_num_blocks=2).map_batches(
+        second_waits, batch_format="pandas", batch_size=None, concurrency=2)
+    tables = []
+    for table in arriving_tables(dataset):
+        tables.append(table.to_pandas())
+        seen_first.touch()
+    got = pd.concat(tables).sort_values("id")
+    assert got["id"].tolist() == [0, 1]
+    assert not got["timed_out"].any()
