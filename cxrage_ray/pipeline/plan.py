@@ -27,9 +27,10 @@ from cxrage_ray.config import SEED_ROWS_PER_TASK, PredictorConfig, PrepareSettin
 from cxrage_ray.errors import InputError
 
 #: Model views per forward pass when --batch-size is auto (5 views per image with TTA). On CPU, 16 views ran as
-#: fast as 64 (21.6-22.7 vs 20.6-21.2 views/s, `benchmarks/cpu_engines.py --batch`, 2 cores) and a smaller batch
-#: brings the first scored rows sooner (issue 23).
-GPU_BATCH_VIEWS, CPU_BATCH_VIEWS = 640, 16
+#: fast as 64 (21.6-22.7 vs 20.6-21.2 views/s, `benchmarks/cpu_engines.py --batch`, 2 cores) and would bring the
+#: first scored rows sooner, but kept at 64: with a few films per batch the grouping of films into batches
+#: differs between runs, and with it the last float digits (tests/pacs/test_dicomweb.py compares runs exactly).
+GPU_BATCH_VIEWS, CPU_BATCH_VIEWS = 640, 64
 #: Bytes one prepare task may hold per pixel of the largest film it accepts (`DecodeOptions.max_pixels`): a 16-bit
 #: grey film at the limit is held as uint16 (2 B/px) beside its 8-bit levels (1 B/px); the decoder's buffers and the
 #: resize's float64 bands add the rest. Measured by benchmarks/hostile.py: a 16384² 16-bit PNG (the default limit,
@@ -126,7 +127,7 @@ def resolve_plan(cfg: ScoreConfig, labels: dict[str, str], cluster: ClusterFacts
     itinerary = choose_itinerary(cfg, cluster.gpus, cluster.nvimgcodec)
     gpus = gpus_for_inference(cfg, cluster.gpus)
     predictor = cfg.predictor
-    if predictor.batch_size <= 0:  # auto: large batches keep a GPU busy; a CPU gains nothing beyond ~16 views
+    if predictor.batch_size <= 0:  # auto: large batches keep a GPU busy; a CPU gains nothing beyond ~16 views (see above)
         predictor = replace(predictor, batch_size=GPU_BATCH_VIEWS if gpus else CPU_BATCH_VIEWS)
     images_per_batch = max(1, predictor.batch_size // (5 if predictor.tta == "seed" else 1))
     per_task = cfg.ray.rows_per_task_for(cfg.preprocess)
