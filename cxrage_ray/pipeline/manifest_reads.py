@@ -47,11 +47,11 @@ def manifest_dataset(source: ManifestSource, scan: ManifestScan, done: np.ndarra
     light = ManifestSource(**{**source.__dict__, "frame": None})
     scan_ref, done_ref = ray.put(scan), ray.put(done)
 
-    head = min(first_block_rows or rows_per_block, rows_per_block)
+    todo = [_todo(done, start, rows) for start, rows in units]  # rows still to score, per unit
+    head = first_block_rows or rows_per_block
     # (unit, rows of it skipped, rows of it taken: None for the rest); the first unit split in head and rest
     tasks: list[tuple[int, int, int | None]] = [(i, 0, None) for i in range(len(units))]
-    first_todo = _todo(done, *units[0]) if units else 0
-    if 0 < head < rows_per_block and head < first_todo:
+    if units and 0 < head < min(rows_per_block, todo[0]):
         tasks[0:1] = [(0, 0, head), (0, head, None)]
 
     def read_unit(index: int, skip: int, take: int | None) -> Iterator[pd.DataFrame]:
@@ -62,8 +62,8 @@ def manifest_dataset(source: ManifestSource, scan: ManifestScan, done: np.ndarra
                                 skip, take)
 
     def task_rows(index: int, skip: int, take: int | None) -> int:
-        todo = _todo(done, *units[index]) - skip
-        return todo if take is None else min(take, todo)
+        rows = todo[index] - skip
+        return rows if take is None else min(take, rows)
 
     class ManifestRows(Datasource):
         def estimate_inmemory_data_size(self) -> int | None:

@@ -127,7 +127,7 @@ def resolve_plan(cfg: ScoreConfig, labels: dict[str, str], cluster: ClusterFacts
     itinerary = choose_itinerary(cfg, cluster.gpus, cluster.nvimgcodec)
     gpus = gpus_for_inference(cfg, cluster.gpus)
     predictor = cfg.predictor
-    if predictor.batch_size <= 0:  # auto: large batches keep a GPU busy; a CPU gains nothing beyond ~16 views (see above)
+    if predictor.batch_size <= 0:  # auto: large batches keep a GPU busy; a CPU gains nothing past ~16 views
         predictor = replace(predictor, batch_size=GPU_BATCH_VIEWS if gpus else CPU_BATCH_VIEWS)
     images_per_batch = max(1, predictor.batch_size // (5 if predictor.tta == "seed" else 1))
     per_task = cfg.ray.rows_per_task_for(cfg.preprocess)
