@@ -381,6 +381,11 @@ class PredictorConfig:
         compile: `torch.compile` the network ("auto": on GPU; a failure falls back to eager, logged).
         fold_batchnorm: fold the body's batch norms into its convolutions ("auto": yes, on GPU and CPU;
             fp32 ages stay within 1e-3 years of the plain model's; saliency uses the unfolded network).
+        fixed_shape: every forward pass runs exactly `batch_size` views, the last one padded, so a film's output
+            is bitwise the same whichever films shared its batch and wherever it sat in it (oneDNN picks its
+            kernels by batch shape: a 5-view pass and a 16-view pass differ in the 7th digit). Off, a lone
+            film runs only its own views (`cxrage serve` on CPU, for latency); a compiled network is always
+            padded.
     """
 
     device: Device = "auto"
@@ -390,6 +395,7 @@ class PredictorConfig:
     num_threads: int = 0
     compile: Literal["auto", "on", "off"] = "auto"
     fold_batchnorm: Literal["auto", "on", "off"] = "auto"
+    fixed_shape: bool = True
 
 
 #: Manifest rows per CPU task by default: with the seed chain (heavy per film), and for pre-made pictures.

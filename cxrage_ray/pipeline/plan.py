@@ -16,6 +16,7 @@ no Ray here, so every decision is tested without a cluster.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,11 +27,11 @@ import pandas as pd
 from cxrage_ray.config import SEED_ROWS_PER_TASK, PredictorConfig, PrepareSettings, RayConfig, ScoreConfig
 from cxrage_ray.errors import InputError
 
-#: Model views per forward pass when --batch-size is auto (5 views per image with TTA). On CPU, 16 views ran as
-#: fast as 64 (21.6-22.7 vs 20.6-21.2 views/s, `benchmarks/cpu_engines.py --batch`, 2 cores) and would bring the
-#: first scored rows sooner, but kept at 64: with a few films per batch the grouping of films into batches
-#: differs between runs, and with it the last float digits (tests/pacs/test_dicomweb.py compares runs exactly).
-GPU_BATCH_VIEWS, CPU_BATCH_VIEWS = 640, 64
+#: Model views per forward pass when --batch-size is auto (5 views per image with TTA). On CPU, 16 views run as
+#: fast as 64 (21.6-22.7 vs 20.6-21.2 views/s, `benchmarks/cpu_engines.py --batch`, 2 cores) and bring the first
+#: scored rows sooner (a 16-film first batch). Every pass has this shape (`PredictorConfig.fixed_shape`), so the
+#: ages do not depend on how films were grouped into batches.
+GPU_BATCH_VIEWS, CPU_BATCH_VIEWS = 640, 16
 #: Bytes one prepare task may hold per pixel of the largest film it accepts (`DecodeOptions.max_pixels`): a 16-bit
 #: grey film at the limit is held as uint16 (2 B/px) beside its 8-bit levels (1 B/px); the decoder's buffers and the
 #: resize's float64 bands add the rest. Measured by benchmarks/hostile.py: a 16384² 16-bit PNG (the default limit,
@@ -129,7 +130,7 @@ def resolve_plan(cfg: ScoreConfig, labels: dict[str, str], cluster: ClusterFacts
     predictor = cfg.predictor
     if predictor.batch_size <= 0:  # auto: large batches keep a GPU busy; a CPU gains nothing past ~16 views
         predictor = replace(predictor, batch_size=GPU_BATCH_VIEWS if gpus else CPU_BATCH_VIEWS)
-    images_per_batch = max(1, predictor.batch_size // (5 if predictor.tta == "seed" else 1))
+    images_per_batch = films_per_batch(predictor.batch_size, 5 if predictor.tta == "seed" else 1)
     per_task = cfg.ray.rows_per_task_for(cfg.preprocess)
     common = dict(settings=PrepareSettings(storage=cfg.storage, decode=cfg.decode, preprocess=cfg.preprocess,
                                            orient=cfg.orient),
@@ -206,6 +207,12 @@ def gpus_for_inference(cfg: ScoreConfig, cluster_gpus: int) -> int:
     if cfg.predictor.device == "cuda" and not cluster_gpus:
         raise InputError("--device cuda, but the Ray cluster has no GPU resources")
     return 0 if cfg.predictor.device == "cpu" else cluster_gpus
+
+
+def films_per_batch(views_per_pass: int, views_per_film: int) -> int:
+    """Films per scoring-actor batch: the fewest whose views fill whole forward passes (16 views, 5 per film: 16
+    films, 5 passes), so no pass but a batch's last is padded (`PredictorConfig.fixed_shape`)."""
+    return views_per_pass // math.gcd(views_per_pass, views_per_film)
 
 
 def first_block_rows(per_task: int, images_per_batch: int) -> int:

@@ -107,8 +107,9 @@ class AgePredictor:
         n_views = 5 if self.config.tta == "seed" else 1
         size = self.config.batch_size
         total = len(images) * n_views
-        # a compiled network sees one batch shape only: the queue is padded to whole batches
-        padded = -(-total // size) * size if self.compiled else total
+        # one batch shape (a compiled network needs it; `fixed_shape` makes outputs independent of batching):
+        # the queue is padded to whole batches
+        padded = -(-total // size) * size if self.compiled or self.config.fixed_shape else total
         # channels_last from the start, so each forward pass's slice is already in the network's layout (no copy)
         queue = torch.zeros(padded, 3, SIZE, SIZE, device=self.device).contiguous(memory_format=torch.channels_last)
         order: list[int] = []

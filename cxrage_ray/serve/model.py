@@ -47,6 +47,9 @@ class FilmScorer:
         if predictor_config.batch_size <= 0:
             gpu = predictor_config.device != "cpu" and torch.cuda.is_available()
             predictor_config = replace(predictor_config, batch_size=GPU_BATCH_VIEWS if gpu else CPU_BATCH_VIEWS)
+        # a lone request runs only its own views, not a padded pass (latency; `PredictorConfig.fixed_shape`): its
+        # age may differ from `cxrage score`'s in the 7th digit
+        predictor_config = replace(predictor_config, fixed_shape=False)
         labels = {"weights_sha256": cfg.weights_sha256, "weights_name": cfg.weights_name, "preprocess": "seed",
                   "tta": predictor_config.tta, "decode": cfg.decode.mode}
         self.stage = ScoreActor([load_state_dict(cfg.weights_path)], predictor_config, labels)

@@ -324,6 +324,17 @@ def test_the_first_block_holds_a_whole_predictor_batch():
     assert first_block_rows(LIGHT_ROWS_PER_TASK, images_per_batch=500) == LIGHT_ROWS_PER_TASK
 
 
+def test_a_scoring_batch_holds_the_films_that_fill_whole_passes():
+    """Films per actor batch: the fewest whose views fill whole forward passes, so only a batch's last pass is
+    padded (`PredictorConfig.fixed_shape`)."""
+    from cxrage_ray.pipeline.plan import CPU_BATCH_VIEWS, GPU_BATCH_VIEWS, films_per_batch
+
+    assert films_per_batch(CPU_BATCH_VIEWS, 5) == 16 and films_per_batch(CPU_BATCH_VIEWS, 1) == 16
+    assert films_per_batch(GPU_BATCH_VIEWS, 5) == 128 and films_per_batch(GPU_BATCH_VIEWS, 1) == 640
+    assert films_per_batch(64, 5) == 64  # 320 views: 5 passes of 64
+    assert films_per_batch(10, 5) == 2 and films_per_batch(7, 5) == 7
+
+
 def test_two_predictor_actors_share_the_cores_and_score_like_one(ray_local, archive, weights, tmp_path, caplog):
     """Two CPU actors (batch 2, no TTA) get half this machine's cores each: every row scored once, the same ages
     as one actor's."""

@@ -49,6 +49,23 @@ def test_batch_size_does_not_change_results(state_dict, pictures):
     np.testing.assert_allclose(a.raw, b.raw, atol=1e-5)
 
 
+def test_a_films_age_does_not_depend_on_the_films_batched_with_it(state_dict, pictures):
+    """Fixed-shape passes (the default): a film alone, or among others in another order, gets bitwise the same
+    output, so a job's ages do not depend on how its films were grouped into batches (issue 23)."""
+    predictor = AgePredictor(state_dict, PredictorConfig(device="cpu", batch_size=16))
+    together = predictor.predict(pictures)
+    for i, picture in enumerate(pictures):
+        alone = predictor.predict([picture])
+        assert alone.raw[0] == together.raw[i] and alone.cxr_age[0] == together.cxr_age[i]
+    reordered = predictor.predict(pictures[::-1] + pictures[:1])
+    np.testing.assert_array_equal(reordered.raw[:3], together.raw[::-1])
+    # without it, a lone film's 5-view pass rounds differently from the 15 views' padded pass
+    unpadded = AgePredictor(state_dict, PredictorConfig(device="cpu", batch_size=16, fixed_shape=False))
+    alone = [unpadded.predict([p]).raw[0] for p in pictures]
+    assert not np.array_equal(alone, together.raw)
+    np.testing.assert_allclose(alone, together.raw, atol=1e-5)
+
+
 def test_tta_none_is_the_centre_view(state_dict, pictures):
     pred = AgePredictor(state_dict, PredictorConfig(device="cpu", tta="none")).predict(pictures)
     model = build_model(state_dict)
