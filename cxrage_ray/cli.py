@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16/fp16 autocast on GPU, fp32 on CPU")
     s.add_argument("--batch-size", type=int, default=0,
-                   help="model views per forward pass (5 per image with TTA); 0: 640 on GPU, 64 on CPU")
+                   help="model views per forward pass (5 per image with TTA); 0: 640 on GPU, 16 on CPU")
     s.add_argument("--saliency", metavar="DIR", help="write a saliency map per film as DIR/<stem>.png (local or s3://)")
     s.add_argument("--saliency-method", choices=list(SALIENCY_METHODS), default="grad",
                    help="grad: the original's input-gradient map; gradcam: Grad-CAM on the last conv stage")
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                     help="auto: bf16/fp16 autocast on GPU, fp32 on CPU")
     sv.add_argument("--batch-size", type=int, default=0,
-                    help="model views per forward pass (5 per film with TTA); default: 640 on GPU, 64 on CPU")
+                    help="model views per forward pass (5 per film with TTA); default: 640 on GPU, 16 on CPU")
     sv.add_argument("--max-upload-mb", type=float, default=64.0, help="refuse larger request bodies with 413")
     sv.add_argument("--max-batch-films", type=int, default=16, help="films per model batch (@serve.batch)")
     sv.add_argument("--batch-wait-ms", type=float, default=50.0,

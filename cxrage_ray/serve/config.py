@@ -22,7 +22,7 @@ class ServeConfig:
         weights_name: what the weights are, in every answer as in every batch row
             (`cxrage_ray.model.registry.weights_name`: `demo` for the demo weights, which the page flags).
         host, port: where Ray Serve's HTTP proxy listens (loopback by default: put TLS in front, see README).
-        predictor: device/precision/TTA/views per forward pass (batch_size 0 = `score`'s auto: 64 CPU, 640 GPU).
+        predictor: device/precision/TTA/views per forward pass (batch_size 0 = `score`'s auto: 16 CPU, 640 GPU).
         decode: decoder options (`--allow-any-modality` is not offered: the page is for chest films).
         orient: orientation handling (`score`'s default `auto`).
         max_upload_mb: larger request bodies are refused with 413 before they are parsed.
