@@ -211,7 +211,8 @@ def gpus_for_inference(cfg: ScoreConfig, cluster_gpus: int) -> int:
 
 def films_per_batch(views_per_pass: int, views_per_film: int) -> int:
     """Films per scoring-actor batch: the fewest whose views fill whole forward passes (16 views, 5 per film: 16
-    films, 5 passes), so no pass but a batch's last is padded (`PredictorConfig.fixed_shape`)."""
+    films, 5 passes), so no pass but a batch's last is padded (`PredictorConfig.fixed_shape`). At most
+    `views_per_film` passes: a `--batch-size` that is a multiple of 5 keeps a TTA batch to one pass (640 on GPU)."""
     return views_per_pass // math.gcd(views_per_pass, views_per_film)
 
 
