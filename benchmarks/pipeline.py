@@ -18,7 +18,8 @@ then `AgePredictor.predict` on batches of the pipeline's size (the films whose v
 `--batch-size` views, `plan.films_per_batch`), `PredictorConfig(device="cpu")` so torch runs on every core.
 torch's thread count is one process-wide setting: the loop sets it to 1 around the tiny orientation
 classifier (on this busy 2-core machine it is ~40x slower on 2 threads than on 1) and back to all cores for the
-age model, which makes the loop the faster, fairer baseline; `--loop-orient-threads 0` keeps all cores throughout instead.
+age model, which makes the loop the faster, fairer baseline; `--loop-orient-threads 0` keeps all cores
+throughout instead.
 
 Memory runs use `--tta none` and, by default (`--memory-input small`), the 250 films' seed-chain PNGs made once
 by `cxrage preprocess` and scored with `--preprocess none`: the same pixels reach the object store as with
@@ -263,9 +264,10 @@ def loop_worker(manifest: str, weights: str, tta: str, batch_size: int, orient_t
     t_load = time.perf_counter()
 
     storage, options, config = StorageConfig(), DecodeOptions(), OrientConfig()
+    from cxrage_ray.config import views_per_film
     from cxrage_ray.pipeline.plan import films_per_batch
 
-    per_batch = films_per_batch(batch_size, 5 if tta == "seed" else 1)  # images per batch, as the pipeline's actor gets
+    per_batch = films_per_batch(batch_size, views_per_film(tta))  # images per batch, as the pipeline's actor gets
     with open(manifest, newline="") as handle:
         rows = list(csv.DictReader(handle))
     ok = errors = 0

@@ -366,6 +366,12 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 TTAMode = Literal["seed", "none"]
 
 
+def views_per_film(tta: TTAMode) -> int:
+    """Model views one film makes: the centre and four zoomed corners with the seed TTA
+    (`cxrage_ray.preprocess.fastai.batch_tta_views`), the centre alone without."""
+    return 5 if tta == "seed" else 1
+
+
 @dataclass(frozen=True, slots=True)
 class PredictorConfig:
     """How to run the model.

@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from cxrage_ray.config import SEED_ROWS_PER_TASK, PredictorConfig, PrepareSettings, RayConfig, ScoreConfig
+from cxrage_ray.config import (SEED_ROWS_PER_TASK, PredictorConfig, PrepareSettings, RayConfig, ScoreConfig,
+                               views_per_film)
 from cxrage_ray.errors import InputError
 
 #: Model views per forward pass when --batch-size is auto (5 views per image with TTA). On CPU, 16 views run as
@@ -130,7 +131,7 @@ def resolve_plan(cfg: ScoreConfig, labels: dict[str, str], cluster: ClusterFacts
     predictor = cfg.predictor
     if predictor.batch_size <= 0:  # auto: large batches keep a GPU busy; a CPU gains nothing past ~16 views
         predictor = replace(predictor, batch_size=GPU_BATCH_VIEWS if gpus else CPU_BATCH_VIEWS)
-    images_per_batch = films_per_batch(predictor.batch_size, 5 if predictor.tta == "seed" else 1)
+    images_per_batch = films_per_batch(predictor.batch_size, views_per_film(predictor.tta))
     per_task = cfg.ray.rows_per_task_for(cfg.preprocess)
     common = dict(settings=PrepareSettings(storage=cfg.storage, decode=cfg.decode, preprocess=cfg.preprocess,
                                            orient=cfg.orient),
@@ -209,11 +210,11 @@ def gpus_for_inference(cfg: ScoreConfig, cluster_gpus: int) -> int:
     return 0 if cfg.predictor.device == "cpu" else cluster_gpus
 
 
-def films_per_batch(views_per_pass: int, views_per_film: int) -> int:
+def films_per_batch(views_per_pass: int, film_views: int) -> int:
     """Films per scoring-actor batch: the fewest whose views fill whole forward passes (16 views, 5 per film: 16
     films, 5 passes), so no pass but a batch's last is padded (`PredictorConfig.fixed_shape`). At most
-    `views_per_film` passes: a `--batch-size` that is a multiple of 5 keeps a TTA batch to one pass (640 on GPU)."""
-    return views_per_pass // math.gcd(views_per_pass, views_per_film)
+    `film_views` passes: a `--batch-size` that is a multiple of 5 keeps a TTA batch to one pass (640 on GPU)."""
+    return views_per_pass // math.gcd(views_per_pass, film_views)
 
 
 def first_block_rows(per_task: int, images_per_batch: int) -> int:

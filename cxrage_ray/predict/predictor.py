@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cxrage_ray.config import Device, Precision
+from cxrage_ray.config import Device, Precision, views_per_film
 from cxrage_ray.config import PredictorConfig  # defined beside the other job settings, without torch
 from cxrage_ray.model.network import build_model, calibrate
 from cxrage_ray.preprocess.fastai import SIZE, batch_tta_views, combine_tta
@@ -104,7 +104,7 @@ class AgePredictor:
         if len(images) == 0:
             empty = np.zeros(0)
             return Prediction(raw=empty, raw_sd=empty, cxr_age=empty)
-        n_views = 5 if self.config.tta == "seed" else 1
+        n_views = views_per_film(self.config.tta)
         size = self.config.batch_size
         total = len(images) * n_views
         # one batch shape (a compiled network needs it; `fixed_shape` makes outputs independent of batching):
