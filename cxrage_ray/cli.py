@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16/fp16 autocast on GPU, fp32 on CPU")
     s.add_argument("--batch-size", type=int, default=0,
-                   help="model views per forward pass (5 per image with TTA); 0: 640 on GPU, 16 on CPU")
+                   help="model views per forward pass (5 per image with TTA); 0: 640 on GPU, 8 on this "
+                        "machine's CPUs (a one-thread batch per core), 16 on a cluster's")
     s.add_argument("--saliency", metavar="DIR", help="write a saliency map per film as DIR/<stem>.png (local or s3://)")
     s.add_argument("--saliency-method", choices=list(SALIENCY_METHODS), default="grad",
                    help="grad: the original's input-gradient map; gradcam: Grad-CAM on the last conv stage")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cxrage_ray.errors import WeightsError
-from cxrage_ray.orient.network import build_network
+from cxrage_ray.orient.array_network import ArrayNetwork, check_shapes
 from cxrage_ray.orient.thumbnails import Thumbnails
 
 ROTATIONS = (0, 90, 180, 270)
@@ -66,7 +66,8 @@ class OrientationClassifier:
     the views. CPU, batched, no gradients.
 
     Args:
-        network: a module built by `build_network` with its weights loaded.
+        network: float32 (N, 1, size, size) numpy -> (N, 6) logits: the `ArrayNetwork` `load` builds, or a torch
+            module built by `build_network` with its weights loaded.
         size: thumbnail side the network was trained on.
         metadata: the weights file's metadata (training figures, data, version).
         mirror_tta: also score the mirrored thumbnail (the network was trained with left-right flips, under
@@ -80,7 +81,8 @@ class OrientationClassifier:
         metadata: Mapping[str, str] | None = None,
         mirror_tta: bool = False,
     ) -> None:
-        self.network = network.eval()
+        # the shipped weights load as an `ArrayNetwork` (numpy); a torch module (training, tests) is wrapped
+        self.network = torch_logits(network) if hasattr(network, "state_dict") else network
         self.size = size
         self.metadata = dict(metadata or {})
         self.mirror_tta = mirror_tta
@@ -100,21 +102,16 @@ class OrientationClassifier:
         path = Path(path)
         if not path.is_file():
             raise WeightsError(f"orientation weights {path} not found; retrain with `python jobs/train_rotation.py`")
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="np") as handle:  # numpy: no torch in the prepare workers
             metadata = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}
         arch = json.loads(metadata.get("architecture", "{}"))
         size = int(arch.get("size", 64))
         try:
-            network = build_network(
-                width=int(arch.get("width", 8)),
-                hidden=int(arch.get("hidden", 64)),
-                size=size,
-                stages=int(arch.get("stages", 3)),
-                downsample=str(arch.get("downsample", "pool")),
-            )
-            network.load_state_dict(state)
-        except (RuntimeError, ValueError) as exc:
+            network = ArrayNetwork.from_state(state, downsample=str(arch.get("downsample", "pool")))
+            check_shapes(network, width=int(arch.get("width", 8)), hidden=int(arch.get("hidden", 64)), size=size,
+                         stages=int(arch.get("stages", 3)))
+        except (KeyError, ValueError) as exc:
             raise WeightsError(f"{path} does not match the orientation network: {exc}") from exc
         return cls(network, size=size, metadata=metadata, mirror_tta=bool(arch.get("mirror_tta", False)))
 
@@ -126,8 +123,6 @@ class OrientationClassifier:
 
     def predict_thumbnails(self, thumbs: np.ndarray, batch_size: int = 64) -> list[OrientationPrediction]:
         """Same as `predict` on precomputed `thumbnail`s, shape (N, size, size)."""
-        import torch
-
         if len(thumbs) == 0:
             return []
         x = standardise(np.asarray(thumbs, dtype=np.float32))
@@ -136,25 +131,44 @@ class OrientationClassifier:
         views = [np.rot90(m, k=-j, axes=(1, 2)) for m in mirrors for j in range(4)]
         n_views = len(views)
         turns = np.stack(views, axis=1)  # (N, views, S, S)
-        flat = torch.from_numpy(np.ascontiguousarray(turns.reshape(-1, 1, self.size, self.size)))
-        with torch.inference_mode():
-            logits = torch.cat([self.network(chunk) for chunk in flat.split(batch_size * n_views)]).double()
-        logits = logits.reshape(len(x), n_views, 6)
-        rot_logp = torch.log_softmax(logits[:, :, :4], dim=2)  # (N, view, class c)
+        flat = np.ascontiguousarray(turns.reshape(-1, 1, self.size, self.size))
+        chunk = batch_size * n_views
+        logits = np.concatenate([self.network(flat[i:i + chunk]) for i in range(0, len(flat), chunk)])
+        logits = logits.astype(np.float64).reshape(len(x), n_views, 6)
+        rot_logp = _log_softmax(logits[:, :, :4])  # (N, view, class c)
         # a film lying at k, turned j more, lies at (k + j) % 4; its mirror image turned j lies at (j - k) % 4
         # (mirroring reverses the sense of rotation): score(k) = sum over views of log p_view[where it lies]
-        k = torch.arange(4)
-        score = torch.zeros(len(x), 4, dtype=torch.float64)
+        k = np.arange(4)
+        score = np.zeros((len(x), 4))
         for v in range(n_views):
             mirrored, j = divmod(v, 4)
             lies = (j - k) % 4 if mirrored else (k + j) % 4
             score = score + rot_logp[:, v, lies]
-        rot_probs = torch.softmax(score, dim=1).numpy()
-        lateral = torch.softmax(logits[:, :, 4:], dim=2)[:, :, 1].mean(dim=1).numpy()
+        rot_probs = np.exp(_log_softmax(score))
+        lateral = np.exp(_log_softmax(logits[:, :, 4:]))[:, :, 1].mean(axis=1)
         return [
             OrientationPrediction(rotation_probs=tuple(float(p) for p in rot_probs[i]), lateral_prob=float(lateral[i]))
             for i in range(len(x))
         ]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis (float64), stable for large logits."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def torch_logits(module: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """A torch module built by `build_network` (training, tests) as the classifier's numpy -> numpy network."""
+    import torch
+
+    module.eval()
+
+    def logits(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+    return logits
 
 
 @functools.lru_cache(maxsize=1)

@@ -180,7 +180,8 @@ def _dataset(todo: tuple[ManifestSource, ManifestScan, np.ndarray], plan: Plan, 
     if plan.actor_gpus:
         log.info("GPU inference: %d-%d scoring actor(s), %d films per batch", *plan.actors, plan.images_per_batch)
     else:
-        log.info("CPU inference: %d predictor actor(s), torch threads each: %s", plan.actors[1], threads)
+        log.info("CPU inference: %d predictor actor(s), %d batch(es) at once each, torch threads each: %s",
+                 plan.actors[1], plan.actor_calls, threads)
     # blocks of one prepare task's rows, cut as the read tasks stream the manifest
     rows = manifest_dataset(*todo, plan.rows_per_task, plan.first_block_rows)
     min_actors, max_actors = plan.actors
@@ -193,7 +194,10 @@ def _dataset(todo: tuple[ManifestSource, ManifestScan, np.ndarray], plan: Plan, 
             fn_constructor_kwargs=plan.actor_kwargs([ray.put(state_dict)]),
             batch_format="pandas",
             batch_size=plan.images_per_batch,
-            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+            # actor_calls > 1: batches scored at once on the actor's threads, each on one torch thread (plan.py)
+            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors,
+                                               max_concurrent_calls_per_actor=plan.actor_calls,
+                                               enable_true_multi_threading=plan.actor_calls > 1),
             num_gpus=plan.actor_gpus,
             num_cpus=plan.actor_cpus,
         )

@@ -33,6 +33,9 @@ from cxrage_ray.errors import InputError
 #: scored rows sooner (a 16-film first batch). Every pass has this shape (`PredictorConfig.fixed_shape`), so the
 #: ages do not depend on how films were grouped into batches.
 GPU_BATCH_VIEWS, CPU_BATCH_VIEWS = 640, 16
+#: Model views per forward pass on a CPU actor scoring one-thread calls concurrently (`cpu_predictor`): two
+#: one-thread 8-view passes at once ran 36.0 ms a view, one two-thread 16-view pass 37.0 (2 cores, quiet).
+CPU_CONCURRENT_VIEWS = 8
 #: Bytes one prepare task may hold per pixel of the largest film it accepts (`DecodeOptions.max_pixels`): a 16-bit
 #: grey film at the limit is held as uint16 (2 B/px) beside its 8-bit levels (1 B/px); the decoder's buffers and the
 #: resize's float64 bands add the rest. Measured by benchmarks/hostile.py: a 16384² 16-bit PNG (the default limit,
@@ -91,7 +94,8 @@ class Plan:
         images_per_batch: films per scoring-actor batch.
         rows_per_task, first_block_rows: manifest rows per CPU task, and in the first one.
         prepare_memory: the `memory` (bytes) a prepare task declares (0: none).
-        actors: (min, max) scoring actors; actor_gpus / actor_cpus: what each reserves.
+        actors: (min, max) scoring actors; actor_gpus / actor_cpus: what each reserves; actor_calls: batches one
+            actor scores at once, on threads of its own (`cpu_predictor`).
         stand_in: benchmark-only `CeilingStandIn`, or None.
         saliency: the job's `SaliencySettings`, or None.
     """
@@ -111,6 +115,7 @@ class Plan:
     actor_cpus: float
     stand_in: Any = None
     saliency: Any = None
+    actor_calls: int = 1
 
     def actor_kwargs(self, state_ref: list) -> dict[str, Any]:
         """The scoring actor's constructor arguments."""
@@ -128,9 +133,11 @@ def resolve_plan(cfg: ScoreConfig, labels: dict[str, str], cluster: ClusterFacts
 
     itinerary = choose_itinerary(cfg, cluster.gpus, cluster.nvimgcodec)
     gpus = gpus_for_inference(cfg, cluster.gpus)
-    predictor = cfg.predictor
+    layout = cpu_inference_layout(cfg.ray.predict_actors, cluster.embedded_cores)
+    predictor, calls = (cfg.predictor, 1) if gpus else cpu_predictor(cfg.predictor, layout, cfg.saliency is None)
     if predictor.batch_size <= 0:  # auto: large batches keep a GPU busy; a CPU gains nothing past ~16 views
-        predictor = replace(predictor, batch_size=GPU_BATCH_VIEWS if gpus else CPU_BATCH_VIEWS)
+        auto = GPU_BATCH_VIEWS if gpus else CPU_BATCH_VIEWS if calls == 1 else CPU_CONCURRENT_VIEWS
+        predictor = replace(predictor, batch_size=auto)
     images_per_batch = films_per_batch(predictor.batch_size, views_per_film(predictor.tta))
     per_task = cfg.ray.rows_per_task_for(cfg.preprocess)
     common = dict(settings=PrepareSettings(storage=cfg.storage, decode=cfg.decode, preprocess=cfg.preprocess,
@@ -150,11 +157,8 @@ def resolve_plan(cfg: ScoreConfig, labels: dict[str, str], cluster: ClusterFacts
     if gpus:
         return Plan(prepare=prepare, source=PreparedPictures(), predictor=predictor, labels=cpu_labels,
                     actors=(1, gpus), actor_gpus=1, actor_cpus=1.0, **common)
-    layout = cpu_inference_layout(cfg.ray.predict_actors, cluster.embedded_cores)
-    if predictor.num_threads == 0:  # a count the caller chose is kept
-        predictor = replace(predictor, num_threads=layout.threads)
     return Plan(prepare=prepare, source=PreparedPictures(), predictor=predictor, labels=cpu_labels,
-                actors=(layout.actors, layout.actors), actor_gpus=0,
+                actors=(layout.actors, layout.actors), actor_gpus=0, actor_calls=calls,
                 actor_cpus=cpu_predictor_cpus(layout.actors, cluster.cpus), **common)
 
 
@@ -237,6 +241,24 @@ def cpu_inference_layout(actors: int, cores: int | None) -> CpuInference:
     with a little CPU noise beside them, but not in the pipeline itself (issue 15, benchmarks/README.md).
     """
     return CpuInference(actors=actors, threads=0 if cores is None else max(1, cores // actors))
+
+
+def cpu_predictor(predictor: PredictorConfig, layout: CpuInference, concurrent_safe: bool = True
+                  ) -> tuple[PredictorConfig, int]:
+    """A CPU scoring actor's predictor settings and how many batches it scores at once.
+
+    Where the actor's cores are known (the embedded node), it scores one batch per core at a time, each on one
+    torch thread: two one-thread calls kept ~0.94x a plain two-thread loop's pace on 2 cores where one two-thread
+    call kept 0.84x (a thread another process preempts then holds up only its own batch, not its partner at
+    every synchronisation point of a pass; issue 22, benchmarks/README.md). A torch thread count the caller chose,
+    a cluster node (cores unknown here), OpenVINO's bf16 (its own threads) and saliency maps (hooks on the one
+    model) keep one call on every thread.
+    """
+    if predictor.num_threads:
+        return predictor, 1
+    if layout.threads > 1 and predictor.precision != "bf16" and concurrent_safe:
+        return replace(predictor, num_threads=1), layout.threads
+    return replace(predictor, num_threads=layout.threads), 1
 
 
 def embedded_cores(rc: RayConfig) -> int | None:

@@ -327,12 +327,29 @@ def test_the_first_block_holds_a_whole_predictor_batch():
 def test_a_scoring_batch_holds_the_films_that_fill_whole_passes():
     """Films per actor batch: the fewest whose views fill whole forward passes, so only a batch's last pass is
     padded (`PredictorConfig.fixed_shape`)."""
-    from cxrage_ray.pipeline.plan import CPU_BATCH_VIEWS, GPU_BATCH_VIEWS, films_per_batch
+    from cxrage_ray.pipeline.plan import CPU_BATCH_VIEWS, CPU_CONCURRENT_VIEWS, GPU_BATCH_VIEWS, films_per_batch
 
     assert films_per_batch(CPU_BATCH_VIEWS, 5) == 16 and films_per_batch(CPU_BATCH_VIEWS, 1) == 16
     assert films_per_batch(GPU_BATCH_VIEWS, 5) == 128 and films_per_batch(GPU_BATCH_VIEWS, 1) == 640
     assert films_per_batch(64, 5) == 64  # 320 views: 5 passes of 64
     assert films_per_batch(10, 5) == 2 and films_per_batch(7, 5) == 7
+    assert films_per_batch(CPU_CONCURRENT_VIEWS, 5) == 8 and films_per_batch(CPU_CONCURRENT_VIEWS, 1) == 8
+
+
+def test_a_cpu_actor_on_the_embedded_node_scores_a_one_thread_batch_per_core():
+    from cxrage_ray.config import PredictorConfig
+    from cxrage_ray.pipeline.plan import CpuInference, cpu_predictor
+
+    auto = PredictorConfig(device="cpu")
+    assert cpu_predictor(auto, CpuInference(1, 2)) == (replace(auto, num_threads=1), 2)
+    assert cpu_predictor(auto, CpuInference(2, 1)) == (replace(auto, num_threads=1), 1)  # a core each: one call
+    assert cpu_predictor(auto, CpuInference(1, 0)) == (replace(auto, num_threads=0), 1)  # a cluster node
+    chosen = replace(auto, num_threads=3)
+    assert cpu_predictor(chosen, CpuInference(1, 2)) == (chosen, 1)  # the caller's thread count is kept
+    bf16 = replace(auto, precision="bf16")  # OpenVINO schedules its own threads
+    assert cpu_predictor(bf16, CpuInference(1, 2)) == (replace(bf16, num_threads=2), 1)
+    # saliency maps hook the one model: one call at a time
+    assert cpu_predictor(auto, CpuInference(1, 2), concurrent_safe=False) == (replace(auto, num_threads=2), 1)
 
 
 def test_two_predictor_actors_share_the_cores_and_score_like_one(ray_local, archive, weights, tmp_path, caplog):
@@ -350,7 +367,10 @@ def test_two_predictor_actors_share_the_cores_and_score_like_one(ray_local, arch
     with caplog.at_level(logging.INFO, logger="cxrage_ray.pipeline.itinerary"):
         assert main(["score", common[0], str(tmp_path / "two"), *common[1:], "--predict-actors", "2"]) == 0
     half = max(1, len(os.sched_getaffinity(0)) // 2)  # one each on this project's 2-core machines
-    assert f"CPU inference: 2 predictor actor(s), torch threads each: {half}" in caplog.text
+    calls = half if half > 1 else 1  # more than a core each: a one-thread batch per core (plan.cpu_predictor)
+    threads = 1
+    assert (f"CPU inference: 2 predictor actor(s), {calls} batch(es) at once each, torch threads each: {threads}"
+            in caplog.text)
     assert main(["score", common[0], str(tmp_path / "one"), *common[1:], "--predict-actors", "1"]) == 0
     two, one = _read(tmp_path / "two"), _read(tmp_path / "one")
     assert len(two) == 24 and two["row_id"].is_unique and (two["status"] == "ok").all()
