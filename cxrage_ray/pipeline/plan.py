@@ -125,8 +125,6 @@ class Plan:
 
 def resolve_plan(cfg: ScoreConfig, labels: dict[str, str], cluster: ClusterFacts, stand_in: Any = None) -> Plan:
     """The plan for `cfg` on `cluster` (see the module docstring)."""
-    from cxrage_ray.pipeline.device_pictures import DevicePictures
-    from cxrage_ray.pipeline.payloads import prepare_encoded_batch
     from cxrage_ray.pipeline.prepare import prepare_batch
     from cxrage_ray.pipeline.stand_in import read_bytes_batch
     from cxrage_ray.predict.scoring import PreparedPictures
@@ -146,6 +144,9 @@ def resolve_plan(cfg: ScoreConfig, labels: dict[str, str], cluster: ClusterFacts
                   first_block_rows=first_block_rows(per_task, images_per_batch), stand_in=stand_in, saliency=cfg.saliency,
                   prepare_memory=prepare_memory_request(cfg.decode.max_pixels, cluster.largest_node_memory))
     if itinerary.path == "device":
+        from cxrage_ray.pipeline.device_pictures import DevicePictures  # imports torch: only where it runs
+        from cxrage_ray.pipeline.payloads import prepare_encoded_batch
+
         if stand_in is not None:
             raise ValueError("the benchmark stand-in runs on the CPU itinerary only (--gpu-preprocess off)")
         return Plan(prepare=prepare_encoded_batch, source=DevicePictures(orient=cfg.orient), predictor=predictor,

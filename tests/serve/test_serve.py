@@ -86,7 +86,10 @@ def batch_scores(films, weights, tmp_path_factory) -> pd.DataFrame:
 
     `--batch-size 5` (one film's 5 TTA views per forward pass) is what a lone request gets from the server:
     the CPU kernels' fp32 sums differ in the last bit between forward passes of different sizes (up to
-    ~5e-6 years), so equality to 1e-6 is checked at equal pass sizes; see `test_one_request_of_several_films`.
+    ~5e-6 years), so equality is checked at equal pass sizes; see `test_one_request_of_several_films`. The
+    thread counts still differ (score runs a one-thread batch per core, serve one request on every core), which
+    moves the last bit too (1.2e-6 years seen), so the check is to 5e-6 years: far below any difference of
+    preprocessing, model or calibration (those move ages by 1e-3 years or more).
     """
     root = tmp_path_factory.mktemp("batch")
     manifest = root / "manifest.csv"
@@ -158,7 +161,7 @@ def test_served_scores_equal_batch_scorer(server, films, batch_scores, weights):
         want = batch_scores.loc[name]
         assert got["filename"] == name and got["status"] == "ok", got
         for field in ("cxr_age", "raw", "raw_sd"):
-            assert abs(got[field] - want[field]) <= 1e-6, (name, field, got[field], want[field])
+            assert abs(got[field] - want[field]) <= 5e-6, (name, field, got[field], want[field])
         assert got["weights_sha256"] == want["weights_sha256"] == sha
         assert got["weights_name"] == want["weights_name"] == weights.name  # one naming rule for both
         assert got["qc"] == list(want["qc"]) and got["orientation"] == want["orientation"]
