@@ -238,8 +238,8 @@ def cpu_inference_layout(actors: int, cores: int | None) -> CpuInference:
          N actors each running torch on every core would ask N times the cores there are. On a cluster, every core
          of the actor's own node.
 
-    One actor on every core stays the default: single-threaded actors beat it by ~20% in a two-process experiment
-    with a little CPU noise beside them, but not in the pipeline itself (issue 15, benchmarks/README.md).
+    One actor stays the default: a second process costs ~6 s of start-up; the one actor gets the single-thread
+    gain instead by scoring a one-thread batch per core at once (`cpu_predictor`, issue 22).
     """
     return CpuInference(actors=actors, threads=0 if cores is None else max(1, cores // actors))
 
@@ -249,9 +249,10 @@ def cpu_predictor(predictor: PredictorConfig, layout: CpuInference, concurrent_s
     """A CPU scoring actor's predictor settings and how many batches it scores at once.
 
     Where the actor's cores are known (the embedded node), it scores one batch per core at a time, each on one
-    torch thread: two one-thread calls kept ~0.94x a plain two-thread loop's pace on 2 cores where one two-thread
-    call kept 0.84x (a thread another process preempts then holds up only its own batch, not its partner at
-    every synchronisation point of a pass; issue 22, benchmarks/README.md). A torch thread count the caller chose,
+    torch thread: a thread another process preempts then holds up only its own batch, not its partner at every
+    synchronisation point of a pass (the actor's threads ran 95% of the time instead of 88% beside Ray's own
+    processes; light pace 0.89-0.94x a plain two-thread loop's on 2 cores, was 0.84x; issue 22,
+    benchmarks/README.md, `benchmarks/concurrent_calls.py`). A torch thread count the caller chose,
     a cluster node (cores unknown here), OpenVINO's bf16 (its own threads) and saliency maps (hooks on the one
     model) keep one call on every thread.
     """
