@@ -320,10 +320,10 @@ def _write_back(args: argparse.Namespace) -> "WriteBackConfig | None":  # noqa: 
 
 
 def _demo_weights(home: Path) -> Path:
-    from cxrage_ray.model.demo import write_demo_checkpoint
-
     path = home / "demo-random-seed0.pth"
-    if not path.exists():
+    if not path.exists():  # only then torch (~1.4 s, before Ray starts): a job imports it beside Ray's start-up
+        from cxrage_ray.model.demo import write_demo_checkpoint
+
         write_demo_checkpoint(path)
     print(f"cxrage: using DEMO weights {path} (random, NOT the published model: ages are meaningless)",
           file=sys.stderr)

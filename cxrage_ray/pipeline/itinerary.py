@@ -24,7 +24,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,9 @@ from cxrage_ray.contract import output_schema
 from cxrage_ray.errors import JobInterrupted, StalledError
 from cxrage_ray.manifest.build import open_manifest
 from cxrage_ray.manifest.stream import ManifestScan, ManifestSource, carried_schema, legacy_fingerprint, scan_manifest
-from cxrage_ray.model.registry import resolve_weights
+from cxrage_ray.model.registry import ResolvedWeights, resolve_weights
 from cxrage_ray.model.registry import weights_name as name_of_weights
+from cxrage_ray.model.weights_file import WeightsFile, actors_can_read, remember_loadable
 from cxrage_ray.pipeline.plan import Itinerary, Plan, check_gpu_request, resolve_plan
 from cxrage_ray.pipeline.prepare import retry_counts
 from cxrage_ray.pipeline.manifest_reads import manifest_dataset
@@ -85,21 +86,17 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: ManifestSource | None 
     startup: dict[str, float] = {"manifest_scanned_s": startup_scan_s, "before_ray_s": time.perf_counter() - started}
     itinerary = Itinerary("cpu", "nothing left to score")
     if todo:
-        # the weights are read (torch imported, ~85 MB parsed) on a thread while Ray starts: nothing on the way
-        # to ray.init imports torch (~2.5 s on a 2-core machine, issue 15)
-        loading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrage-weights")
-        state_dict_future = loading.submit(_load_state_dict, weights.path)
-        loading.shutdown(wait=False)
+        weights_for_actors = _weights_for_actors(weights, weights_home, cfg)
         with ray_session(cfg.ray), progress_bar(todo, scan.rows, cfg.progress) as bar, \
                 committing_on_time(writer):
             startup["ray_started_s"] = time.perf_counter() - started
             plan = resolve_plan(cfg, labels, cluster_facts(cfg.ray), stand_in)
             itinerary = plan.itinerary
             log.info("itinerary: %s (%s)", itinerary.path, itinerary.reason)
-            state_dict = state_dict_future.result()
+            state = weights_for_actors if isinstance(weights_for_actors, WeightsFile) else weights_for_actors.result()
             startup["weights_loaded_s"] = time.perf_counter() - started
             try:
-                dataset = _dataset((manifest, scan, done), plan, state_dict, cfg)
+                dataset = _dataset((manifest, scan, done), plan, state, cfg)
                 for table in arriving_tables(dataset):
                     startup.setdefault("first_film_s", time.perf_counter() - started)
                     writer.add(table)
@@ -149,10 +146,26 @@ def arriving_tables(dataset: Any) -> Iterator[pa.Table]:
     return dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0)
 
 
-def _load_state_dict(path: Path) -> dict:
+def _weights_for_actors(weights: ResolvedWeights, home: Path, cfg: ScoreConfig) -> WeightsFile | Future:
+    """Where the scoring actors get their weights: on the embedded Ray (this machine), weights known to load are
+    handed over as the file, which the actors read themselves (`WeightsFile`: this process never imports torch);
+    otherwise the state dict, parsed on a thread while Ray starts (nothing on the way to ray.init imports torch,
+    ~2.5 s on a 2-core machine, issue 15) so a bad file fails here with its own message, and shipped through the
+    object store."""
+    if not cfg.ray.address and actors_can_read(weights, home):
+        return WeightsFile(weights.path, weights.sha256)
+    loading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrage-weights")
+    state_dict = loading.submit(_load_state_dict, weights.path, weights.sha256, home)
+    loading.shutdown(wait=False)
+    return state_dict
+
+
+def _load_state_dict(path: Path, sha256: str, home: Path) -> dict:
     from cxrage_ray.model.checkpoint import load_state_dict
 
-    return load_state_dict(path)
+    state_dict = load_state_dict(path)
+    remember_loadable(home, sha256)  # the next job on this machine hands its actors the file
+    return state_dict
 
 
 def _execution_timeout() -> type[BaseException]:
@@ -165,9 +178,11 @@ def _execution_timeout() -> type[BaseException]:
     return ExecutionTimeoutError
 
 
-def _dataset(todo: tuple[ManifestSource, ManifestScan, np.ndarray], plan: Plan, state_dict: dict, cfg: ScoreConfig):
+def _dataset(todo: tuple[ManifestSource, ManifestScan, np.ndarray], plan: Plan, state: WeightsFile | dict,
+             cfg: ScoreConfig):
     """The plan as a Ray Dataset: the manifest's rows still to score (`todo`: the source, its scan, the row_ids
-    already scored), streamed by read tasks -> prepare tasks -> scoring actors."""
+    already scored), streamed by read tasks -> prepare tasks -> scoring actors; `state`: the weights file the
+    actors read, or the state dict they get through the object store."""
     import ray
 
     from cxrage_ray.predict.scoring import ScoreActor
@@ -191,7 +206,7 @@ def _dataset(todo: tuple[ManifestSource, ManifestScan, np.ndarray], plan: Plan, 
                          batch_size=None, num_cpus=1, memory=plan.prepare_memory)
         .map_batches(
             ScoreActor,
-            fn_constructor_kwargs=plan.actor_kwargs([ray.put(state_dict)]),
+            fn_constructor_kwargs=plan.actor_kwargs([state if isinstance(state, WeightsFile) else ray.put(state)]),
             batch_format="pandas",
             batch_size=plan.images_per_batch,
             # actor_calls > 1: batches scored at once on the actor's threads, each on one torch thread (plan.py)

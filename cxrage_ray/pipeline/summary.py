@@ -31,7 +31,6 @@ def summarise(cfg: ScoreConfig, rows_total: int, sha: str, scored: int, elapsed:
     flags = Counter(flag for qc in table["qc"] if qc is not None for flag in qc)
     import numpy
     import ray
-    import torch
 
     return {
         "input": cfg.input,
@@ -54,6 +53,17 @@ def summarise(cfg: ScoreConfig, rows_total: int, sha: str, scored: int, elapsed:
         "settings": {"preprocess": cfg.preprocess, "tta": cfg.predictor.tta, "decode": cfg.decode.mode,
                      "device": cfg.predictor.device, "precision": cfg.predictor.precision},
         "ray": asdict(cfg.ray),
-        "versions": {"cxrage_ray": cxrage_ray.__version__, "torch": torch.__version__, "ray": ray.__version__,
+        "versions": {"cxrage_ray": cxrage_ray.__version__, "torch": _version("torch"), "ray": ray.__version__,
                      "numpy": numpy.__version__, "pyarrow": pa.__version__, "python": platform.python_version()},
     }
+
+
+def _version(package: str) -> str:
+    """An installed package's version without importing it (the driver of an embedded job may never import
+    torch, `cxrage_ray.model.weights_file`)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"

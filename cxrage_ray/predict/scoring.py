@@ -22,6 +22,7 @@ import pandas as pd
 from cxrage_ray.config import SaliencySettings
 from cxrage_ray.contract import PIXEL_COLUMNS, SCORE_COLUMNS
 from cxrage_ray.errors import error_text
+from cxrage_ray.model.weights_file import WeightsFile
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class ScoreActor:
     """Ray Data actor (or a plain object, without Ray): prepared rows -> scored rows (see the module docstring).
 
     Args:
-        state_dict_ref: a one-element list holding the state dict (or an ObjectRef to it); wrapped in a list so
+        state_dict_ref: a one-element list holding the state dict, an ObjectRef to it, or the `WeightsFile` to
+            read it from (the embedded Ray); wrapped in a list so
             Ray does not resolve it eagerly on the driver.
         predictor_config: `PredictorConfig`.
         labels: constant columns for every row (weights_sha256, weights_name, preprocess, tta, decode, ...).
@@ -136,8 +138,11 @@ class ScoreActor:
 
 
 def _resolved(state_dict: Any) -> dict:
+    """The state dict itself, a `WeightsFile` on this machine (the embedded Ray), or an ObjectRef to it."""
     if isinstance(state_dict, dict):
         return state_dict
+    if isinstance(state_dict, WeightsFile):
+        return state_dict.load()
     import ray  # an ObjectRef on a cluster
 
     return ray.get(state_dict)
