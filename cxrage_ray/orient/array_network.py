@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cxrage_ray.orient.network import check_downsample, feature_side
+
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default, which the trained network used
 
 
@@ -64,8 +66,7 @@ class ArrayNetwork:
     @classmethod
     def from_state(cls, state: Mapping[str, np.ndarray], downsample: str = "pool") -> ArrayNetwork:
         """From the torch module's state dict (numpy arrays; `num_batches_tracked` ignored)."""
-        if downsample not in ("pool", "stride"):
-            raise ValueError(f"downsample must be 'pool' or 'stride', not {downsample!r}")
+        check_downsample(downsample)
         indices = sorted(int(m.group(1)) for key in state
                          if (m := re.fullmatch(r"features\.(\d+)\.weight", key)) and state[key].ndim == 4)
         convs = []
@@ -100,9 +101,7 @@ class ArrayNetwork:
 def check_shapes(network: ArrayNetwork, width: int, hidden: int, size: int, stages: int) -> None:
     """Raise ValueError unless `network`'s weights have the shapes `build_network(width, hidden, size, stages)`
     gives (what torch's strict `load_state_dict` checked)."""
-    side = size // 2 // 2**stages
-    if side < 1 or size % (2 ** (stages + 1)):
-        raise ValueError(f"size {size} is not divisible by 2**{stages + 1}")
+    side = feature_side(size, stages)
     convs = [(width, 1 * 5 * 5)] + [(width * 2 ** (i + 1), width * 2**i * 3 * 3) for i in range(stages)]
     expected = {"convs": convs, "dense": [(hidden, width * 2**stages * side * side)], "heads": [(6, hidden)]}
     found = {"convs": [conv.weight.shape for conv in network.convs], "dense": [network.dense[0].shape],

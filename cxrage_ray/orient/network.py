@@ -10,6 +10,22 @@ from __future__ import annotations
 from typing import Any
 
 
+def feature_side(size: int, stages: int) -> int:
+    """The side of the last stage's feature map for a `size` px input (the stem and each stage halve it); raises
+    ValueError for a size the network cannot take. Shared with the numpy network (`cxrage_ray.orient.array_network`),
+    so no torch here."""
+    side = size // 2 // 2**stages
+    if side < 1 or size % (2 ** (stages + 1)):
+        raise ValueError(f"size {size} is not divisible by 2**{stages + 1}")
+    return side
+
+
+def check_downsample(downsample: str) -> None:
+    """Raise ValueError unless `downsample` names a stage kind the network has ("pool" or "stride")."""
+    if downsample not in ("pool", "stride"):
+        raise ValueError(f"downsample must be 'pool' or 'stride', not {downsample!r}")
+
+
 def build_network(
     width: int = 8, hidden: int = 64, size: int = 64, stages: int = 3, downsample: str = "pool"
 ) -> Any:
@@ -27,11 +43,8 @@ def build_network(
     import torch
     from torch import nn
 
-    side = size // 2 // 2**stages
-    if side < 1 or size % (2 ** (stages + 1)):
-        raise ValueError(f"size {size} is not divisible by 2**{stages + 1}")
-    if downsample not in ("pool", "stride"):
-        raise ValueError(f"downsample must be 'pool' or 'stride', not {downsample!r}")
+    side = feature_side(size, stages)
+    check_downsample(downsample)
 
     def conv(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
