@@ -101,7 +101,13 @@ class FrameDecoder:
     def decode(self, frames: Sequence[EncodedFrame]) -> list[StoredFrame | BaseException]:
         """Decode each frame; a frame that no path can decode is returned as its exception (in place)."""
         results: list[StoredFrame | BaseException | None] = [None] * len(frames)
-        routes = [self.route(f) for f in frames]
+        routes: list[str | None] = []
+        for i, frame in enumerate(frames):  # a frame whose header the rule cannot read fails alone
+            try:
+                routes.append(self.route(frame))
+            except Exception as exc:
+                routes.append(None)
+                results[i] = exc
         for route in ("gpu", "codec-cpu"):
             positions = [i for i, r in enumerate(routes) if r == route]
             if not positions:

@@ -12,7 +12,10 @@ Runs without Ray, and on a CPU (for tests and `cxrage preprocess --engine tensor
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,16 +25,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxrage_ray.config import OrientConfig
+from cxrage_ray.config import DecodeOptions, OrientConfig
 from cxrage_ray.contract import PAYLOAD_COLUMNS
+from cxrage_ray.decode.dicom import EncodedFrame
+from cxrage_ray.decode.gpu import StoredFrame
+from cxrage_ray.errors import CxrAgeError, DecodeError, DecompressionBombError
 from cxrage_ray.pipeline.payloads import frame_from_row
 from cxrage_ray.pipeline.rows import apply_orientation
 from cxrage_ray.predict.scoring import mark_error
+
+log = logging.getLogger(__name__)
 
 #: Codestreams per nvImageCodec call: small enough that the next chunk's decode overlaps most of a batch's
 #: chain, mapping and orientation; large enough for the GPU decoder's batching (227 films/s at 96 on an H200 for
 #: 2k J2K, environment.md). To be tuned by the GPU kit's first run.
 DECODE_CHUNK = 32
+#: The most pixels a payload may declare: the decoders' default limit (`DecodeOptions.max_pixels`), which the
+#: prepare tasks already enforced; a larger header was damaged on the way.
+MAX_DEVICE_PIXELS = DecodeOptions().max_pixels
 #: (Q16 pixels (H, W, C) int32, Q16 alpha (H, W) int32 or None), on the device.
 Q16Picture = tuple[torch.Tensor, "torch.Tensor | None"]
 
@@ -75,15 +86,13 @@ class PayloadDecoder:
         return self
 
     def pictures(self, batch: pd.DataFrame) -> dict[int, torch.Tensor]:
+        """{row position: seed-chain picture on the device} for the ok rows; every film that fails at any step
+        (payload parse, upload, mapping, chain, orientation, re-chain) becomes its own error row."""
         q16: dict[int, Q16Picture] = {}
         pictures: dict[int, torch.Tensor] = {}
         for chunk in self.decoded_chunks(batch):  # the next chunk decodes while this one goes through the chain
             q16.update(chunk)
-            for i, (pixels, alpha) in chunk.items():
-                try:
-                    pictures[i] = self.chain(pixels, alpha)
-                except Exception as exc:  # one film's failure must not cost its neighbours
-                    mark_error(batch, i, exc)
+            pictures.update(self._chained(batch, chunk))
         if self.orient is not None:
             pictures = self._oriented(batch, pictures, q16)
         return pictures
@@ -104,40 +113,59 @@ class PayloadDecoder:
         batch["decode_device"] = None
         status, kind = batch["status"].to_numpy(), batch["payload_kind"].to_numpy()
         ok = [i for i in range(len(batch)) if status[i] == "ok"]
-        coded = [i for i in ok if kind[i] == "codestream"]
-        frames = [frame_from_row(batch["payload"].iat[i], batch["payload_header"].iat[i]) for i in coded]
+        frames: dict[int, EncodedFrame] = {}
+        for i in (i for i in ok if kind[i] == "codestream"):
+            with film_isolated(batch, i):
+                frames[i] = parsed_frame(batch["payload"].iat[i], batch["payload_header"].iat[i])
+        coded = list(frames)
         where = batch.columns.get_loc("decode_device")
         starts = range(0, len(coded), self.decode_chunk)
+
+        def decode(k: int) -> list[StoredFrame | BaseException]:
+            return self.decoder.decode([frames[i] for i in coded[k:k + self.decode_chunk]])
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="frame-decode") as pool:
-            pending = [pool.submit(self.decoder.decode, frames[k:k + self.decode_chunk]) for k in starts[:1]]
-            yield {i: self._picture_payload(batch, i) for i in ok if kind[i] != "codestream"}
-            for i in ok:
-                if kind[i] != "codestream":
+            pending = [pool.submit(decode, k) for k in starts[:1]]
+            uploaded: dict[int, Q16Picture] = {}
+            for i in (i for i in ok if kind[i] != "codestream"):
+                with film_isolated(batch, i):
+                    uploaded[i] = self._picture_payload(batch, i)
                     batch.iat[i, where] = "cpu"
+            yield uploaded
             for k in starts:
                 stored_chunk = pending.pop().result()
                 if k + self.decode_chunk < len(coded):
-                    nxt = k + self.decode_chunk
-                    pending.append(pool.submit(self.decoder.decode, frames[nxt:nxt + self.decode_chunk]))
+                    pending.append(pool.submit(decode, k + self.decode_chunk))
                 out: dict[int, Q16Picture] = {}
-                for i, frame, stored in zip(coded[k:], frames[k:], stored_chunk):
-                    if isinstance(stored, BaseException):
-                        mark_error(batch, i, stored)
-                        continue
-                    batch.iat[i, where] = stored.device
-                    out[i] = (dicom_q16_tensor(stored.values, frame.params), None)
+                for i, stored in zip(coded[k:], stored_chunk):
+                    with film_isolated(batch, i):
+                        if isinstance(stored, BaseException):
+                            raise stored
+                        batch.iat[i, where] = stored.device
+                        out[i] = (dicom_q16_tensor(stored.values, frames[i].params), None)
                 yield out
+
+    def _chained(self, batch: pd.DataFrame, chunk: dict[int, Q16Picture]) -> dict[int, torch.Tensor]:
+        """The seed chain on a chunk's pictures; a film the chain refuses becomes an error row."""
+        out: dict[int, torch.Tensor] = {}
+        for i, (pixels, alpha) in chunk.items():
+            with film_isolated(batch, i):
+                out[i] = self.chain(pixels, alpha)
+        return out
 
     def _picture_payload(self, batch: pd.DataFrame, i: int) -> Q16Picture:
         """A CPU-decoded picture payload (grey8 or q16 bytes) -> Q16 tensors on the device."""
-        shape = tuple(json.loads(batch["payload_header"].iat[i])["shape"])
         kind = batch["payload_kind"].iat[i]
+        shape = payload_shape(batch["payload_header"].iat[i])
         body = np.frombuffer(batch["payload"].iat[i], dtype=np.uint8 if kind == "grey8" else np.uint16)
+        check_payload_size(body.size, shape, "picture")
         pixels = self._upload(body.reshape(shape))
         alpha_bytes = batch["alpha"].iat[i]
         alpha = None
         if alpha_bytes:
-            alpha = self._upload(np.frombuffer(alpha_bytes, dtype=np.uint16).reshape(shape[:2]))
+            samples = np.frombuffer(alpha_bytes, dtype=np.uint16)
+            check_payload_size(samples.size, shape[:2], "alpha")
+            alpha = self._upload(samples.reshape(shape[:2]))
         return (pixels * 257 if kind == "grey8" else pixels), alpha
 
     def _upload(self, samples: np.ndarray) -> torch.Tensor:
@@ -153,41 +181,104 @@ class PayloadDecoder:
     def _oriented(self, batch: pd.DataFrame, pictures: dict[int, torch.Tensor], q16: dict[int, Q16Picture]
                   ) -> dict[int, torch.Tensor]:
         """Orientation on the batch's pictures (the classifier batched); a turned film is corrected before the
-        seed chain and the chain rerun, as the CPU itinerary does."""
-        from cxrage_ray.orient.stage import orient_batch
-
+        seed chain and the chain rerun, as the CPU itinerary does. A film whose orientation fails (or that
+        `--skip-flagged` keeps unscored) becomes an error row."""
         positions = list(pictures)
-        ages = [batch["chronological_age"].iat[i] for i in positions]
-        results = orient_batch(
-            [pictures[i].cpu().numpy() for i in positions],  # 512 px uint8: the classifier's thumbnails are tiny
-            image_ids=[str(batch["image_id"].iat[i]) for i in positions],
-            uris=[str(batch["uri"].iat[i]) for i in positions],
-            metas=[json.loads(batch["meta_json"].iat[i] or "{}") for i in positions],
-            chronological_ages=[None if pd.isna(a) else float(a) for a in ages],
-            config=self.orient,
-        )
-        rows = {i: {"qc": list(batch["qc"].iat[i])} for i in positions}
+        results = self._orient_results(batch, pictures, positions)
+        rows = {i: {"qc": list(batch["qc"].iat[i])} for i in results}
         kept: dict[int, torch.Tensor] = {}
-        for i, result in zip(positions, results):
-            try:
-                apply_orientation(rows[i], result)
-            except Exception as exc:  # FlaggedSkipped (--skip-flagged)
-                mark_error(batch, i, exc)
-                continue
-            if not result.corrects:
-                kept[i] = pictures[i]
-            else:
-                pixels, alpha = q16[i]
-                kept[i] = self.chain(turn(pixels, result.applied, result.mirrored),
-                                     None if alpha is None else turn(alpha, result.applied, result.mirrored))
+        for i, result in results.items():
+            with film_isolated(batch, i):
+                apply_orientation(rows[i], result)  # raises FlaggedSkipped under --skip-flagged
+                if not result.corrects:
+                    kept[i] = pictures[i]
+                else:
+                    pixels, alpha = q16[i]
+                    kept[i] = self.chain(turn(pixels, result.applied, result.mirrored),
+                                         None if alpha is None else turn(alpha, result.applied, result.mirrored))
         for i, row in rows.items():
             for name in ("orientation", "rotation_source"):
-                batch.iat[i, batch.columns.get_loc(name)] = row[name]
+                if name in row:
+                    batch.iat[i, batch.columns.get_loc(name)] = row[name]
         qc = list(batch["qc"])
         for i, row in rows.items():
             qc[i] = row["qc"]
         batch["qc"] = qc
         return kept
+
+    def _orient_results(self, batch: pd.DataFrame, pictures: dict[int, torch.Tensor], positions: list[int]
+                        ) -> dict[int, Any]:
+        """`orient_batch` over the pictures at `positions`; when the batch call fails, film by film, so only the
+        film that fails becomes an error row."""
+        from cxrage_ray.orient.stage import orient_batch
+
+        def orient(chosen: list[int]) -> list[Any]:
+            ages = [batch["chronological_age"].iat[i] for i in chosen]
+            return orient_batch(
+                [pictures[i].cpu().numpy() for i in chosen],  # 512 px uint8: the classifier's thumbnails are tiny
+                image_ids=[str(batch["image_id"].iat[i]) for i in chosen],
+                uris=[str(batch["uri"].iat[i]) for i in chosen],
+                metas=[json.loads(batch["meta_json"].iat[i] or "{}") for i in chosen],
+                chronological_ages=[None if pd.isna(a) else float(a) for a in ages],
+                config=self.orient,
+            )
+
+        try:
+            return dict(zip(positions, orient(positions), strict=True))
+        except Exception:
+            results: dict[int, Any] = {}
+            for i in positions:
+                with film_isolated(batch, i):
+                    results[i] = orient([i])[0]
+            return results
+
+
+@contextlib.contextmanager
+def film_isolated(batch: pd.DataFrame, position: int) -> Iterator[None]:
+    """Run one film's step: an exception makes that film an error row (its kind kept, "<Kind>: message") instead
+    of escaping the batch, where Ray would retry the whole task and fail the job on one bad film."""
+    try:
+        yield
+    except Exception as exc:
+        if not isinstance(exc, CxrAgeError):  # a bug or a library failure: say so, without patient data
+            log.warning("unexpected %s on the device itinerary for row %s", type(exc).__name__,
+                        batch["row_id"].iat[position] if "row_id" in batch.columns else position)
+        mark_error(batch, position, exc)
+
+
+def parsed_frame(codestream: bytes, header_json: str) -> EncodedFrame:
+    """A payload row's encoded frame (`frame_from_row`), a header that does not parse being a `DecodeError`."""
+    try:
+        frame = frame_from_row(codestream, header_json)
+        sizes = (frame.rows, frame.columns, frame.samples, frame.bits_allocated, frame.params.bits_stored)
+        if not all(isinstance(v, int) for v in sizes):
+            raise TypeError("a size field is not a whole number")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DecodeError(f"the frame's header did not survive the trip to the scoring actor ({type(exc).__name__})"
+                          ) from None
+    check_payload_size(0, (frame.rows, frame.columns), "frame", codestream=True)
+    return frame
+
+
+def payload_shape(header_json: str) -> tuple[int, ...]:
+    """A picture payload's (H, W, C), a header that does not parse being a `DecodeError`."""
+    try:
+        shape = tuple(int(v) for v in json.loads(header_json)["shape"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DecodeError(f"the picture's header did not survive the trip to the scoring actor ({type(exc).__name__})"
+                          ) from None
+    if len(shape) != 3 or shape[2] not in (1, 3):
+        raise DecodeError(f"the picture's header gives the shape {shape}, not (H, W, 1|3)")
+    return shape
+
+
+def check_payload_size(samples: int, shape: tuple[int, ...], what: str, codestream: bool = False) -> None:
+    """Refuse a payload whose header gives an absurd size, or a picture whose bytes do not fill its shape."""
+    pixels = math.prod(shape[:2])
+    if min(shape[:2], default=0) < 1 or pixels > MAX_DEVICE_PIXELS:
+        raise DecompressionBombError(f"the {what}'s header gives an absurd size {shape[:2]}")
+    if not codestream and samples != math.prod(shape):
+        raise DecodeError(f"the {what} holds {samples} samples, its header says {shape}")
 
 
 def turn(array: torch.Tensor, applied: int, mirrored: bool) -> torch.Tensor:

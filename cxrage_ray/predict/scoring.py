@@ -114,8 +114,9 @@ class ScoreActor:
                 from cxrage_ray.predict.precision_audit import PrecisionAuditor
 
                 # mixed precision: a sample of films is scored again in fp32 (summary.json's precision_audit);
-                # eager, as the reference scores a few films only
-                reference = AgePredictor(state_dict, replace(predictor_config, precision="fp32", compile="off"))
+                # eager and unpadded, as the reference scores a few films only: their own views, not a full pass
+                reference = AgePredictor(state_dict, replace(predictor_config, precision="fp32", compile="off",
+                                                             fixed_shape=False))
                 self.auditor = PrecisionAuditor(reference)
         self.source = (source or PreparedPictures()).start(getattr(self.predictor, "device", None))
         if saliency is not None:
@@ -127,7 +128,7 @@ class ScoreActor:
         batch = batch.reset_index(drop=True)
         for name in SCORE_COLUMNS:
             batch[name] = np.nan
-        pictures = self.source.pictures(batch)
+        batch, pictures = source_pictures(self.source, batch)
         score_pictures(batch, pictures, self.predictor)
         if self.auditor is not None:
             self.auditor.audit(batch, pictures)
@@ -146,6 +147,30 @@ def _resolved(state_dict: Any) -> dict:
     import ray  # an ObjectRef on a cluster
 
     return ray.get(state_dict)
+
+
+def source_pictures(source: PictureSource, batch: pd.DataFrame) -> tuple[pd.DataFrame, dict[int, Any]]:
+    """The source's pictures for the batch; when the batch call itself fails (what no per-film step caught), the
+    films are tried one by one from the batch as it came, so one bad film is one error row, never a failed task
+    that Ray retries whole and then fails the job with (a rerun would meet the same batch again)."""
+    original = batch.copy()
+    try:
+        return batch, source.pictures(batch)
+    except Exception as exc:
+        log.warning("a batch of %d film(s) failed as a whole (%s); trying them film by film", len(batch),
+                    type(exc).__name__)
+    singles, pictures = [], {}
+    for i in range(len(original)):
+        one = original.iloc[[i]].reset_index(drop=True)
+        if one["status"].iat[0] == "ok":
+            try:
+                found = source.pictures(one)
+                if 0 in found:
+                    pictures[i] = found[0]
+            except Exception as exc:
+                mark_error(one, 0, exc)
+        singles.append(one)
+    return pd.concat(singles, ignore_index=True), pictures
 
 
 def score_pictures(batch: pd.DataFrame, pictures: dict[int, Any], predictor: Any) -> None:
