@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu-preprocess", choices=["auto", "on", "off"], default="auto",
                    help="on: send bytes to GPU actors that decode (nvImageCodec), run the seed chain and score; "
                    "off: decode and seed chain on CPU tasks; auto (default): on when the cluster has a GPU and "
-                   "nvImageCodec is installed (pip install 'cxrage-ray[gpu]')")
+                   "nvImageCodec loads on its GPU nodes (pip install 'cxrage-ray[gpu]' there)")
     s.add_argument("--write-back", choices=["sr"],
                    help="sr: store a DICOM Structured Report with CXR-Age for each ok row in the DICOMweb archive "
                    "it came from (STOW-RS; reruns never duplicate a report)")

@@ -470,7 +470,8 @@ class ScoreConfig:
             kinds (`ReadError`, ...) rescores the error rows of those kinds, the empty tuple every error row.
         gpu_preprocess: "on" sends bytes to GPU actors that decode, preprocess and score (the device
             itinerary); "off" keeps decode and the seed chain on CPU tasks; "auto" is on when the cluster has
-            a GPU and nvImageCodec is installed (see `cxrage_ray.pipeline.plan.choose_itinerary`).
+            a GPU and nvImageCodec loads on every GPU node, asked on the nodes themselves (see
+            `cxrage_ray.pipeline.plan.choose_itinerary`).
         write_back: store a CXR-Age Structured Report per ok DICOMweb row (see cxrage_ray.pacs.writeback), or None.
     """
 

@@ -39,7 +39,7 @@ from cxrage_ray.manifest.stream import ManifestScan, ManifestSource, carried_sch
 from cxrage_ray.model.registry import ResolvedWeights, resolve_weights
 from cxrage_ray.model.registry import weights_name as name_of_weights
 from cxrage_ray.model.weights_file import WeightsFile, actors_can_read, remember_loadable
-from cxrage_ray.pipeline.plan import Itinerary, Plan, check_gpu_request, resolve_plan
+from cxrage_ray.pipeline.plan import Itinerary, Plan, check_gpu_request, resolve_plan, wants_decoder_probe
 from cxrage_ray.pipeline.prepare import retry_counts
 from cxrage_ray.pipeline.manifest_reads import manifest_dataset
 from cxrage_ray.pipeline.resume import finished_rows, job_record
@@ -90,7 +90,7 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: ManifestSource | None 
         with ray_session(cfg.ray), progress_bar(todo, scan.rows, cfg.progress) as bar, \
                 committing_on_time(writer):
             startup["ray_started_s"] = time.perf_counter() - started
-            plan = resolve_plan(cfg, labels, cluster_facts(cfg.ray), stand_in)
+            plan = resolve_plan(cfg, labels, cluster_facts(cfg.ray, wants_decoder_probe(cfg)), stand_in)
             itinerary = plan.itinerary
             log.info("itinerary: %s (%s)", itinerary.path, itinerary.reason)
             state = weights_for_actors if isinstance(weights_for_actors, WeightsFile) else weights_for_actors.result()

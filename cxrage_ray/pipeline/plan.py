@@ -54,6 +54,35 @@ class Itinerary:
 
 
 @dataclass(frozen=True)
+class GpuDecoders:
+    """What the cluster's GPU nodes answered when asked whether nvImageCodec loads there
+    (`cxrage_ray.runtime.session.probe_gpu_decoders`): asked on the nodes themselves, because the driver's
+    environment says nothing about theirs (cluster.yaml installs the `[gpu]` extra on the GPU workers only).
+
+    Args:
+        nodes: GPU nodes asked (0: nobody was asked).
+        loaded: those where nvImageCodec loaded.
+        unanswered: those that did not answer in time (busy, booting, gone).
+    """
+
+    nodes: int = 0
+    loaded: int = 0
+    unanswered: int = 0
+
+    @property
+    def everywhere(self) -> bool:
+        """nvImageCodec loads on every GPU node (and there is at least one)."""
+        return self.nodes > 0 and self.loaded == self.nodes
+
+    def describe(self) -> str:
+        """For summary.json's `itinerary.reason`: what the GPU nodes answered."""
+        if not self.nodes:
+            return "no GPU node was asked whether nvImageCodec loads"
+        text = f"nvImageCodec loads on {self.loaded} of {self.nodes} GPU node(s) (asked on the nodes)"
+        return text + (f", {self.unanswered} did not answer" if self.unanswered else "")
+
+
+@dataclass(frozen=True)
 class ClusterFacts:
     """What the connected Ray cluster offers, read once (`cxrage_ray.runtime.session.cluster_facts`).
 
@@ -62,14 +91,14 @@ class ClusterFacts:
         cpus: logical CPU resources in the cluster.
         largest_node_memory: the largest `memory` resource (bytes) of one live node (0 when none is reported).
         embedded_cores: the cores inference may use on the embedded local Ray; None on a cluster.
-        nvimgcodec: nvImageCodec is installed (GPU decode).
+        gpu_decoders: what the GPU nodes answered about nvImageCodec (GPU decode), when they were asked.
     """
 
     gpus: int = 0
     cpus: float = 0.0
     largest_node_memory: float = 0.0
     embedded_cores: int | None = None
-    nvimgcodec: bool = False
+    gpu_decoders: GpuDecoders = GpuDecoders()
 
 
 @dataclass(frozen=True)
@@ -129,7 +158,7 @@ def resolve_plan(cfg: ScoreConfig, labels: dict[str, str], cluster: ClusterFacts
     from cxrage_ray.pipeline.stand_in import read_bytes_batch
     from cxrage_ray.predict.scoring import PreparedPictures
 
-    itinerary = choose_itinerary(cfg, cluster.gpus, cluster.nvimgcodec)
+    itinerary = choose_itinerary(cfg, cluster.gpus, cluster.gpu_decoders)
     gpus = gpus_for_inference(cfg, cluster.gpus)
     layout = cpu_inference_layout(cfg.ray.predict_actors, cluster.embedded_cores)
     predictor, calls = (cfg.predictor, 1) if gpus else cpu_predictor(cfg.predictor, layout, cfg.saliency is None)
@@ -191,9 +220,16 @@ def check_gpu_request(cfg: ScoreConfig, local_cuda: Callable[[], bool] | None = 
                          "--gpu-preprocess auto or off, or run on a GPU node / cluster (--ray-address)")
 
 
-def choose_itinerary(cfg: ScoreConfig, cluster_gpus: int, nvimgcodec: bool) -> Itinerary:
-    """The device itinerary when asked for (`on`), or under `auto` when the cluster has GPUs and nvImageCodec is
-    installed; the CPU itinerary otherwise, with the reason (it goes into summary.json)."""
+def wants_decoder_probe(cfg: ScoreConfig) -> bool:
+    """Whether the itinerary depends on what the GPU nodes can decode (`auto` with nothing else ruling the device
+    itinerary out): only then are the GPU nodes asked (`ClusterFacts.gpu_decoders`)."""
+    return cfg.gpu_preprocess == "auto" and not _gpu_blockers(cfg)
+
+
+def choose_itinerary(cfg: ScoreConfig, cluster_gpus: int, decoders: GpuDecoders) -> Itinerary:
+    """The device itinerary when asked for (`on`), or under `auto` when the cluster has GPUs and nvImageCodec
+    loads on every GPU node (asked there: `decoders`); the CPU itinerary otherwise, with the reason (it goes into
+    summary.json)."""
     if cfg.gpu_preprocess == "on":
         if not cluster_gpus:
             raise InputError("--gpu-preprocess on, but the Ray cluster has no GPU resources")
@@ -202,10 +238,11 @@ def choose_itinerary(cfg: ScoreConfig, cluster_gpus: int, nvimgcodec: bool) -> I
         return Itinerary("cpu", "--gpu-preprocess off")
     reasons = [setting for setting, _ in _gpu_blockers(cfg)]
     reasons += ["no GPU in the cluster"] if not cluster_gpus else []
-    reasons += ["nvImageCodec is not installed (pip install 'cxrage-ray[gpu]')"] if not nvimgcodec else []
+    if not decoders.everywhere:
+        reasons += [f"{decoders.describe()}; pip install 'cxrage-ray[gpu]' on the GPU nodes"]
     if reasons:
         return Itinerary("cpu", f"auto: {reasons[0]}")
-    return Itinerary("device", "auto: GPU and nvImageCodec present")
+    return Itinerary("device", f"auto: {decoders.describe()}")
 
 
 def gpus_for_inference(cfg: ScoreConfig, cluster_gpus: int) -> int:

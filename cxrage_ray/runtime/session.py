@@ -2,7 +2,8 @@
 
 In:  the job's `RayConfig`.
 Out: a context in which Ray is up (`ray_session`), and `ClusterFacts` for the plan (`cluster_facts`, which waits
-     for the autoscaler's GPU nodes when the job needs GPUs: `wait_for_gpus`).
+     for the autoscaler's GPU nodes when the job needs GPUs: `wait_for_gpus`, and asks the GPU nodes whether
+     nvImageCodec loads there: `probe_gpu_decoders`).
 
 The embedded Ray's processes die with this one even when it is killed with SIGKILL (`lifetime.reaped_on_kill`),
 and SIGTERM stops the job like Ctrl-C (`lifetime.terminate_as_interrupt`).
@@ -11,7 +12,6 @@ and SIGTERM stops the job like Ctrl-C (`lifetime.terminate_as_interrupt`).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import sys
 import time
@@ -20,7 +20,7 @@ from typing import Any
 
 from cxrage_ray.config import RayConfig
 from cxrage_ray.errors import InputError
-from cxrage_ray.pipeline.plan import ClusterFacts, embedded_cores
+from cxrage_ray.pipeline.plan import ClusterFacts, GpuDecoders, embedded_cores
 from cxrage_ray.runtime.console import native_stderr_to_session_log, quiet_ray_console, ray_init_options
 from cxrage_ray.runtime.lifetime import raise_on_sigterm, reaped_on_kill, terminate_as_interrupt
 
@@ -133,8 +133,9 @@ def wait_for_gpus(timeout_s: float, gpus: Callable[[], float], request: Callable
     return have
 
 
-def cluster_facts(rc: RayConfig) -> ClusterFacts:
-    """What the connected cluster offers the plan (GPUs, CPUs, the largest node's memory, nvImageCodec here).
+def cluster_facts(rc: RayConfig, probe_decoders: bool = False) -> ClusterFacts:
+    """What the connected cluster offers the plan (GPUs, CPUs, the largest node's memory, and, with
+    `probe_decoders`, whether nvImageCodec loads on its GPU nodes: `probe_gpu_decoders`).
 
     A job that needs GPUs on a cluster that has none yet waits for the autoscaler first (`wait_for_gpus`)."""
     import ray
@@ -147,13 +148,48 @@ def cluster_facts(rc: RayConfig) -> ClusterFacts:
     resources = ray.cluster_resources()
     memory = max((node.get("Resources", {}).get("memory", 0.0) for node in ray.nodes() if node.get("Alive")),
                  default=0.0)
-    return ClusterFacts(gpus=int(resources.get("GPU", 0)), cpus=float(resources.get("CPU", 0)),
-                        largest_node_memory=memory, embedded_cores=embedded_cores(rc),
-                        nvimgcodec=nvimgcodec_installed())
+    gpus = int(resources.get("GPU", 0))
+    return ClusterFacts(gpus=gpus, cpus=float(resources.get("CPU", 0)), largest_node_memory=memory,
+                        embedded_cores=embedded_cores(rc),
+                        gpu_decoders=probe_gpu_decoders() if probe_decoders and gpus else GpuDecoders())
 
 
-def nvimgcodec_installed() -> bool:
+#: How long the GPU nodes have to say whether nvImageCodec loads (a worker start on a busy node takes seconds).
+PROBE_TIMEOUT_S = 60.0
+
+
+def probe_gpu_decoders(timeout_s: float = PROBE_TIMEOUT_S) -> GpuDecoders:
+    """Ask every live GPU node, with a task pinned to it, whether nvImageCodec loads there.
+
+    The decoding happens in the scoring actors on those nodes, so what the driver has installed says nothing (on
+    the cluster we ship, the `[gpu]` extra is on the GPU workers only). The task needs no CPU, so a node whose
+    CPUs are all busy still answers; a node that does not answer in `timeout_s` counts as not having it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node["NodeID"] for node in ray.nodes()
+             if node.get("Alive") and node.get("Resources", {}).get("GPU", 0) > 0]
+    if not nodes:
+        return GpuDecoders()
+    probe = ray.remote(num_cpus=0, max_retries=0)(nvimgcodec_loads)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+            for node in nodes]
+    ready, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for ref in late:
+        ray.cancel(ref, force=True)
+    loaded = 0
+    for ref in ready:
+        try:
+            loaded += bool(ray.get(ref))
+        except Exception:  # the probe's worker died: that node does not count as having it
+            pass
+    return GpuDecoders(nodes=len(nodes), loaded=loaded, unanswered=len(late))
+
+
+def nvimgcodec_loads() -> bool:
+    """Whether nvImageCodec imports in this process (run on a GPU node by `probe_gpu_decoders`)."""
     try:
-        return importlib.util.find_spec("nvidia.nvimgcodec") is not None
-    except (ImportError, ValueError):
+        from nvidia import nvimgcodec  # noqa: F401
+    except Exception:  # not installed, or its CUDA libraries are missing
         return False
+    return True

@@ -246,27 +246,35 @@ def test_retry_errors_rescores_only_error_rows(ray_local, archive, weights, tmp_
     assert sorted(_read(out)["row_id"]) == [0, 1, 2]
 
 
-def test_choose_itinerary_auto_needs_a_gpu_and_nvimgcodec_and_says_why():
+def test_choose_itinerary_auto_needs_a_gpu_and_nvimgcodec_on_the_gpu_nodes_and_says_why():
     from cxrage_ray.config import ScoreConfig
     from cxrage_ray.config import DecodeOptions
     from cxrage_ray.errors import InputError
-    from cxrage_ray.pipeline.plan import check_gpu_request, choose_itinerary
+    from cxrage_ray.pipeline.plan import GpuDecoders, check_gpu_request, choose_itinerary, wants_decoder_probe
     from cxrage_ray.predict.predictor import PredictorConfig
 
     auto = ScoreConfig(input="in", output="out")
-    assert choose_itinerary(auto, cluster_gpus=2, nvimgcodec=True).path == "device"
-    assert choose_itinerary(auto, cluster_gpus=0, nvimgcodec=True).reason == "auto: no GPU in the cluster"
-    assert "nvImageCodec" in choose_itinerary(auto, cluster_gpus=1, nvimgcodec=False).reason
+    everywhere, one_of_two = GpuDecoders(nodes=2, loaded=2), GpuDecoders(nodes=2, loaded=1, unanswered=1)
+    chosen = choose_itinerary(auto, cluster_gpus=2, decoders=everywhere)
+    assert (chosen.path, chosen.reason) == ("device", "auto: nvImageCodec loads on 2 of 2 GPU node(s) (asked on the nodes)")
+    assert choose_itinerary(auto, cluster_gpus=0, decoders=GpuDecoders()).reason == "auto: no GPU in the cluster"
+    partial = choose_itinerary(auto, cluster_gpus=2, decoders=one_of_two)
+    assert partial.path == "cpu" and "1 of 2 GPU node(s)" in partial.reason and "1 did not answer" in partial.reason
+    assert "nobody" not in partial.reason and "[gpu]" in partial.reason
+    assert choose_itinerary(auto, cluster_gpus=1, decoders=GpuDecoders()).path == "cpu"
+    assert wants_decoder_probe(auto)
     for changed, reason in ((dict(preprocess="none"), "--preprocess none"),
                             (dict(decode=DecodeOptions(mode="fast")), "--decode fast"),
                             (dict(predictor=PredictorConfig(device="cpu")), "--device cpu")):
-        chosen = choose_itinerary(replace(auto, **changed), cluster_gpus=1, nvimgcodec=True)
+        chosen = choose_itinerary(replace(auto, **changed), cluster_gpus=1, decoders=everywhere)
         assert (chosen.path, chosen.reason) == ("cpu", f"auto: {reason}")
-    assert choose_itinerary(replace(auto, gpu_preprocess="off"), cluster_gpus=1, nvimgcodec=True).path == "cpu"
+        assert not wants_decoder_probe(replace(auto, **changed))  # nobody is asked when the answer cannot matter
+    assert choose_itinerary(replace(auto, gpu_preprocess="off"), cluster_gpus=1, decoders=everywhere).path == "cpu"
     on = replace(auto, gpu_preprocess="on")
-    assert choose_itinerary(on, cluster_gpus=1, nvimgcodec=False).path == "device"  # decodes on CPUs if it must
+    assert not wants_decoder_probe(on)
+    assert choose_itinerary(on, cluster_gpus=1, decoders=GpuDecoders()).path == "device"  # decodes on CPUs if it must
     with pytest.raises(InputError, match="no GPU resources"):
-        choose_itinerary(on, cluster_gpus=0, nvimgcodec=True)
+        choose_itinerary(on, cluster_gpus=0, decoders=everywhere)
     check_gpu_request(on, local_cuda=lambda: True)
     with pytest.raises(InputError, match="no CUDA GPU"):
         check_gpu_request(on, local_cuda=lambda: False)
