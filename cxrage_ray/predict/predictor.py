@@ -130,15 +130,15 @@ class AgePredictor:
         while done < total:
             outputs.append(self._forward(queue[done : done + size])[: total - done])
             done += size
-        in_order = torch.empty(len(images), n_views, device=self.device)
-        in_order[torch.tensor(order, device=self.device)] = torch.cat(outputs).view(len(images), n_views)
+        per_film = torch.cat(outputs).view(len(images), n_views)  # in queue order; each row is one film's
         if self.config.tta == "seed":
-            final, sd = combine_tta(in_order)
-            raw_sd = sd.double().cpu().numpy()
+            final, sd = combine_tta(per_film)
         else:
-            final = in_order[:, 0]
-            raw_sd = np.full(len(images), np.nan)
-        raw = final.double().cpu().numpy()
+            final, sd = per_film[:, 0], torch.full_like(per_film[:, 0], float("nan"))
+        # one read-back for the whole batch (a host sync on a GPU), put in the callers' order on the host
+        queued = torch.stack([final, sd]).double().cpu().numpy()
+        raw, raw_sd = np.empty(len(images)), np.empty(len(images))
+        raw[order], raw_sd[order] = queued[0], queued[1]
         return Prediction(raw=raw, raw_sd=raw_sd, cxr_age=calibrate(raw))
 
     def _stage(self, images: Sequence[np.ndarray | torch.Tensor], positions: list[int]) -> torch.Tensor:

@@ -63,23 +63,58 @@ def fastai_view(
     ratio = min(h / size, w / size)
     ht, wt = int(round(h / ratio)), int(round(w / ratio))  # Python round: half to even, as fastai
     if (ht, wt) != (h, w) or zoom is not None:
-        grid = _resize_grid(ht, wt, x.device)
-        if zoom is not None:
-            s = 1 - 1 / zoom
-            m = torch.tensor(
-                [[1 / zoom, 0.0, s * (2 * col_pct - 1)], [0.0, 1 / zoom, s * (2 * row_pct - 1)]], device=x.device
-            ).float()
-            grid = torch.addmm(m[:, 2], grid.view(-1, 2), m[:, :2].t()).view(1, ht, wt, 2)
-        z = 1 / (grid.max() - grid.min()).item() * 2  # the affine's zoom-in factor
+        grid = view_grid(ht, wt, zoom, row_pct, col_pct, x.device)
         d = min(h / ht, w / wt) / 2  # half the downscale factor
         src = x
-        if d > 1 and d > z:  # fastai's area pre-filter before bilinear downsampling
+        if d > 1 and d > _zoom_in_factor(grid, zoom, row_pct, col_pct, d):  # fastai's area pre-filter
             src = F.adaptive_avg_pool2d(x, (math.floor(h * (1 / d)), math.floor(w * (1 / d))))
         x = F.grid_sample(src, grid.expand(n, -1, -1, -1), mode="bilinear", padding_mode="reflection",
                           align_corners=True)
     if tuple(x.shape[2:]) != (size, size):
         x = _crop_pad(x, size, row_pct, col_pct)
     return x
+
+
+#: Grids kept per (size, zoom, corner, device): a batch's pictures share few shapes, so each view's grid is built
+#: once, not per batch (five kernel launches each on a GPU). Bounded: archives have many shapes.
+MAX_CACHED_GRIDS = 256
+_GRIDS: dict[tuple, torch.Tensor] = {}
+
+
+def view_grid(ht: int, wt: int, zoom: float | None, row_pct: float, col_pct: float, device: torch.device
+              ) -> torch.Tensor:
+    """fastai's sampling grid (1, ht, wt, 2) for a resize to (ht, wt), zoomed about the corner `row_pct, col_pct`
+    when `zoom` is given (cached; callers never write to it)."""
+    key = (ht, wt, zoom, row_pct, col_pct, str(device))
+    grid = _GRIDS.get(key)
+    if grid is None:
+        grid = _resize_grid(ht, wt, device)
+        if zoom is not None:
+            s = 1 - 1 / zoom
+            m = torch.tensor(
+                [[1 / zoom, 0.0, s * (2 * col_pct - 1)], [0.0, 1 / zoom, s * (2 * row_pct - 1)]], device=device
+            ).float()
+            grid = torch.addmm(m[:, 2], grid.view(-1, 2), m[:, :2].t()).view(1, ht, wt, 2)
+        if len(_GRIDS) >= MAX_CACHED_GRIDS:
+            _GRIDS.clear()
+        _GRIDS[key] = grid
+    return grid
+
+
+def _zoom_in_factor(grid: torch.Tensor, zoom: float | None, row_pct: float, col_pct: float, d: float) -> float:
+    """fastai's `1 / (grid.max() - grid.min()) * 2`, which only decides `d > z` (the area pre-filter).
+
+    The grid spans [-1, 1] shrunk by 1/zoom and shifted per axis, so z is known on the host to well within 1e-6;
+    the device is asked (a host sync, as fastai did) only when `d` is that close to it, so the decision, and with
+    it the view, is always fastai's own."""
+    if zoom is None:
+        z = 1.0
+    else:
+        shift = (1 - 1 / zoom) * abs((2 * col_pct - 1) - (2 * row_pct - 1))
+        z = 2 / (2 / zoom + shift)
+    if abs(d - z) > 1e-4 and min(grid.shape[1:3]) > 1:  # a one-pixel side's grid is [-1] only, not [-1, 1]
+        return z
+    return 1 / (grid.max() - grid.min()).item() * 2
 
 
 def _resize_grid(ht: int, wt: int, device: torch.device) -> torch.Tensor:

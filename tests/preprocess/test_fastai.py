@@ -139,3 +139,17 @@ def test_batched_views_equal_single_views():
     assert views.shape == (3, 5, 3, 224, 224)
     for i, im in enumerate(images):
         assert torch.equal(views[i], tta_views(im, "seed"))
+
+
+@pytest.mark.parametrize("zoom, corner", [(None, (0.5, 0.5)), (1.35, (0.0, 0.0)), (1.35, (1.0, 0.0)),
+                                          (1.35, (0.0, 1.0)), (1.35, (1.0, 1.0)), (2.0, (0.3, 0.9))])
+def test_the_zoom_factor_is_known_on_the_host_as_fastai_computes_it(zoom, corner):
+    """fastai read `1 / (grid.max() - grid.min()) * 2` back from the device for every view (a host sync per view
+    on a GPU); the host's value is within 1e-6 of it, so the pre-filter decision it feeds is fastai's."""
+    from cxrage_ray.preprocess.fastai import _zoom_in_factor, view_grid
+
+    for ht, wt in ((224, 224), (224, 301), (389, 224), (224, 1170)):
+        grid = view_grid(ht, wt, zoom, corner[0], corner[1], torch.device("cpu"))
+        on_device = 1 / (grid.max() - grid.min()).item() * 2
+        assert abs(_zoom_in_factor(grid, zoom, corner[0], corner[1], d=100.0) - on_device) < 1e-6
+        assert _zoom_in_factor(grid, zoom, corner[0], corner[1], d=on_device) == on_device  # too close: asked
