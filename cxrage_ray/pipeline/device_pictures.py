@@ -105,10 +105,11 @@ class PayloadDecoder:
         return out
 
     def decoded_chunks(self, batch: pd.DataFrame) -> Iterator[dict[int, Q16Picture]]:
-        """`decode`, a chunk at a time: first the CPU-decoded pictures (uploaded while the first codestream chunk
-        decodes), then `decode_chunk` codestreams at a time, chunk k+1 decoding on a thread while the caller
-        works on chunk k (nvImageCodec and the codecs release the GIL). Only this thread writes to `batch`."""
-        from cxrage_ray.preprocess.tensor import dicom_q16_tensor
+        """`decode`, a chunk at a time: first the CPU-decoded pictures (uploaded together while the first codestream
+        chunk decodes), then `decode_chunk` codestreams at a time, chunk k+1 decoding on a thread while the caller
+        works on chunk k (nvImageCodec and the codecs release the GIL), each chunk mapped as one batch. Only this
+        thread writes to `batch`."""
+        from cxrage_ray.preprocess.tensor_dicom import dicom_q16_batch
 
         batch["decode_device"] = None
         status, kind = batch["status"].to_numpy(), batch["payload_kind"].to_numpy()
@@ -126,23 +127,28 @@ class PayloadDecoder:
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="frame-decode") as pool:
             pending = [pool.submit(decode, k) for k in starts[:1]]
-            uploaded: dict[int, Q16Picture] = {}
-            for i in (i for i in ok if kind[i] != "codestream"):
-                with film_isolated(batch, i):
-                    uploaded[i] = self._picture_payload(batch, i)
-                    batch.iat[i, where] = "cpu"
+            uploaded = self._picture_payloads(batch, [i for i in ok if kind[i] != "codestream"])
+            for i in uploaded:
+                batch.iat[i, where] = "cpu"
             yield uploaded
             for k in starts:
                 stored_chunk = pending.pop().result()
                 if k + self.decode_chunk < len(coded):
                     pending.append(pool.submit(decode, k + self.decode_chunk))
-                out: dict[int, Q16Picture] = {}
+                decoded: dict[int, StoredFrame] = {}
                 for i, stored in zip(coded[k:], stored_chunk):
                     with film_isolated(batch, i):
                         if isinstance(stored, BaseException):
                             raise stored
                         batch.iat[i, where] = stored.device
-                        out[i] = (dicom_q16_tensor(stored.values, frames[i].params), None)
+                        decoded[i] = stored
+                mapped = dicom_q16_batch([(stored.values, frames[i].params) for i, stored in decoded.items()])
+                out: dict[int, Q16Picture] = {}
+                for i, q16 in zip(decoded, mapped):
+                    with film_isolated(batch, i):
+                        if isinstance(q16, BaseException):
+                            raise q16
+                        out[i] = (q16, None)
                 yield out
 
     def _chained(self, batch: pd.DataFrame, chunk: dict[int, Q16Picture]) -> dict[int, torch.Tensor]:
@@ -153,30 +159,44 @@ class PayloadDecoder:
                 out[i] = self.chain(pixels, alpha)
         return out
 
-    def _picture_payload(self, batch: pd.DataFrame, i: int) -> Q16Picture:
-        """A CPU-decoded picture payload (grey8 or q16 bytes) -> Q16 tensors on the device."""
-        kind = batch["payload_kind"].iat[i]
-        shape = payload_shape(batch["payload_header"].iat[i])
-        body = np.frombuffer(batch["payload"].iat[i], dtype=np.uint8 if kind == "grey8" else np.uint16)
-        check_payload_size(body.size, shape, "picture")
-        pixels = self._upload(body.reshape(shape))
-        alpha_bytes = batch["alpha"].iat[i]
-        alpha = None
-        if alpha_bytes:
-            samples = np.frombuffer(alpha_bytes, dtype=np.uint16)
-            check_payload_size(samples.size, shape[:2], "alpha")
-            alpha = self._upload(samples.reshape(shape[:2]))
-        return (pixels * 257 if kind == "grey8" else pixels), alpha
+    def _picture_payloads(self, batch: pd.DataFrame, positions: list[int]) -> dict[int, Q16Picture]:
+        """CPU-decoded picture payloads (grey8 or q16 bytes, alpha) -> Q16 tensors (+ alpha) on the device.
 
-    def _upload(self, samples: np.ndarray) -> torch.Tensor:
-        """uint8/uint16 samples -> int32 on the device, moved at their own depth (1-2 bytes a sample, not the 4 of
-        int32) and widened there; on a GPU from page-locked memory without blocking the host."""
-        narrow = samples.view(np.int16) if samples.dtype == np.uint16 else samples  # torch's widest-supported
-        host = torch.from_numpy(narrow.copy())  # the payload buffer is read-only
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        moved = host.to(self.device, non_blocking=True).to(torch.int32)
-        return moved & 0xFFFF if samples.dtype == np.uint16 else moved
+        The payloads travel at their own depth (1-2 bytes a sample, not the 4 of int32), packed into one host
+        buffer per kind and moved in one upload each (page-locked and non-blocking on a GPU), then widened there
+        in one pass per kind: the pictures are views of those buffers."""
+        from cxrage_ray.preprocess.tensor_dicom import upload
+
+        shapes: dict[int, tuple[int, ...]] = {}
+        bodies: dict[str, list[tuple[int, np.ndarray]]] = {"grey8": [], "q16": [], "alpha": []}
+        for i in positions:
+            with film_isolated(batch, i):
+                kind = batch["payload_kind"].iat[i]
+                shape = payload_shape(batch["payload_header"].iat[i])
+                body = np.frombuffer(batch["payload"].iat[i], dtype=np.uint8 if kind == "grey8" else np.uint16)
+                check_payload_size(body.size, shape, "picture")
+                alpha = np.frombuffer(batch["alpha"].iat[i] or b"", dtype=np.uint16)
+                if alpha.size:
+                    check_payload_size(alpha.size, shape[:2], "alpha")
+                    bodies["alpha"].append((i, alpha))
+                bodies["grey8" if kind == "grey8" else "q16"].append((i, body))
+                shapes[i] = shape
+        widened: dict[str, dict[int, torch.Tensor]] = {}
+        for kind, parts in bodies.items():
+            if not parts:
+                widened[kind] = {}
+                continue
+            host = np.concatenate([body for _, body in parts])
+            moved = upload(host.view(np.int16) if host.dtype == np.uint16 else host, self.device)
+            flat = moved.to(torch.int32) * 257 if kind == "grey8" else moved.to(torch.int32) & 0xFFFF
+            starts = np.cumsum([0] + [body.size for _, body in parts])
+            widened[kind] = {i: flat[a:b] for (i, _), a, b in zip(parts, starts[:-1], starts[1:])}
+        pictures: dict[int, Q16Picture] = {}
+        for i, shape in shapes.items():
+            pixels = (widened["grey8"].get(i) if i in widened["grey8"] else widened["q16"][i]).view(shape)
+            alpha = widened["alpha"].get(i)
+            pictures[i] = (pixels, None if alpha is None else alpha.view(shape[:2]))
+        return pictures
 
     def _oriented(self, batch: pd.DataFrame, pictures: dict[int, torch.Tensor], q16: dict[int, Q16Picture]
                   ) -> dict[int, torch.Tensor]:
@@ -215,7 +235,7 @@ class PayloadDecoder:
         def orient(chosen: list[int]) -> list[Any]:
             ages = [batch["chronological_age"].iat[i] for i in chosen]
             return orient_batch(
-                [pictures[i].cpu().numpy() for i in chosen],  # 512 px uint8: the classifier's thumbnails are tiny
+                on_host([pictures[i] for i in chosen]),  # the classifier and the QC run on the host, in numpy
                 image_ids=[str(batch["image_id"].iat[i]) for i in chosen],
                 uris=[str(batch["uri"].iat[i]) for i in chosen],
                 metas=[json.loads(batch["meta_json"].iat[i] or "{}") for i in chosen],
@@ -279,6 +299,21 @@ def check_payload_size(samples: int, shape: tuple[int, ...], what: str, codestre
         raise DecompressionBombError(f"the {what}'s header gives an absurd size {shape[:2]}")
     if not codestream and samples != math.prod(shape):
         raise DecodeError(f"the {what} holds {samples} samples, its header says {shape}")
+
+
+def on_host(pictures: list[torch.Tensor]) -> list[np.ndarray]:
+    """Device pictures (H, W, C) -> numpy arrays, in one read-back: packed into one padded device buffer (a copy
+    each) and moved together (on a GPU, one host sync for the batch instead of one per film)."""
+    if not pictures:
+        return []
+    height = max(p.shape[0] for p in pictures)
+    width = max(p.shape[1] for p in pictures)
+    channels = max(p.shape[2] for p in pictures)
+    packed = torch.zeros((len(pictures), height, width, channels), dtype=torch.uint8, device=pictures[0].device)
+    for k, picture in enumerate(pictures):
+        packed[k, :picture.shape[0], :picture.shape[1], :picture.shape[2]] = picture
+    host = packed.cpu().numpy()
+    return [host[k, :p.shape[0], :p.shape[1], :p.shape[2]] for k, p in enumerate(pictures)]
 
 
 def turn(array: torch.Tensor, applied: int, mirrored: bool) -> torch.Tensor:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import cxrage_ray.orient.stage as orient_stage
-import cxrage_ray.preprocess.tensor as tensor
+import cxrage_ray.preprocess.tensor_dicom as tensor_dicom
 from checkpoints import random_state_dict
 from cxrage_ray.config import OrientConfig, PrepareSettings, StorageConfig
 from cxrage_ray.contract import PAYLOAD_COLUMNS
@@ -123,13 +123,13 @@ def test_every_bad_film_is_its_own_error_row_and_the_others_keep_their_ages(acto
             raise RuntimeError("device out of memory while re-chaining")
         return real_turn(array, applied, mirrored)
 
-    def dicom_q16_tensor(frame, params):  # the mapping failing on one frame
-        if frame.shape[1] == _frame_columns(batch, "jpeg1.dcm"):
+    def q16_table(values, params, lo, hi):  # the mapping failing on one frame
+        if values.shape[1] == _frame_columns(batch, "jpeg1.dcm"):
             raise OverflowError("the mapping's table would not fit")
-        return real_mapping(frame, params)
+        return real_table(values, params, lo, hi)
 
-    real_mapping = tensor.dicom_q16_tensor
-    monkeypatch.setattr(tensor, "dicom_q16_tensor", dicom_q16_tensor)
+    real_table = tensor_dicom._q16_table
+    monkeypatch.setattr(tensor_dicom, "_q16_table", q16_table)
     monkeypatch.setattr(orient_stage, "orient_batch", orient_batch)
     monkeypatch.setattr("cxrage_ray.pipeline.device_pictures.turn", turn)
     scored = actor(batch).set_index("image_id")
