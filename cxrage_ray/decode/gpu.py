@@ -117,13 +117,15 @@ class FrameDecoder:
             for i, values in zip(positions, self._decode_batch([frames[i] for i in positions], decoder, on_gpu)):
                 if values is not None:
                     results[i] = StoredFrame(values, "gpu" if on_gpu else "cpu", "nvimgcodec")
+        on_host: dict[int, np.ndarray] = {}
         for i, frame in enumerate(frames):
             if results[i] is None:
                 try:
-                    stored = decode_codestream_cpu(frame)
-                    results[i] = StoredFrame(torch.from_numpy(stored.astype(np.int32)).to(self.device), "cpu")
+                    on_host[i] = decode_codestream_cpu(frame).astype(np.int32)
                 except Exception as exc:  # the caller turns it into the row's error
                     results[i] = exc
+        for i, values in zip(on_host, uploaded_together(list(on_host.values()), self.device)):
+            results[i] = StoredFrame(values, "cpu")
         return results  # type: ignore[return-value]
 
     def _decode_batch(self, frames: Sequence[EncodedFrame], decoder: Any, on_gpu: bool) -> list[torch.Tensor | None]:
@@ -134,15 +136,18 @@ class FrameDecoder:
             log.warning("nvImageCodec batch decode failed (%s): CPU fallback for %d frames",
                         type(exc).__name__, len(frames))
             return [None] * len(frames)
-        out: list[torch.Tensor | None] = []
-        for frame, image in zip(frames, images):
-            if image is None:
-                out.append(None)
-            elif on_gpu:  # stays on the GPU (__cuda_array_interface__)
-                out.append(_stored_values(torch.as_tensor(image, device=self.device), frame))
-            else:
-                out.append(_stored_values(torch.from_numpy(np.asarray(image.cpu())).to(self.device), frame))
-        return out
+        if on_gpu:  # stays on the GPU (__cuda_array_interface__)
+            return [None if image is None else _stored_values(torch.as_tensor(image, device=self.device), frame)
+                    for frame, image in zip(frames, images)]
+        # decoded on the host (JPEG on a GPU node, for exactness): moved to the device together
+        arrays = [None if image is None else _grey(np.asarray(image.cpu())) for image in images]
+        kept = [k for k, array in enumerate(arrays) if array is not None and array.shape == (frames[k].rows,
+                                                                                            frames[k].columns)]
+        moved = dict(zip(kept, uploaded_together([arrays[k] for k in kept], self.device)))
+        return [None if k not in moved else
+                moved[k] if _whole_container(arrays[k], frame) else  # its samples are its values: no mask
+                sign_extend(moved[k], frame.params.bits_stored, frame.params.signed)
+                for k, frame in enumerate(frames)]
 
 
 def frame_route(frame: EncodedFrame, *, codec: bool, on_gpu: bool, jpeg_on_cpu: bool, cpu_codec: bool) -> str:
@@ -169,6 +174,37 @@ def _stored_values(image: torch.Tensor, frame: EncodedFrame) -> torch.Tensor | N
     if tuple(image.shape) != (frame.rows, frame.columns):
         return None  # e.g. a codestream whose size disagrees with the header: the CPU path reports it
     return sign_extend(image, frame.params.bits_stored, frame.params.signed)
+
+
+def _whole_container(array: np.ndarray, frame: EncodedFrame) -> bool:
+    """Unsigned samples that fill their container (8 bits in uint8, 16 in uint16): `sign_extend` would not change
+    them."""
+    return (not frame.params.signed and array.dtype.kind == "u"
+            and frame.params.bits_stored >= 8 * array.dtype.itemsize)
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    """A decoded grey image (H, W[, 1]) as (H, W)."""
+    return image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+
+
+def uploaded_together(arrays: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Host arrays (any integer dtype up to 16 bits unsigned, or int32) -> int32 tensors on `device`: packed into one
+    host buffer and moved in one copy (page-locked, without blocking the host, on a GPU), widened there in one pass;
+    each result is a view of that buffer. On a GPU node this is one upload a chunk, not a blocking one a frame."""
+    if not arrays:
+        return []
+    wide = any(a.dtype.itemsize > 2 or a.dtype.kind == "i" for a in arrays)
+    dtype = np.int32 if wide else np.uint16 if any(a.dtype.itemsize == 2 for a in arrays) else np.uint8
+    host = np.concatenate([np.ascontiguousarray(a, dtype=dtype).ravel() for a in arrays])
+    moved = torch.from_numpy(host.view(np.int16) if dtype == np.uint16 else host)
+    if device.type == "cuda":
+        moved = moved.pin_memory()
+    flat = moved.to(device, non_blocking=True).to(torch.int32)
+    if dtype == np.uint16:
+        flat = flat & 0xFFFF  # int16 (torch's widest 16-bit type) back to its unsigned samples
+    starts = np.cumsum([0] + [a.size for a in arrays])
+    return [flat[a:b].view(array.shape) for array, a, b in zip(arrays, starts[:-1], starts[1:])]
 
 
 def sign_extend(stored: torch.Tensor, bits_stored: int, signed: bool) -> torch.Tensor:

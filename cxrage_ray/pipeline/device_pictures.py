@@ -36,10 +36,12 @@ from cxrage_ray.predict.scoring import mark_error
 
 log = logging.getLogger(__name__)
 
-#: Codestreams per nvImageCodec call: small enough that the next chunk's decode overlaps most of a batch's
+#: Codestreams per nvImageCodec call: small enough that the next chunk's decode overlaps the rest of a batch's
 #: chain, mapping and orientation; large enough for the GPU decoder's batching (227 films/s at 96 on an H200 for
-#: 2k J2K, environment.md). To be tuned by the GPU kit's first run.
-DECODE_CHUNK = 32
+#: 2k J2K, environment.md), and few enough per batch that each chunk's read-backs (its mapping's ranges, its
+#: chain's trim boxes and levels) stay within a batch's sync budget (two chunks of a 128-film GPU batch;
+#: benchmarks/device_launches.py). To be tuned by the GPU kit's first run.
+DECODE_CHUNK = 64
 #: The most pixels a payload may declare: the decoders' default limit (`DecodeOptions.max_pixels`), which the
 #: prepare tasks already enforced; a larger header was damaged on the way.
 MAX_DEVICE_PIXELS = DecodeOptions().max_pixels
@@ -154,9 +156,11 @@ class PayloadDecoder:
     def _chained(self, batch: pd.DataFrame, chunk: dict[int, Q16Picture]) -> dict[int, torch.Tensor]:
         """The seed chain on a chunk's pictures; a film the chain refuses becomes an error row."""
         out: dict[int, torch.Tensor] = {}
-        for i, (pixels, alpha) in chunk.items():
+        for i, picture in zip(chunk, self.chain.batch(list(chunk.values()))):  # the whole chunk at once
             with film_isolated(batch, i):
-                out[i] = self.chain(pixels, alpha)
+                if isinstance(picture, BaseException):
+                    raise picture
+                out[i] = picture
         return out
 
     def _picture_payloads(self, batch: pd.DataFrame, positions: list[int]) -> dict[int, Q16Picture]:
@@ -207,6 +211,7 @@ class PayloadDecoder:
         results = self._orient_results(batch, pictures, positions)
         rows = {i: {"qc": list(batch["qc"].iat[i])} for i in results}
         kept: dict[int, torch.Tensor] = {}
+        turned: dict[int, Q16Picture] = {}
         for i, result in results.items():
             with film_isolated(batch, i):
                 apply_orientation(rows[i], result)  # raises FlaggedSkipped under --skip-flagged
@@ -214,8 +219,9 @@ class PayloadDecoder:
                     kept[i] = pictures[i]
                 else:
                     pixels, alpha = q16[i]
-                    kept[i] = self.chain(turn(pixels, result.applied, result.mirrored),
-                                         None if alpha is None else turn(alpha, result.applied, result.mirrored))
+                    turned[i] = (turn(pixels, result.applied, result.mirrored),
+                                 None if alpha is None else turn(alpha, result.applied, result.mirrored))
+        kept.update(self._chained(batch, turned))  # the turned films re-chained together
         for i, row in rows.items():
             for name in ("orientation", "rotation_source"):
                 if name in row:

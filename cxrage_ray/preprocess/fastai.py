@@ -13,6 +13,7 @@ pre-filter when downscaling by more than 2x ("hack to get smoother downwards res
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -143,9 +144,15 @@ def normalize(views: torch.Tensor) -> torch.Tensor:
     """(V, C, H, W) in [0, 1] -> ImageNet-normalised (V, 3, H, W); grey (C=1) is replicated first."""
     if views.shape[1] == 1:
         views = views.expand(-1, 3, -1, -1)
-    mean = IMAGENET_MEAN.to(views.device)[:, None, None]
-    std = IMAGENET_STD.to(views.device)[:, None, None]
+    mean, std = _imagenet_stats(views.device)
     return (views - mean) / std
+
+
+@functools.lru_cache(maxsize=8)
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std as (3, 1, 1) tensors on `device`, moved there once (a blocking upload per call
+    was a host sync per picture shape on a GPU)."""
+    return IMAGENET_MEAN.to(device)[:, None, None], IMAGENET_STD.to(device)[:, None, None]
 
 
 def tta_views(image_u8: np.ndarray, tta: TTAMode = "seed", device: torch.device | str = "cpu") -> torch.Tensor:

@@ -39,7 +39,8 @@ def dicom_q16_batch(frames: Sequence[tuple[torch.Tensor, GreyscaleParams]]) -> l
             grey.append(k)
     if grey:
         device = frames[grey[0]][0].device
-        ranges = torch.stack([torch.stack(torch.aminmax(frames[k][0])) for k in grey]).tolist()  # one host sync
+        lows, highs = zip(*(torch.aminmax(frames[k][0]) for k in grey))
+        ranges = torch.stack([torch.stack(lows), torch.stack(highs)], dim=1).tolist()  # one host sync for all
         tables, offsets, start = [], [], 0
         for k, (lo, hi) in zip(grey, ranges):
             table = _tried(lambda: _q16_table(frames[k][0], frames[k][1], int(lo), int(hi)))
@@ -52,7 +53,7 @@ def dicom_q16_batch(frames: Sequence[tuple[torch.Tensor, GreyscaleParams]]) -> l
         if tables:
             joined = upload(np.concatenate(tables), device)
             for k, offset in offsets:
-                out[k] = _tried(lambda: joined[frames[k][0].to(torch.int64) + offset][..., None])
+                out[k] = _tried(lambda: joined[frames[k][0] + offset][..., None])  # int32 indices: no widening
     return out  # type: ignore[return-value]
 
 
