@@ -15,7 +15,6 @@ from cxrage_ray.config import DecodeOptions
 from cxrage_ray.decode.dicom import decode_stored_frame
 from cxrage_ray.decode.image import decode_image
 from cxrage_ray.errors import CxrAgeError, DecompressionBombError
-from cxrage_ray.preprocess import seed_chain as sc
 from cxrage_ray.preprocess.resize_weights import fill_plan
 from cxrage_ray.preprocess.tensor import TensorSeedChain, dicom_q16_tensor
 from cxrage_ray.preprocess.tensor_batch import DEFAULT_GROUP_BYTES
@@ -47,10 +46,10 @@ def assert_same(got: torch.Tensor | BaseException, item: Item, chain: TensorSeed
 
 
 @pytest.mark.slow
-def test_every_sample_film_through_the_batch_is_the_exact_chain(cxr_sample: Path) -> None:
-    """All 250 films in batches of 32 (the CPU's small groups: several a batch): the exact chain's pixels, film for
-    film. The per-film call is that chain too (`test_every_sample_film_agrees_with_the_exact_chain` asserts all 250
-    identical), so it is called for every eighth film only."""
+def test_every_sample_film_through_the_batch_is_the_per_film_call(cxr_sample: Path) -> None:
+    """All 250 films (alpha ones included) in batches of 32, with the CPU's small groups (several a batch): film
+    for film, the per-film call's picture (which test_tensor.py finds identical to the exact chain's for all 250).
+    ~1 min on 2 quiet cores: the decode ~6 s, the batches ~25 s, the per-film calls ~23 s."""
     chain = TensorSeedChain()
     films = sorted((cxr_sample / "images").iterdir())
     assert len(films) == 250
@@ -59,11 +58,8 @@ def test_every_sample_film_through_the_batch_is_the_exact_chain(cxr_sample: Path
         items = [(as_tensor(d.q16()), as_tensor(d.alpha)) for d in decoded]
         out = chain.batch(items)
         assert len(out) == len(items)
-        for k, (film, d, item, got) in enumerate(zip(films[start:], decoded, items, out)):
-            assert isinstance(got, torch.Tensor), f"{film.name}: {got!r}"
-            assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), sc.seed_chain(d)), film.name
-            if (start + k) % 8 == 0:
-                assert_same(got, item, chain, film.name)
+        for film, item, got in zip(films[start:], items, out):
+            assert_same(got, item, chain, film.name)
 
 
 @pytest.mark.slow
