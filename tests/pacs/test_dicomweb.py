@@ -229,7 +229,10 @@ def scored(orthanc, loaded, weights, dicom_sample, ray_local, tmp_path_factory) 
     for name in _chest(loaded)["file"]:
         (disk / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(dicom_sample / name, disk / name)
-    code_disk = main(["score", str(disk), str(work / "out-disk"), *common])
+    # with saliency maps too, as the DICOMweb run: maps keep one scoring call on every thread (16-view passes),
+    # where a run without them scores 8-view passes two at a time, and oneDNN may round those differently
+    code_disk = main(["score", str(disk), str(work / "out-disk"), *common, "--saliency", str(work / "saliency-disk"),
+                      "--saliency-method", "gradcam"])
     return {"query": query, "work": work, "common": common, "codes": (code_web, code_disk),
             "web": pq.read_table(work / "web" / "parts").to_pandas(),
             "disk": pq.read_table(work / "out-disk" / "parts").to_pandas()}
