@@ -91,6 +91,7 @@ def count_dispatch() -> Iterator[DispatchCounts]:
         counts.uploads += 1
         return from_numpy(array)
 
+    own = {name for name in READ_BACKS if name in torch.Tensor.__dict__}
     for name in READ_BACKS:
         setattr(torch.Tensor, name, read_back(name))
     torch.from_numpy = upload
@@ -99,5 +100,8 @@ def count_dispatch() -> Iterator[DispatchCounts]:
             yield counts
     finally:
         for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
+            if name in own:  # put back as it was: an inherited method is deleted, not set on torch.Tensor
+                setattr(torch.Tensor, name, method)
+            else:
+                delattr(torch.Tensor, name)
         torch.from_numpy = from_numpy

@@ -32,13 +32,12 @@ def real_frames(dicom_sample: Path) -> list[tuple[torch.Tensor, object]]:
     return frames
 
 
-def test_a_batch_maps_every_real_frame_as_the_per_frame_mapping(real_frames, monkeypatch) -> None:
-    syncs = []
-    tolist = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: syncs.append(1) or tolist(self))
-    mapped = dicom_q16_batch(real_frames)
-    assert len(syncs) == 1  # every grey frame's min and max in one read-back
-    monkeypatch.undo()
+def test_a_batch_maps_every_real_frame_as_the_per_frame_mapping(real_frames) -> None:
+    from dispatch_counts import count_dispatch
+
+    with count_dispatch() as counts:
+        mapped = dicom_q16_batch(real_frames)
+    assert counts.syncs["tolist"] == 1  # every grey frame's min and max in one read-back
     for (values, params), q16 in zip(real_frames, mapped):
         assert torch.equal(q16, dicom_q16_tensor(values, params))
 
