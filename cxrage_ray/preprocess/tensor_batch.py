@@ -21,8 +21,8 @@ The work, per batch (`seed_chain_batch`):
               one, as the per-film chain does), best fit, within `group_bytes`: one advanced index through a view
               of the flat buffer with overlapping strides gathers every film's trimmed pixels, first-pass axis
               first (its rows, or its columns when its plan goes horizontal first: those come out transposed), one
-              table lookup makes them float64 257.0 k; each pass is, per block of taps, one `index_select` and one
-              multiply, then one add a tap; IM's Q16 rounding; a transpose between the passes; uint8
+              table lookup makes them int32 257 k; each pass is, per block of taps, one `index_select` and one
+              multiply into float64, then one add a tap; IM's Q16 rounding; a transpose between the passes; uint8
   read-back   the colour films' "output channels all equal" flags (none for a grey batch); results are views of
               the groups' outputs
 On a GPU large groups save launches (`DEFAULT_GROUP_BYTES`); on a CPU they would only fall out of the caches, and
@@ -33,7 +33,8 @@ per-film chain (`TensorSeedChain._pass`): per tap one gather, one multiply and o
 fused multiply-add, never a reordered sum), taps in IM's order. The per-film taps, film by film, are padded to the
 group's widest with weight 0.0 at a valid line: a Q16 value x >= 0 gives x * 0.0 = +0.0, and acc + 0.0 = acc, so a
 padded tap changes at most the sign of a zero sum, which the Q16 rounding (floor(clamp(v) + 0.5)) erases. The
-level tables hold the float64 257.0 k the per-film chain multiplies. An identity plan runs one tap of weight 1.0.
+level tables hold 257 k as int32; pass 1's multiply promotes it to the float64 257.0 k the per-film chain multiplies
+(exactly) before multiplying. An identity plan runs one tap of weight 1.0.
 
 Taken by the per-film call instead: films with alpha (rare: 14 of the 250 sample films), items that are no
 (H, W, 1|3) integer tensor, and films whose trimmed values leave 0..65535 (the per-film table lookup decides what
@@ -212,8 +213,9 @@ def _resize_all(groups: list[Group], ranges: dict[tuple[int, int], int], flat: t
     for group in groups:
         group_tables(group, tables, group_bytes)
     uploaded = tables.upload(device)
-    # 8-bit level k -> the float64 Q16 value 257.0 k the per-film chain multiplies (exact)
-    levels = uploaded.get(table_key).to(torch.float64).mul_(257.0)
+    # 8-bit level k -> Q16 257 k as int32: half the bytes of the float64 257.0 k the per-film chain multiplies, which
+    # pass 1's multiply makes of it, exactly
+    levels = uploaded.get(table_key).to(torch.int32).mul_(257)
     space = Workspace(device)
     return [resize_group(flat, levels, uploaded, group, space) for group in groups]
 
@@ -288,9 +290,9 @@ def _stage(flat: torch.Tensor, chunk: Chunk) -> torch.Tensor:
     returns the chunk as an (N, H, W, C) view of the flat buffer."""
     n, h, w, c = len(chunk.films), chunk.h, chunk.w, chunk.c
     region = _chunk_view(flat, chunk)
-    if all(_on_device(film, flat) for film in chunk.films):
+    if all(_on_device(film, flat) for film in chunk.films) and len({film.q16.dtype for film in chunk.films}) == 1:
         # one copy for the chunk: the smaller films padded (the padding is never read), those of one shape
-        # together when there are a few, and concatenated
+        # together when there are a few, and concatenated (of one dtype: torch does not promote uint16)
         parts: list[torch.Tensor] = []
         for (fh, fw), run in itertools.groupby(chunk.films, key=lambda f: (f.h, f.w)):
             run_pixels = [film.q16 for film in run]
@@ -302,7 +304,7 @@ def _stage(flat: torch.Tensor, chunk: Chunk) -> torch.Tensor:
             else:
                 parts.append(F.pad(torch.stack(run_pixels), pad).view(-1, w, c))
         torch.cat(parts, 0, out=region.view(n * h, w, c))
-    else:  # films on another device: one copy each, which moves them too
+    else:  # films on another device, or of several dtypes: one copy each, which moves and converts them
         for i, film in enumerate(chunk.films):
             region[i, :film.h, :film.w].copy_(film.q16)
     return region

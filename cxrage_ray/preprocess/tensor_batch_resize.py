@@ -178,10 +178,10 @@ def _work(dims: tuple[int, ...], films: int = 1) -> int:
 
 
 def _bytes(dims: tuple[int, ...], films: int, c: int) -> int:
-    """A group's largest float64 tensor: its input levels (G, s1, s2, C), pass 1's terms of one tap, sum and
-    transpose (G, o1, s2, C), or pass 2's (G, o2, o1, C)."""
+    """A group's largest tensor: its int32 input levels (G, s1, s2, C), pass 1's gathered int32 and float64 terms
+    of one tap (G, o1, s2, C) (its sum and transpose are 8 bytes a value), or pass 2's float64 (G, o2, o1, C)."""
     s1, s2, o1, o2 = dims[:4]
-    return 8 * c * films * max(s1 * s2, o1 * s2, o2 * o1)
+    return c * films * max(4 * s1 * s2, 12 * o1 * s2, 8 * o2 * o1)
 
 
 def group_tables(group: Group, pack: Pack, budget: int) -> None:
@@ -206,7 +206,7 @@ def group_tables(group: Group, pack: Pack, budget: int) -> None:
     axes = [film.first for film in films]
     lines1, weights1 = _pass_tables([(a[0], a[1], f) for a, f in zip(axes, films)], s1, o1)
     lines2, weights2 = _pass_tables([(a[2], a[3], f) for a, f in zip(axes, films)], s2, o2)
-    group.blocks = [_blocks(pack, lines1, weights1, budget // (8 * n * o1 * s2 * c)),
+    group.blocks = [_blocks(pack, lines1, weights1, budget // (12 * n * o1 * s2 * c)),
                     _blocks(pack, lines2, weights2, budget // (8 * n * o2 * o1 * c))]
 
 
@@ -263,7 +263,7 @@ class Workspace:
 
 def resize_group(flat: torch.Tensor, levels: torch.Tensor, uploaded: Uploaded, group: Group,
                   space: Workspace) -> torch.Tensor:
-    """A group's films -> uint8 (G * o2, o1 * C): the fill resize of their 8-bit levels, as the per-film chain
+    """A group's films -> uint8 (G * o2, o1 * C): the fill resize of their levels (int32 257 k), as the per-film chain
     (`TensorSeedChain.resize_fill_512`) computes it, then v // 257; film g's (o2, o1, C) block is its picture,
     transposed when its plan went vertical first."""
     n, c, s1, s2, o1, o2 = len(group.films), group.c, group.s1, group.s2, group.o1, group.o2
@@ -273,7 +273,7 @@ def resize_group(flat: torch.Tensor, levels: torch.Tensor, uploaded: Uploaded, g
     raw = torch.ops.aten.index.Tensor_out(source, list(map(uploaded.get, group.along)),
                                           out=space.get("raw", (n, s1, s2, c), torch.int32))  # Q16
     q16 = torch.ops.aten.index.Tensor_out(levels, [uploaded.get(group.table), raw],
-                                          out=space.get("levels", (n, s1, s2, c)))  # float64 257.0 k
+                                          out=space.get("levels", (n, s1, s2, c), torch.int32))  # 257 k
     mid = _pass(q16.view(n * s1, s2 * c), uploaded, group.blocks[0], n * o1, space)
     turned = space.get("turned", (n, s2, o1, c))
     turned.copy_(mid.view(n, o1, s2, c).permute(0, 2, 1, 3))  # the second pass's lines as rows
@@ -283,17 +283,19 @@ def resize_group(flat: torch.Tensor, levels: torch.Tensor, uploaded: Uploaded, g
 
 def _pass(x: torch.Tensor, uploaded: Uploaded, blocks: list[tuple[tuple, tuple, int]], rows: int,
           space: Workspace) -> torch.Tensor:
-    """One resize pass over the rows of x (every film's input lines, one after the other) -> Q16-rounded float64
-    (rows, columns) in the workspace: per block of taps one gather and one multiply, then one add a tap, in IM's
-    order from 0.0 as the per-film chain sums: a separate multiply and add, as IM's build rounds twice
-    (`addcmul_` may fuse them on CUDA), and never a reordered sum."""
+    """One resize pass over the rows of x (every film's input lines, one after the other; int32 257 k or float64)
+    -> Q16-rounded float64 (rows, columns) in the workspace: per block of taps one gather and one multiply into
+    float64 (which makes an int32 257 k the float64 257.0 k, exactly), then one add a tap, in IM's order from 0.0
+    as the per-film chain sums: a separate multiply and add, as IM's build rounds twice (`addcmul_` may fuse them
+    on CUDA), and never a reordered sum."""
     columns = x.shape[1]
     acc = space.get("sum", (rows, columns)).zero_()
     most = max(taps for _, _, taps in blocks)
     scratch = space.get("terms", (most * rows, columns))
+    gathered = scratch if x.dtype == torch.float64 else space.get("gathered", (most * rows, columns), x.dtype)
     for lines, weights, taps in blocks:
-        terms = scratch if taps == most else scratch[:taps * rows]
-        torch.index_select(x, 0, uploaded.get(lines), out=terms).mul_(uploaded.get(weights))
+        terms, read = (scratch, gathered) if taps == most else (scratch[:taps * rows], gathered[:taps * rows])
+        torch.mul(torch.index_select(x, 0, uploaded.get(lines), out=read), uploaded.get(weights), out=terms)
         for term in terms.view(taps, rows, columns).unbind(0) if taps > 1 else (terms,):
             acc.add_(term)
     return acc.clamp_(0.0, QUANTUM).add_(0.5).floor_()  # IM's ClampToQuantum, as `tensor._round_q16`
