@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from cxrage_ray.decode.dicom import EncodedFrame, decode_codestream_cpu
+from cxrage_ray.decode.nvimgcodec import load_nvimgcodec  # noqa: F401  (its home before; tests import it here)
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,6 @@ class StoredFrame:
     values: torch.Tensor
     device: str
     decoder: str = "pydicom"
-
-
-def load_nvimgcodec() -> Any | None:
-    """The `nvidia.nvimgcodec` module when it is installed (`pip install 'cxrage-ray[gpu]'`), else None."""
-    try:
-        from nvidia import nvimgcodec
-    except Exception:  # not installed, or its libraries are missing
-        return None
-    return nvimgcodec
 
 
 class FrameDecoder:
@@ -188,21 +180,29 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
 
 
-def uploaded_together(arrays: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    """Host arrays (any integer dtype up to 16 bits unsigned, or int32) -> int32 tensors on `device`: packed into one
-    host buffer and moved in one copy (page-locked, without blocking the host, on a GPU), widened there in one pass;
-    each result is a view of that buffer. On a GPU node this is one upload a chunk, not a blocking one a frame."""
+def to_device(host: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host array on `device`: on a GPU from page-locked memory, without blocking the host (no host sync)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(host)) if isinstance(host, np.ndarray) else host
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def uploaded_together(arrays: Sequence[np.ndarray], device: torch.device, scale: int = 1) -> list[torch.Tensor]:
+    """Host arrays (any integer dtype up to 16 bits unsigned, or int32) -> int32 tensors on `device`, times
+    `scale`: packed into one host buffer at their own depth and moved in one copy (`to_device`), widened there in
+    one pass; each result is a view of that buffer. On a GPU node this is one upload a chunk, not a blocking one a
+    frame."""
     if not arrays:
         return []
     wide = any(a.dtype.itemsize > 2 or a.dtype.kind == "i" for a in arrays)
     dtype = np.int32 if wide else np.uint16 if any(a.dtype.itemsize == 2 for a in arrays) else np.uint8
     host = np.concatenate([np.ascontiguousarray(a, dtype=dtype).ravel() for a in arrays])
-    moved = torch.from_numpy(host.view(np.int16) if dtype == np.uint16 else host)
-    if device.type == "cuda":
-        moved = moved.pin_memory()
-    flat = moved.to(device, non_blocking=True).to(torch.int32)
+    flat = to_device(host.view(np.int16) if dtype == np.uint16 else host, device).to(torch.int32)
     if dtype == np.uint16:
         flat = flat & 0xFFFF  # int16 (torch's widest 16-bit type) back to its unsigned samples
+    if scale != 1:
+        flat = flat * scale
     starts = np.cumsum([0] + [a.size for a in arrays])
     return [flat[a:b].view(array.shape) for array, a, b in zip(arrays, starts[:-1], starts[1:])]
 

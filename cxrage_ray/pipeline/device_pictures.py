@@ -28,7 +28,7 @@ import torch
 from cxrage_ray.config import DecodeOptions, OrientConfig
 from cxrage_ray.contract import PAYLOAD_COLUMNS
 from cxrage_ray.decode.dicom import EncodedFrame
-from cxrage_ray.decode.gpu import StoredFrame
+from cxrage_ray.decode.gpu import StoredFrame, uploaded_together
 from cxrage_ray.errors import CxrAgeError, DecodeError, DecompressionBombError
 from cxrage_ray.pipeline.payloads import frame_from_row
 from cxrage_ray.pipeline.rows import apply_orientation
@@ -169,10 +169,8 @@ class PayloadDecoder:
         The payloads travel at their own depth (1-2 bytes a sample, not the 4 of int32), packed into one host
         buffer per kind and moved in one upload each (page-locked and non-blocking on a GPU), then widened there
         in one pass per kind: the pictures are views of those buffers."""
-        from cxrage_ray.preprocess.tensor_dicom import upload
-
         shapes: dict[int, tuple[int, ...]] = {}
-        bodies: dict[str, list[tuple[int, np.ndarray]]] = {"grey8": [], "q16": [], "alpha": []}
+        bodies: dict[str, dict[int, np.ndarray]] = {"grey8": {}, "q16": {}, "alpha": {}}
         for i in positions:
             with film_isolated(batch, i):
                 kind = batch["payload_kind"].iat[i]
@@ -182,25 +180,13 @@ class PayloadDecoder:
                 alpha = np.frombuffer(batch["alpha"].iat[i] or b"", dtype=np.uint16)
                 if alpha.size:
                     check_payload_size(alpha.size, shape[:2], "alpha")
-                    bodies["alpha"].append((i, alpha))
-                bodies["grey8" if kind == "grey8" else "q16"].append((i, body))
+                    bodies["alpha"][i] = alpha.reshape(shape[:2])
+                bodies["grey8" if kind == "grey8" else "q16"][i] = body.reshape(shape)
                 shapes[i] = shape
-        widened: dict[str, dict[int, torch.Tensor]] = {}
-        for kind, parts in bodies.items():
-            if not parts:
-                widened[kind] = {}
-                continue
-            host = np.concatenate([body for _, body in parts])
-            moved = upload(host.view(np.int16) if host.dtype == np.uint16 else host, self.device)
-            flat = moved.to(torch.int32) * 257 if kind == "grey8" else moved.to(torch.int32) & 0xFFFF
-            starts = np.cumsum([0] + [body.size for _, body in parts])
-            widened[kind] = {i: flat[a:b] for (i, _), a, b in zip(parts, starts[:-1], starts[1:])}
-        pictures: dict[int, Q16Picture] = {}
-        for i, shape in shapes.items():
-            pixels = (widened["grey8"].get(i) if i in widened["grey8"] else widened["q16"][i]).view(shape)
-            alpha = widened["alpha"].get(i)
-            pictures[i] = (pixels, None if alpha is None else alpha.view(shape[:2]))
-        return pictures
+        widened = {kind: dict(zip(arrays, uploaded_together(list(arrays.values()), self.device,
+                                                            scale=257 if kind == "grey8" else 1)))
+                   for kind, arrays in bodies.items()}  # 8-bit v as Q16 257 v
+        return {i: (widened["grey8"].get(i, widened["q16"].get(i)), widened["alpha"].get(i)) for i in shapes}
 
     def _oriented(self, batch: pd.DataFrame, pictures: dict[int, torch.Tensor], q16: dict[int, Q16Picture]
                   ) -> dict[int, torch.Tensor]:

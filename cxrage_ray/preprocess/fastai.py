@@ -76,29 +76,19 @@ def fastai_view(
     return x
 
 
-#: Grids kept per (size, zoom, corner, device): a batch's pictures share few shapes, so each view's grid is built
-#: once, not per batch (five kernel launches each on a GPU). Bounded: archives have many shapes.
-MAX_CACHED_GRIDS = 256
-_GRIDS: dict[tuple, torch.Tensor] = {}
-
-
+@functools.lru_cache(maxsize=256)  # a batch's pictures share few shapes; archives have many: bounded
 def view_grid(ht: int, wt: int, zoom: float | None, row_pct: float, col_pct: float, device: torch.device
               ) -> torch.Tensor:
     """fastai's sampling grid (1, ht, wt, 2) for a resize to (ht, wt), zoomed about the corner `row_pct, col_pct`
-    when `zoom` is given (cached; callers never write to it)."""
-    key = (ht, wt, zoom, row_pct, col_pct, str(device))
-    grid = _GRIDS.get(key)
-    if grid is None:
-        grid = _resize_grid(ht, wt, device)
-        if zoom is not None:
-            s = 1 - 1 / zoom
-            m = torch.tensor(
-                [[1 / zoom, 0.0, s * (2 * col_pct - 1)], [0.0, 1 / zoom, s * (2 * row_pct - 1)]], device=device
-            ).float()
-            grid = torch.addmm(m[:, 2], grid.view(-1, 2), m[:, :2].t()).view(1, ht, wt, 2)
-        if len(_GRIDS) >= MAX_CACHED_GRIDS:
-            _GRIDS.clear()
-        _GRIDS[key] = grid
+    when `zoom` is given; cached, so each view's grid is built once, not per batch (five kernel launches each on a
+    GPU); callers never write to it."""
+    grid = _resize_grid(ht, wt, device)
+    if zoom is not None:
+        s = 1 - 1 / zoom
+        m = torch.tensor(
+            [[1 / zoom, 0.0, s * (2 * col_pct - 1)], [0.0, 1 / zoom, s * (2 * row_pct - 1)]], device=device
+        ).float()
+        grid = torch.addmm(m[:, 2], grid.view(-1, 2), m[:, :2].t()).view(1, ht, wt, 2)
     return grid
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cxrage_ray.decode.gpu import to_device
 from cxrage_ray.preprocess.quantum import QUANTUM
 from cxrage_ray.preprocess.resize_weights import FilterName, ResizePlan, axis_weights
 
@@ -103,11 +104,7 @@ class Pack:
         host = np.zeros(max(size, 8), np.uint8)
         for dtype, section in sections.items():
             host[offsets[dtype]:offsets[dtype] + section.nbytes] = section.view(np.uint8)
-        buffer = torch.from_numpy(host)
-        if device.type == "cuda":
-            buffer = buffer.pin_memory().to(device, non_blocking=True)
-        elif device.type != "cpu":
-            buffer = buffer.to(device)
+        buffer = to_device(host, device)
         pieces = {}
         for dtype, section in sections.items():
             flat = buffer[offsets[dtype]:offsets[dtype] + section.nbytes]

@@ -21,6 +21,8 @@ import torch
 
 from cxrage_ray.decode.dicom_greyscale import apply_ramp, modality_values
 from cxrage_ray.decode.dicom_window import GreyscaleParams, needs_stored_range, window_plan
+from cxrage_ray.decode.gpu import to_device
+from cxrage_ray.preprocess.tensor import dicom_q16_tensor
 
 #: Q16 for an 8-bit level v: the seed chain reads 8-bit DICOM output as 257 v (`decode_dicom`).
 Q16_PER_LEVEL = 257
@@ -28,8 +30,6 @@ Q16_PER_LEVEL = 257
 
 def dicom_q16_batch(frames: Sequence[tuple[torch.Tensor, GreyscaleParams]]) -> list[torch.Tensor | BaseException]:
     """Each (stored values, params) -> Q16 (H, W, 1) int32 on the frame's device, or its exception in place."""
-    from cxrage_ray.preprocess.tensor import dicom_q16_tensor
-
     out: list[torch.Tensor | BaseException | None] = [None] * len(frames)
     grey: list[int] = []
     for k, (values, params) in enumerate(frames):
@@ -51,7 +51,7 @@ def dicom_q16_batch(frames: Sequence[tuple[torch.Tensor, GreyscaleParams]]) -> l
             offsets.append((k, start - int(lo)))
             start += table.size
         if tables:
-            joined = upload(np.concatenate(tables), device)
+            joined = to_device(np.concatenate(tables), device)
             for k, offset in offsets:
                 out[k] = _tried(lambda: joined[frames[k][0] + offset][..., None])  # int32 indices: no widening
     return out  # type: ignore[return-value]
@@ -63,14 +63,6 @@ def _q16_table(values: torch.Tensor, params: GreyscaleParams, lo: int, hi: int) 
     ramp = window_plan(params, values.shape[0] * values.shape[1], stored_range).ramp()
     levels = apply_ramp(modality_values(np.arange(lo, hi + 1, dtype=np.int64), params), ramp)
     return levels.astype(np.int32) * Q16_PER_LEVEL
-
-
-def upload(host: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on `device`: on a GPU from page-locked memory, without blocking the host."""
-    tensor = torch.from_numpy(np.ascontiguousarray(host))
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 def _tried(step) -> object:

@@ -167,6 +167,8 @@ def probe_gpu_decoders(timeout_s: float = PROBE_TIMEOUT_S) -> GpuDecoders:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from cxrage_ray.decode.nvimgcodec import nvimgcodec_loads
+
     nodes = [node["NodeID"] for node in ray.nodes()
              if node.get("Alive") and node.get("Resources", {}).get("GPU", 0) > 0]
     if not nodes:
@@ -185,11 +187,3 @@ def probe_gpu_decoders(timeout_s: float = PROBE_TIMEOUT_S) -> GpuDecoders:
             pass
     return GpuDecoders(nodes=len(nodes), loaded=loaded, unanswered=len(late))
 
-
-def nvimgcodec_loads() -> bool:
-    """Whether nvImageCodec imports in this process (run on a GPU node by `probe_gpu_decoders`)."""
-    try:
-        from nvidia import nvimgcodec  # noqa: F401
-    except Exception:  # not installed, or its CUDA libraries are missing
-        return False
-    return True
