@@ -9,7 +9,7 @@ Out: one line per run on stdout, then a table:
        is sampled with psutil meanwhile (peak reported);
      - resume (`--resume`): a 1M-row job 99% done: one real run commits its first part (so OUTPUT holds that
        release's own job.json), the rest of rows 0..989,999 are fabricated as parts with the project's own writer
-       (`PartWriter`, 10k rows a part), then the same command is started again and timed until its first part
+       (`write_part`, 10k rows a part), then the same command is started again and timed until its first part
        that was not there before.
 
     python benchmarks/manifest_scale.py                                  # 10k, 100k, 1M
@@ -133,24 +133,23 @@ def first_part(manifest: Path, out: Path, home: Path, pythonpath: str | None, ti
 
 
 def fabricate_done(out: Path, manifest: Path, done_rows: int, pythonpath: str | None) -> int:
-    """Commit rows [0, done_rows) OUTPUT lacks as parts written by the project's `PartWriter`; returns the rows."""
+    """Commit rows [0, done_rows) OUTPUT lacks as parts written by the project's `write_part`; returns the rows."""
     code = f"""
 import numpy as np, pyarrow as pa, pyarrow.parquet as pq, glob
 from cxrage_ray.config import StorageConfig
 from cxrage_ray.contract import output_schema
-from cxrage_ray.write.parts import PartWriter
+from cxrage_ray.write.parts import write_part
 out, done_rows = {str(out)!r}, {done_rows}
 have = set()
 for p in glob.glob(out + "/parts/*.parquet"):
     have.update(pq.read_table(p, columns=["row_id"]).column("row_id").to_pylist())
 keys = pq.read_table({str(manifest)!r}, columns=["image_id", "uri"]).slice(0, done_rows)
 ids = np.array([i for i in range(done_rows) if i not in have], dtype=np.int64)
-writer = PartWriter(out, output_schema(pa.schema([])), StorageConfig(), part_rows=10_000, commit_every_s=1e9)
 for start in range(0, len(ids), 10_000):
     chunk = ids[start:start + 10_000]
-    writer.add(pa.table({{"row_id": chunk, "image_id": keys["image_id"].take(chunk), "uri": keys["uri"].take(chunk),
-                         "status": pa.array(["ok"] * len(chunk)), "cxr_age": pa.array(np.full(len(chunk), 50.0))}}))
-writer.flush()
+    write_part(out, f"part-fabricated-{{start // 10_000:05d}}.parquet", pa.table({{"row_id": chunk, "image_id": keys["image_id"].take(chunk), "uri": keys["uri"].take(chunk),
+                         "status": pa.array(["ok"] * len(chunk)), "cxr_age": pa.array(np.full(len(chunk), 50.0))}}),
+               output_schema(pa.schema([])), StorageConfig())
 print(len(ids))
 """
     env = {**os.environ, **({"PYTHONPATH": str(REPO)})}  # the current tree's writer: the contract is the same

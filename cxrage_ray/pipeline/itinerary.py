@@ -12,7 +12,10 @@
     score      actor pool, one actor per GPU or CPU actors: pictures from the plan's source (the prepared pixels,
                or GPU decode + tensor seed chain + orientation, device_pictures), then fastai views + TTA +
                calibration                                            (cxrage_ray.predict.scoring.ScoreActor)
-    write      driver: whole Parquet parts under OUTPUT/parts, then summary.json   (cxrage_ray.write.parts)
+    write      in the scoring actors: each scored batch a pending file under OUTPUT/_cxrage/pending, one small
+               record to the driver                                       (cxrage_ray.write.pending)
+    commit     driver: every commit window, a task makes one part under OUTPUT/parts of the windows' pending files;
+               then summary.json from the parts' footers        (cxrage_ray.write.committer, pipeline.summary)
     write-back driver, optional: a DICOM SR per ok DICOMweb row, stored by STOW-RS (cxrage_ray.pacs.writeback)
 
 Every stage runs without Ray in its own module; this one wires them.
@@ -22,14 +25,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from cxrage_ray.config import ScoreConfig
 from cxrage_ray.contract import output_schema
@@ -40,15 +41,15 @@ from cxrage_ray.model.registry import ResolvedWeights, resolve_weights
 from cxrage_ray.model.registry import weights_name as name_of_weights
 from cxrage_ray.model.weights_file import WeightsFile, actors_can_read, remember_loadable
 from cxrage_ray.pipeline.plan import Itinerary, Plan, check_gpu_request, resolve_plan, wants_decoder_probe
-from cxrage_ray.pipeline.prepare import retry_counts
 from cxrage_ray.pipeline.manifest_reads import manifest_dataset
 from cxrage_ray.pipeline.resume import finished_rows, job_record
 from cxrage_ray.pipeline.summary import summarise
-from cxrage_ray.predict.precision_audit import AuditTally
 from cxrage_ray.runtime.console import progress_bar
 from cxrage_ray.runtime.lifetime import Terminated
 from cxrage_ray.runtime.session import cluster_facts, ray_session
-from cxrage_ray.write.parts import PartWriter, committing_on_time, read_output, write_json, write_original_csv
+from cxrage_ray.write.committer import PartCommitter, commit_on_ray, committing_on_time
+from cxrage_ray.write.parts import read_output, write_json, write_original_csv
+from cxrage_ray.write.pending import BlockRecord, PendingWrite
 from cxrage_ray.write.spill import Spill
 
 log = logging.getLogger(__name__)
@@ -75,55 +76,51 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: ManifestSource | None 
     done = finished_rows(scan.rows, {**job, "weights_name": weights_name}, cfg, spill,
                          legacy_fingerprint=lambda: legacy_fingerprint(manifest))
     todo = scan.rows - len(done)
-    writer = PartWriter(cfg.output, output_schema(carried_schema(manifest, scan)), cfg.storage,
-                        part_rows=cfg.part_rows, commit_every_s=cfg.commit_every_s, spill=spill)
+    committer = PartCommitter(cfg.output, cfg.storage, commit_on_ray, part_rows=cfg.part_rows,
+                              commit_every_s=cfg.commit_every_s, spill=spill)
+    write = PendingWrite(cfg.output, output_schema(carried_schema(manifest, scan)), cfg.storage, committer.run)
     labels = {"weights_sha256": weights.sha256, "weights_name": weights_name, "preprocess": cfg.preprocess,
               "tta": cfg.predictor.tta, "decode": cfg.decode.mode}
 
-    scored = 0
-    retries: Counter = Counter()  # storage retries of this run's reads, by kind (summary.json)
-    audit = AuditTally()  # mixed precision: the sampled films' cxr_age against fp32 (summary.json)
     startup: dict[str, float] = {"manifest_scanned_s": startup_scan_s, "before_ray_s": time.perf_counter() - started}
     itinerary = Itinerary("cpu", "nothing left to score")
     if todo:
         weights_for_actors = _weights_for_actors(weights, weights_home, cfg)
-        with ray_session(cfg.ray), progress_bar(todo, scan.rows, cfg.progress) as bar, \
-                committing_on_time(writer):
+        with ray_session(cfg.ray), progress_bar(todo, scan.rows, cfg.progress) as bar:
             startup["ray_started_s"] = time.perf_counter() - started
             plan = resolve_plan(cfg, labels, cluster_facts(cfg.ray, wants_decoder_probe(cfg)), stand_in)
             itinerary = plan.itinerary
             log.info("itinerary: %s (%s)", itinerary.path, itinerary.reason)
             state = weights_for_actors if isinstance(weights_for_actors, WeightsFile) else weights_for_actors.result()
             startup["weights_loaded_s"] = time.perf_counter() - started
-            try:
-                dataset = _dataset((manifest, scan, done), plan, state, cfg)
-                for table in arriving_tables(dataset):
-                    startup.setdefault("first_film_s", time.perf_counter() - started)
-                    writer.add(table)
-                    scored += len(table)
-                    retries += retry_counts(table)
-                    audit.add(table)
-                    bar.update(len(table))
-            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (lifetime.Terminated)
-                writer.flush()  # whole rows already scored are worth keeping
-                raise JobInterrupted(
-                    f"{writer.rows_written} rows scored this run were written to {cfg.output} "
-                    f"({scan.rows - todo + writer.rows_written} of {scan.rows} in all)",
-                    terminated=isinstance(exc, Terminated)) from exc
-            except _execution_timeout() as exc:
-                writer.flush()  # keep what was scored: the rerun resumes from it
-                raise StalledError(
-                    f"no image finished for {cfg.ray.no_progress_timeout_s:.0f}s, so the job stopped instead of "
-                    f"hanging; {writer.rows_written} rows of this run are saved and rerunning the same command "
-                    "resumes. "
-                    "Usual causes: the cluster has no room for the predictor (no free GPU, or every CPU held by "
-                    "actors), or a storage read that never returns. Ray said: " + str(exc).splitlines()[0]
-                ) from exc
-            writer.flush()
-    summary = summarise(cfg, scan.rows, weights.sha256, scored, time.perf_counter() - started)
+            with committing_on_time(committer):
+                try:
+                    dataset = _dataset((manifest, scan, done), plan, state, write, cfg)
+                    for block in arriving_blocks(dataset):
+                        startup.setdefault("first_film_s", time.perf_counter() - started)
+                        committer.add(block)
+                        bar.update(block.record.rows)
+                except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (lifetime.Terminated)
+                    committer.flush()  # whole rows already scored are worth keeping
+                    raise JobInterrupted(
+                        f"{committer.rows_written} rows scored this run were written to {cfg.output} "
+                        f"({scan.rows - todo + committer.rows_written} of {scan.rows} in all)",
+                        terminated=isinstance(exc, Terminated)) from exc
+                except _execution_timeout() as exc:
+                    committer.flush()  # keep what was scored: the rerun resumes from it
+                    raise StalledError(
+                        f"no image finished for {cfg.ray.no_progress_timeout_s:.0f}s, so the job stopped instead "
+                        f"of hanging; {committer.rows_written} rows of this run are saved and rerunning the same "
+                        "command resumes. "
+                        "Usual causes: the cluster has no room for the predictor (no free GPU, or every CPU held "
+                        "by actors), or a storage read that never returns. Ray said: " + str(exc).splitlines()[0]
+                    ) from exc
+                committer.flush()
+    summary = summarise(cfg, scan.rows, weights.sha256, committer.rows_received, time.perf_counter() - started,
+                        rows_unique=len(done) + committer.rows_written)
     summary["itinerary"] = {"path": itinerary.path, "reason": itinerary.reason}
-    summary["retries"] = dict(sorted(retries.items()))
-    summary["precision_audit"] = audit.summary()
+    summary["retries"] = dict(sorted(committer.retries.items()))
+    summary["precision_audit"] = committer.audit.summary()
     if cfg.write_back is not None:  # after scoring, over every ok row of OUTPUT (resumes included)
         from cxrage_ray.pacs.writeback import write_back
 
@@ -137,13 +134,16 @@ def score(cfg: ScoreConfig, weights_home: Path, manifest: ManifestSource | None 
     return summary
 
 
-def arriving_tables(dataset: Any) -> Iterator[pa.Table]:
-    """The dataset's blocks as pyarrow tables, each as soon as it is done.
+def arriving_blocks(dataset: Any) -> Iterator[BlockRecord]:
+    """The scoring actors' block records (one per scored batch: the pending file and its counts, never the rows),
+    each as soon as it is done.
 
     Ray Data's default (`prefetch_batches=1`) holds every block back until the next one is there, which kept the
     first scored rows from OUTPUT for one more predictor batch (~5-8 s on 2 CPU cores, issue 23); the driver only
-    writes the rows, so fetching ahead gains nothing."""
-    return dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0)
+    commits, so fetching ahead gains nothing."""
+    for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+        for row in table.to_pylist():
+            yield BlockRecord.from_row(row)
 
 
 def _weights_for_actors(weights: ResolvedWeights, home: Path, cfg: ScoreConfig) -> WeightsFile | Future:
@@ -179,10 +179,11 @@ def _execution_timeout() -> type[BaseException]:
 
 
 def _dataset(todo: tuple[ManifestSource, ManifestScan, np.ndarray], plan: Plan, state: WeightsFile | dict,
-             cfg: ScoreConfig):
+             write: PendingWrite, cfg: ScoreConfig):
     """The plan as a Ray Dataset: the manifest's rows still to score (`todo`: the source, its scan, the row_ids
-    already scored), streamed by read tasks -> prepare tasks -> scoring actors; `state`: the weights file the
-    actors read, or the state dict they get through the object store."""
+    already scored), streamed by read tasks -> prepare tasks -> scoring actors, which write their rows (`write`)
+    and yield block records; `state`: the weights file the actors read, or the state dict they get through the
+    object store."""
     import ray
 
     from cxrage_ray.predict.scoring import ScoreActor
@@ -206,7 +207,8 @@ def _dataset(todo: tuple[ManifestSource, ManifestScan, np.ndarray], plan: Plan, 
                          batch_size=None, num_cpus=1, memory=plan.prepare_memory)
         .map_batches(
             ScoreActor,
-            fn_constructor_kwargs=plan.actor_kwargs([state if isinstance(state, WeightsFile) else ray.put(state)]),
+            fn_constructor_kwargs=plan.actor_kwargs([state if isinstance(state, WeightsFile) else ray.put(state)],
+                                                    write),
             batch_format="pandas",
             batch_size=plan.images_per_batch,
             # actor_calls > 1: batches scored at once on the actor's threads, each on one torch thread (plan.py)

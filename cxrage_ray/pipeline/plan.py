@@ -146,10 +146,10 @@ class Plan:
     saliency: Any = None
     actor_calls: int = 1
 
-    def actor_kwargs(self, state_ref: list) -> dict[str, Any]:
-        """The scoring actor's constructor arguments."""
+    def actor_kwargs(self, state_ref: list, write: Any = None) -> dict[str, Any]:
+        """The scoring actor's constructor arguments (`write`: where it writes its rows, `PendingWrite`)."""
         return {"state_dict_ref": state_ref, "predictor_config": self.predictor, "labels": self.labels,
-                "source": self.source, "saliency": self.saliency, "stand_in": self.stand_in}
+                "source": self.source, "saliency": self.saliency, "stand_in": self.stand_in, "write": write}
 
 
 def resolve_plan(cfg: ScoreConfig, labels: dict[str, str], cluster: ClusterFacts, stand_in: Any = None) -> Plan:

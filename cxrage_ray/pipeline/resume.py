@@ -33,6 +33,7 @@ from cxrage_ray.write.parts import (
     write_json,
 )
 from cxrage_ray.manifest.stream import FINGERPRINT_PREFIX, ManifestScan
+from cxrage_ray.write.pending import clear_pending
 from cxrage_ray.write.spill import Spill
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ def differences(previous: dict[str, Any], job: dict[str, Any], orient: OrientCon
 def finished_rows(rows: int, job: dict[str, Any], cfg: ScoreConfig, spill: Spill | None = None,
                   legacy_fingerprint: Callable[[], str] | None = None) -> np.ndarray:
     """The row_ids (sorted int64, each below `rows`) OUTPUT already holds; records this job in OUTPUT first (see
-    the module docstring). Only the parts' row_id column is read."""
+    the module docstring) and deletes the blocks an earlier run wrote but did not commit. Only the parts' row_id
+    column is read."""
     move_legacy_records(cfg.output, cfg.storage)  # job.json/summary.json of older outputs -> OUTPUT/_cxrage/
     previous = read_json(cfg.output, "job.json", cfg.storage)
     changed = differences(previous, job, cfg.orient, legacy_fingerprint) if previous is not None else []
@@ -99,6 +101,9 @@ def finished_rows(rows: int, job: dict[str, Any], cfg: ScoreConfig, spill: Spill
         dropped = drop_error_rows(cfg.output, cfg.storage, cfg.retry_errors)
         log.warning("--retry-errors: %d error rows%s will be scored again", dropped,
                     f" ({', '.join(cfg.retry_errors)})" if cfg.retry_errors else "")
+    cleared = clear_pending(cfg.output, cfg.storage)  # blocks an earlier run wrote but never committed
+    if cleared:
+        log.info("%d uncommitted block(s) of an earlier run deleted; their films are scored again", cleared)
     if spill is not None and spill.restore(lambda name, data: commit_part(cfg.output, name, data, cfg.storage)):
         log.warning("rows an earlier run could not write to OUTPUT were committed from %s", spill.folder)
     done = completed_row_id_array(cfg.output, cfg.storage)

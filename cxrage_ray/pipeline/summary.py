@@ -1,6 +1,7 @@
 """The job's summary: what OUTPUT holds after a run, written to OUTPUT/_cxrage/summary.json.
 
-In:  the `ScoreConfig`, the manifest's row count, the weights' sha256, this run's count and time, OUTPUT's committed parts.
+In:  the `ScoreConfig`, the manifest's row count, the weights' sha256, this run's count and time, the records in
+     the footers of OUTPUT's committed parts (`cxrage_ray.write.records`).
 Out: a JSON-ready dict: rows total/written/ok/error, errors by kind, the first error rows by film name, QC flags,
      parts, speed, settings, versions.
 """
@@ -8,27 +9,29 @@ Out: a JSON-ready dict: rows total/written/ok/error, errors by kind, the first e
 from __future__ import annotations
 
 import platform
-from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 import cxrage_ray
 from cxrage_ray.config import ScoreConfig
-from cxrage_ray.errors import error_kind
-from cxrage_ray.runtime.console import ERRORS_NAMED, named_errors
-from cxrage_ray.write.parts import committed_parts, read_output
+from cxrage_ray.runtime.console import named_errors
+from cxrage_ray.write.parts import part_records
+from cxrage_ray.write.records import PartRecord
 
 
-def summarise(cfg: ScoreConfig, rows_total: int, sha: str, scored: int, elapsed: float) -> dict[str, Any]:
-    output = read_output(cfg.output, cfg.storage)
-    first_errors = output.filter(pc.equal(output["status"], "error")).slice(0, ERRORS_NAMED)
-    table = output.select(["row_id", "status", "error", "qc"]).to_pandas()
-    errors = table.loc[table["status"] == "error", "error"].fillna("Error: ?")
-    kinds = Counter(errors.map(error_kind))
-    flags = Counter(flag for qc in table["qc"] if qc is not None for flag in qc)
+def summarise(cfg: ScoreConfig, rows_total: int, sha: str, scored: int, elapsed: float,
+              rows_unique: int) -> dict[str, Any]:
+    """summary.json from the committed parts' records (their footers, `part_records`), not their rows.
+
+    `rows_unique`: the distinct row_ids OUTPUT held when the run began (resume read them) plus the rows this run
+    committed: those are rows no part held before (the manifest stream left them out), each in one part
+    (`cxrage_ray.write.pending`)."""
+    parts = part_records(cfg.output, cfg.storage)
+    total = PartRecord()
+    for _, record in parts:
+        total = total.merged(record)
     import numpy
     import ray
 
@@ -36,16 +39,16 @@ def summarise(cfg: ScoreConfig, rows_total: int, sha: str, scored: int, elapsed:
         "input": cfg.input,
         "output": cfg.output,
         "rows_total": rows_total,
-        "rows_written": len(table),
-        "rows_unique": int(table["row_id"].nunique()),
-        "rows_ok": int((table["status"] == "ok").sum()),
-        "rows_error": int((table["status"] == "error").sum()),
-        "errors_by_kind": dict(sorted(kinds.items())),
-        "first_errors": named_errors(first_errors.select(["row_id", "image_id", "uri", "error"]).to_pylist()),
-        "qc_flags": dict(sorted(flags.items())),
-        "complete": int(table["row_id"].nunique()) == rows_total,
+        "rows_written": total.rows,
+        "rows_unique": rows_unique,
+        "rows_ok": total.ok,
+        "rows_error": total.errors,
+        "errors_by_kind": total.errors_by_kind,
+        "first_errors": named_errors(total.first_errors),
+        "qc_flags": total.qc_flags,
+        "complete": rows_unique == rows_total and total.rows == rows_total,
         # every part listed here is whole: parts only appear by atomic rename / single PUT
-        "parts": sorted(u.rsplit("/", 1)[-1] for u in committed_parts(cfg.output, cfg.storage)),
+        "parts": sorted(name for name, _ in parts),
         "rows_scored_this_run": scored,
         "elapsed_s": round(elapsed, 3),
         "images_per_s": round(scored / elapsed, 3) if elapsed > 0 else None,

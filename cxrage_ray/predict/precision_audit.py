@@ -77,16 +77,12 @@ class AuditTally:
 
     def add(self, table: Any) -> None:
         """Take a batch of scored rows (pyarrow Table or pandas DataFrame); no-op without the audit column."""
-        names = table.column_names if hasattr(table, "column_names") else list(table.columns)
-        if PRECISION_DELTA_COLUMN not in names:
-            return
-        wanted = [PRECISION_DELTA_COLUMN] + (["device"] if "device" in names else [])
-        frame = table.select(wanted).to_pandas() if hasattr(table, "column_names") else table[wanted]
-        deltas = pd.to_numeric(frame[PRECISION_DELTA_COLUMN], errors="coerce")
-        audited = np.isfinite(deltas.to_numpy(dtype=float))
-        self.deltas += deltas[audited].tolist()
-        if "device" in frame.columns:  # "cpu/bfloat16", "cuda/float16": the precision that really ran
-            self.precisions.update(str(d).rsplit("/", 1)[-1] for d in frame.loc[audited, "device"].dropna())
+        self.take(*audited_films(table))
+
+    def take(self, deltas: list[float], precisions: set[str] | list[str]) -> None:
+        """Take deltas already read from a batch (`audited_films`, e.g. in a part's writer)."""
+        self.deltas += list(deltas)
+        self.precisions.update(precisions)
 
     def summary(self) -> dict[str, Any] | None:
         """Films compared, max and mean |Δ cxr_age| (years), the precision; None when nothing was audited (fp32)."""
@@ -96,3 +92,19 @@ class AuditTally:
         return {"films": int(magnitudes.size), "max_abs_delta_years": round(float(magnitudes.max()), 6),
                 "mean_abs_delta_years": round(float(magnitudes.mean()), 6),
                 "precision": ", ".join(sorted(self.precisions)) or "unknown"}
+
+
+def audited_films(table: Any) -> tuple[list[float], set[str]]:
+    """The audit deltas (years) of a batch of scored rows and the precisions that really ran for them ("bfloat16",
+    "float16"); ([], set()) without the audit column (fp32)."""
+    names = table.column_names if hasattr(table, "column_names") else list(table.columns)
+    if PRECISION_DELTA_COLUMN not in names:
+        return [], set()
+    wanted = [PRECISION_DELTA_COLUMN] + (["device"] if "device" in names else [])
+    frame = table.select(wanted).to_pandas() if hasattr(table, "column_names") else table[wanted]
+    deltas = pd.to_numeric(frame[PRECISION_DELTA_COLUMN], errors="coerce")
+    audited = np.isfinite(deltas.to_numpy(dtype=float))
+    precisions: set[str] = set()
+    if "device" in frame.columns:  # "cpu/bfloat16", "cuda/float16": the precision that really ran
+        precisions = {str(d).rsplit("/", 1)[-1] for d in frame.loc[audited, "device"].dropna()}
+    return deltas[audited].tolist(), precisions

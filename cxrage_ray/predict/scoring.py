@@ -87,11 +87,14 @@ class ScoreActor:
         saliency: write a saliency map per scored film, computed in batches on the same model.
         stand_in: benchmark-only (`cxrage_ray.pipeline.stand_in.CeilingStandIn`): its `predictor()` replaces the
             model; never set by the CLI.
+        write: where the actor writes its scored rows (`cxrage_ray.write.pending`): it then returns one block
+            record per batch instead of the rows, so no row goes through the driver; None: the rows themselves.
     """
 
     def __init__(self, state_dict_ref: list, predictor_config: Any, labels: dict[str, str],
                  source: PictureSource | None = None, saliency: SaliencySettings | None = None,
-                 stand_in: Any = None):
+                 stand_in: Any = None, write: Any = None):
+        self.write = write
         self.saliency = saliency
         self.saliency_maker = None
         self.auditor = None
@@ -135,7 +138,12 @@ class ScoreActor:
         finish_scores(batch, self.labels)
         if self.saliency is not None:
             write_saliency(batch, pictures, self.saliency_maker, self.saliency)
-        return batch.drop(columns=[c for c in self.source.consumed if c in batch.columns])
+        scored = batch.drop(columns=[c for c in self.source.consumed if c in batch.columns])
+        if self.write is None:
+            return scored
+        from cxrage_ray.write.pending import write_pending
+
+        return pd.DataFrame([write_pending(scored, self.write).as_row()])
 
 
 def _resolved(state_dict: Any) -> dict:

@@ -1,52 +1,47 @@
-"""Write stage: scored rows -> Parquet parts under OUTPUT, with an explicit record of what is complete.
+"""OUTPUT's layout: committed parts, the job's records, and reading them back.
 
-In:  pyarrow tables of scored rows (the output contract below), streamed from the pipeline.
-Out: OUTPUT/parts/part-<run>-<seq>.parquet files, each written to a temporary name and renamed (local) or
-     PUT in one request (object stores), so a part either exists whole or not at all; OUTPUT/_cxrage/job.json
-     (what the job is: manifest fingerprint and scoring settings) and OUTPUT/_cxrage/summary.json.
+In:  an OUTPUT folder (local path or fsspec URL).
+Out: OUTPUT/parts/part-<run>-<seq>.parquet files (made by `cxrage_ray.write.pending.commit_pending`: written to a
+     temporary name and renamed (local) or PUT in one request (object stores), so a part either exists whole or
+     not at all), each with its `PartRecord` in the footer; OUTPUT/_cxrage/job.json (what the job is: manifest
+     fingerprint and scoring settings) and OUTPUT/_cxrage/summary.json.
 
 Everything that is not data lives under `OUTPUT/_cxrage/` (`RECORDS_DIR`): readers that treat a folder as a
 Parquet dataset (pandas, pyarrow.dataset, DuckDB, Spark) skip `_`-prefixed names, so `pd.read_parquet(OUTPUT)`
 reads the rows and nothing else. Outputs written before that layout kept job.json/summary.json at the top;
 `read_json` still finds them there and `move_legacy_records` moves them into `_cxrage/` on the next run.
 
-Parts are committed every `part_rows` rows or `commit_every_s` seconds, whichever comes first (`PartWriter`,
-`committing_on_time`). A part OUTPUT refuses raises `OutputError` (the job stops) after the part is kept in the
-local spill (`cxrage_ray.write.spill`), which the next run of the same job commits before it resumes.
+Parts are committed every `part_rows` rows or `commit_every_s` seconds, whichever comes first
+(`cxrage_ray.write.committer`). A part OUTPUT refuses raises `OutputError` (the job stops) after the part is kept
+in the local spill (`cxrage_ray.write.spill`), which the next run of the same job commits before it resumes.
 
-Resume reads the `row_id`s of the committed parts; a row is in exactly one committed part because the
-driver writes each row once and only whole parts become visible. `--retry-errors` first rewrites the parts
+Resume reads the `row_id`s of the committed parts; a row is in exactly one committed part because only the
+driver names parts, once each, from the blocks Ray Data delivered (`cxrage_ray.write.pending`), and only whole
+parts become visible. `--retry-errors` first rewrites the parts
 without their error rows (`drop_error_rows`), so those rows count as missing and are scored again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import threading
-import time
-import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxrage_ray.errors import InputError, OutputError, error_kind
-from cxrage_ray.write.spill import Spill
 from cxrage_ray.config import StorageConfig
+from cxrage_ray.errors import InputError, OutputError, error_kind
 from cxrage_ray.storage.files import exists, filesystem_for, list_files, read_bytes, write_bytes
 from cxrage_ray.storage.retries import error_reason
+from cxrage_ray.write.pending import conform, parquet_bytes
+from cxrage_ray.write.records import RECORD_COLUMNS, PartRecord, part_record, with_record
 
 PARTS_DIR = "parts"
 #: Job records, summary and report: `_`-prefixed so dataset readers skip them.
 RECORDS_DIR = "_cxrage"
-#: The first part's commit window (seconds); each part doubles it, up to `PartWriter.commit_every_s`.
-FIRST_COMMIT_WINDOW_S = 1.0
 #: Record names that older outputs kept at OUTPUT's top level.
 LEGACY_RECORDS = ("job.json", "summary.json")
 
@@ -56,165 +51,8 @@ def record_uri(output: str, name: str) -> str:
     return _join(output, RECORDS_DIR, name)
 
 
-def _as_type(column: pa.ChunkedArray, type_: pa.DataType) -> pa.ChunkedArray | pa.Array:
-    """`column` cast to `type_`. A column Ray Data could only carry as pickled Python objects (a manifest
-    column of text in some blocks and all nulls in others, e.g. metadata.csv's `nih_*` columns) is rebuilt
-    from its Python values, NaN as null."""
-    try:
-        return column.cast(type_)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        if not isinstance(column.type, pa.ExtensionType):
-            raise
-        return pa.array(column.to_pylist(), type=type_, from_pandas=True)
-
-
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Order/cast a batch to the output schema; absent columns become nulls."""
-    columns = []
-    for f in schema:
-        if f.name in table.column_names:
-            columns.append(_as_type(table.column(f.name), f.type))
-        else:
-            columns.append(pa.nulls(len(table), f.type))
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
 def _join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
-
-
-@dataclass
-class PartWriter:
-    """Buffers scored rows and commits them as whole Parquet parts: every `part_rows` rows or every
-    `commit_every_s` seconds, whichever comes first, so a killed driver loses at most that window.
-
-    The first windows are shorter (1 s, then doubling up to `commit_every_s`): a run killed in its first
-    minute keeps nearly everything, while a long run still settles at one part per `commit_every_s`.
-
-    Args:
-        output: OUTPUT folder (local path or fsspec URL).
-        schema: the output schema (see `output_schema`).
-        storage: storage settings for remote outputs.
-        part_rows: rows per part file at most; ~10k rows is ~1-2 MB of Parquet.
-        commit_every_s: the longest a scored row waits in memory (`add` commits on arrival of a batch,
-            `flush_if_due` from a timer between batches; see `committing_on_time`).
-        spill: where a part goes when OUTPUT refuses it (then `OutputError`); None: nowhere, the error says so.
-
-    `add`, `flush` and `flush_if_due` may be called from two threads (the driver loop and the timer).
-    """
-
-    output: str
-    schema: pa.Schema
-    storage: StorageConfig
-    part_rows: int = 10_000
-    commit_every_s: float = 30.0
-    spill: Spill | None = None
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
-    parts_written: int = 0
-    rows_written: int = 0
-    failure: OutputError | None = None
-    _buffer: list[pa.Table] = field(default_factory=list)
-    _buffered_rows: int = 0
-    _oldest_row_at: float = 0.0
-    _window_s: float = FIRST_COMMIT_WINDOW_S
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, table: pa.Table) -> None:
-        """Buffer scored rows; commit when the part is full or its oldest row has waited long enough.
-
-        Raises:
-            OutputError: OUTPUT refused a part (now or on the timer); the job must stop.
-        """
-        with self._lock:
-            self._raise_failure()
-            if not self._buffered_rows:
-                self._oldest_row_at = time.monotonic()
-            self._buffer.append(conform(table, self.schema))
-            self._buffered_rows += len(table)
-            if self._buffered_rows >= self.part_rows or self._due():
-                self._commit()
-
-    def flush(self) -> None:
-        """Commit whatever is buffered (raises `OutputError` as `add` does)."""
-        with self._lock:
-            self._raise_failure()
-            self._commit()
-
-    def flush_if_due(self) -> None:
-        """Commit the buffer if its oldest row has waited `commit_every_s`; a failure is kept for `add`/`flush`."""
-        with self._lock:
-            if self.failure is None and self._due():
-                with contextlib.suppress(OutputError):  # kept in self.failure, raised in the driver's thread
-                    self._commit()
-
-    @property
-    def commit_window_s(self) -> float:
-        """How long the oldest buffered row may wait now (grows from 1 s to `commit_every_s`)."""
-        return min(self._window_s, self.commit_every_s)
-
-    def _due(self) -> bool:
-        return bool(self._buffered_rows) and time.monotonic() - self._oldest_row_at >= self.commit_window_s
-
-    def _raise_failure(self) -> None:
-        if self.failure is not None:
-            raise self.failure
-
-    def _commit(self) -> None:
-        if not self._buffered_rows:
-            return
-        table = pa.concat_tables(self._buffer)
-        sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd")
-        name = f"part-{self.run_id}-{self.parts_written:05d}.parquet"
-        uri = _join(self.output, PARTS_DIR, name)
-        try:
-            _write_or_refuse(uri, sink.getvalue(), self.storage)
-        except OutputError as refused:
-            self._next_part()  # the rows are in the spill now, or the error says they are not
-            self.failure = self._refused(refused, name, sink.getvalue(), len(table))
-            raise self.failure from refused
-        # cleared only now: Ctrl-C during the write leaves the rows buffered, and the interrupted job's last
-        # flush commits them under the same name (a part appears whole, once)
-        self._next_part()
-        self.rows_written += len(table)
-
-    def _next_part(self) -> None:
-        self._buffer, self._buffered_rows = [], 0
-        self.parts_written += 1
-        self._window_s = min(2 * self._window_s, self.commit_every_s)
-
-    def _refused(self, refused: OutputError, name: str, data: bytes, rows: int) -> OutputError:
-        """Keep a refused part in the spill; the error says why OUTPUT refused it and where the rows are."""
-        reason = f"{refused}; the job stopped at the first part OUTPUT refused"
-        if self.spill is None:
-            return OutputError(f"{reason}; {rows} scored rows of that part were not kept and the rerun scores them")
-        try:
-            kept = self.spill.keep(name, data)
-        except OSError as spill_exc:
-            return OutputError(f"{reason}; {rows} scored rows could not be kept locally either "
-                               f"({error_reason(spill_exc)}) and the rerun scores them")
-        return OutputError(f"{reason}. {rows} scored rows are kept in {kept.parent}; once OUTPUT can be written, "
-                           "rerun the same command: it commits them and scores only what is missing")
-
-
-@contextlib.contextmanager
-def committing_on_time(writer: PartWriter, tick_s: float | None = None) -> Iterator[PartWriter]:
-    """Within the block, a timer thread commits `writer`'s rows once they have waited `commit_every_s`, also
-    while no new batch arrives (a slow stage must not hold scored rows in memory indefinitely)."""
-    stop = threading.Event()
-    tick = tick_s if tick_s is not None else min(1.0, writer.commit_every_s / 4)
-
-    def run() -> None:
-        while not stop.wait(tick):
-            writer.flush_if_due()
-
-    timer = threading.Thread(target=run, name="cxrage-commit-timer", daemon=True)
-    timer.start()
-    try:
-        yield writer
-    finally:
-        stop.set()
-        timer.join()
 
 
 def _write_or_refuse(uri: str, data: bytes, storage: StorageConfig) -> None:
@@ -228,6 +66,15 @@ def _write_or_refuse(uri: str, data: bytes, storage: StorageConfig) -> None:
 def commit_part(output: str, name: str, data: bytes, storage: StorageConfig) -> None:
     """Commit one whole part (bytes of a Parquet file) as OUTPUT/parts/<name> (`OutputError` when refused)."""
     _write_or_refuse(_join(output, PARTS_DIR, name), data, storage)
+
+
+def write_part(output: str, name: str, rows: pa.Table, schema: pa.Schema, storage: StorageConfig) -> PartRecord:
+    """Commit `rows` (conformed to `schema`) as the whole part OUTPUT/parts/<name>, its record in the footer (tools
+    and tests that make an OUTPUT directly; a job's parts come from `cxrage_ray.write.pending`)."""
+    table = conform(rows, schema)
+    record = part_record(table)
+    commit_part(output, name, parquet_bytes(with_record(table, record)), storage)
+    return record
 
 
 def committed_parts(output: str, storage: StorageConfig) -> list[str]:
@@ -279,16 +126,36 @@ def drop_error_rows(output: str, storage: StorageConfig, kinds: tuple[str, ...] 
         ]
         if not any(retry):
             continue
-        kept = table.filter(pa.array([not r for r in retry]))
+        kept = table.filter(pa.array([not r for r in retry])).replace_schema_metadata(None)
         if len(kept):
-            sink = io.BytesIO()
-            pq.write_table(kept, sink, compression="zstd")
-            write_bytes(uri, sink.getvalue(), storage)
+            write_bytes(uri, parquet_bytes(with_record(kept, part_record(kept))), storage)
         else:
             part_fs, part_path = filesystem_for(uri, storage)
             part_fs.rm(part_path)
         dropped += sum(retry)
     return dropped
+
+
+def part_records(output: str, storage: StorageConfig) -> list[tuple[str, PartRecord]]:
+    """(name, record) of every committed part, from its footer: a few KB a part, whatever its rows, read several
+    parts at a time. A part of an older release has no record: its small columns are read instead."""
+    parts = committed_parts(output, storage)
+    if not parts:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(parts)), thread_name_prefix="cxrage-records") as pool:
+        records = list(pool.map(lambda uri: _part_record(uri, storage), parts))
+    return [(uri.rsplit("/", 1)[-1], record) for uri, record in zip(parts, records)]
+
+
+def _part_record(uri: str, storage: StorageConfig) -> PartRecord:
+    fs, path = filesystem_for(uri, storage)
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        record = PartRecord.from_metadata(parquet.schema_arrow.metadata)
+        if record is None:  # written before records
+            present = [c for c in RECORD_COLUMNS if c in parquet.schema_arrow.names]
+            record = part_record(parquet.read(columns=present))
+    return record
 
 
 def read_output(output: str, storage: StorageConfig) -> pa.Table:

@@ -16,7 +16,7 @@ from cxrage_ray.contract import PROBLEM_COLUMN, output_schema
 from cxrage_ray.manifest import stream
 from cxrage_ray.manifest.build import build_manifest, open_manifest
 from cxrage_ray.manifest.stream import legacy_fingerprint, manifest_batches, scan_manifest
-from cxrage_ray.write.parts import PartWriter, completed_row_id_array, completed_row_ids
+from cxrage_ray.write.parts import completed_row_id_array, completed_row_ids, write_part
 
 LOCAL = StorageConfig()
 
@@ -127,11 +127,10 @@ def test_listed_and_csv_manifests_stream_from_their_frame(tmp_path, name):
 
 def test_finished_rows_read_from_the_parts_row_id_column(tmp_path):
     out = str(tmp_path / "out")
-    writer = PartWriter(out, output_schema(pa.schema([])), LOCAL, part_rows=300, commit_every_s=1e9)
     for start in range(0, 1_000, 100):
         ids = np.arange(start, start + 100)[::-1]  # rows arrive out of order
-        writer.add(pa.table({"row_id": ids, "status": ["ok"] * 100}))
-    writer.flush()
+        write_part(out, f"part-x-{start:05d}.parquet", pa.table({"row_id": ids, "status": ["ok"] * 100}),
+                   output_schema(pa.schema([])), LOCAL)
     done = completed_row_id_array(out, LOCAL)
     assert done.dtype == np.int64 and done.tolist() == list(range(1_000))
     assert completed_row_ids(out, LOCAL) == set(range(1_000))

@@ -387,11 +387,13 @@ def test_two_predictor_actors_share_the_cores_and_score_like_one(ray_local, arch
 
 
 def test_each_scored_block_reaches_the_driver_before_the_next_is_done(ray_local, tmp_path):
-    """The driver writes a block as soon as it is done: the second block's task waits for the driver to have
-    the first (Ray Data's default prefetch held the first back until the second was there)."""
+    """The driver commits a block as soon as it is done: the second block's task waits for the driver to have
+    the first's record (Ray Data's default prefetch held the first back until the second was there)."""
     import ray
 
-    from cxrage_ray.pipeline.itinerary import arriving_tables
+    from cxrage_ray.pipeline.itinerary import arriving_blocks
+    from cxrage_ray.write.pending import BlockRecord
+    from cxrage_ray.write.records import PartRecord
 
     seen_first = tmp_path / "driver-has-the-first-block"
 
@@ -404,14 +406,13 @@ def test_each_scored_block_reaches_the_driver_before_the_next_is_done(ray_local,
             while not seen_first.exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
             waited = not seen_first.exists()
-        return batch.assign(timed_out=waited)
+        block = BlockRecord(f"pending-{batch['id'].iloc[0]}-timed-out-{waited}", PartRecord(rows=1, ok=1))
+        return pd.DataFrame([block.as_row()])
 
     dataset = ray.data.range(2, override_num_blocks=2).map_batches(
         second_waits, batch_format="pandas", batch_size=None, concurrency=2)
-    tables = []
-    for table in arriving_tables(dataset):
-        tables.append(table.to_pandas())
+    blocks = []
+    for block in arriving_blocks(dataset):
+        blocks.append(block.pending)
         seen_first.touch()
-    got = pd.concat(tables).sort_values("id")
-    assert got["id"].tolist() == [0, 1]
-    assert not got["timed_out"].any()
+    assert sorted(blocks) == ["pending-0-timed-out-False", "pending-1-timed-out-False"]

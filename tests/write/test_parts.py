@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import pyarrow as pa
 import pytest
@@ -11,15 +10,14 @@ import pytest
 from cxrage_ray.errors import InputError, OutputError
 from cxrage_ray.contract import output_schema
 from cxrage_ray.write.parts import (
-    PartWriter,
-    commit_part,
-    committing_on_time,
-    conform,
     completed_row_ids,
     drop_error_rows,
+    part_records,
     read_output,
     write_json,
+    write_part,
 )
+from cxrage_ray.write.pending import conform
 from cxrage_ray.write.spill import Spill
 from cxrage_ray.config import StorageConfig
 from cxrage_ray.storage.files import list_files
@@ -41,10 +39,9 @@ def _rows(row_ids: list[int], errors: dict[int, str]) -> pa.Table:
 
 def _write_parts(output: str, storage: StorageConfig, errors: dict[int, str]) -> None:
     """Ten rows in three parts of 4, 4 and 2 rows."""
-    writer = PartWriter(output, SCHEMA, storage, part_rows=4)
-    for start in (0, 4, 8):
-        writer.add(_rows(list(range(start, min(start + 4, 10))), errors))
-    writer.flush()
+    for k, start in enumerate((0, 4, 8)):
+        write_part(output, f"part-x-{k:05d}.parquet", _rows(list(range(start, min(start + 4, 10))), errors), SCHEMA,
+                   storage)
 
 
 ERRORS = {
@@ -108,8 +105,8 @@ def test_files_and_folders_follow_the_umask(tmp_path):
 
     old = os.umask(0o022)
     try:
-        writer = PartWriter(str(tmp_path / "out"), SCHEMA, StorageConfig(), part_rows=1)
-        writer.add(pa.table({"row_id": [0], "status": ["ok"]}))
+        write_part(str(tmp_path / "out"), "part-x-00000.parquet", pa.table({"row_id": [0], "status": ["ok"]}), SCHEMA,
+                   StorageConfig())
         write_json(str(tmp_path / "out"), "job.json", {"a": 1}, StorageConfig())
         os.umask(0o027)
         write_json(str(tmp_path / "out"), "summary.json", {"a": 1}, StorageConfig())
@@ -132,8 +129,8 @@ def test_records_live_under_cxrage_and_old_top_level_records_are_moved(tmp_path)
     from cxrage_ray.write.parts import RECORDS_DIR, move_legacy_records, read_json, write_json
 
     out = tmp_path / "out"
-    writer = PartWriter(str(out), SCHEMA, StorageConfig(), part_rows=2)
-    writer.add(pa.table({"row_id": [0, 1], "status": ["ok", "ok"]}))
+    write_part(str(out), "part-x-00000.parquet", pa.table({"row_id": [0, 1], "status": ["ok", "ok"]}), SCHEMA,
+               StorageConfig())
     (out / "job.json").write_text(json.dumps({"old": True}))  # an output written before _cxrage/
     (out / "summary.json").write_text(json.dumps({"rows_ok": 2}))
     assert read_json(str(out), "job.json", StorageConfig()) == {"old": True}  # found at the old place
@@ -159,29 +156,32 @@ def test_conform_rebuilds_columns_ray_carried_as_pickled_objects():
     assert conformed.schema == SCHEMA
 
 
-def test_rows_are_committed_on_time_even_when_no_batch_arrives(tmp_path):
-    out = str(tmp_path / "out")
-    writer = PartWriter(out, SCHEMA, StorageConfig(), part_rows=10_000, commit_every_s=0.3)
-    with committing_on_time(writer, tick_s=0.05):
-        writer.add(_rows([0, 1], {}))
-        assert completed_row_ids(out, StorageConfig()) == set()  # far below part_rows: buffered
-        deadline = time.monotonic() + 5
-        while not completed_row_ids(out, StorageConfig()) and time.monotonic() < deadline:
-            time.sleep(0.05)  # no add() now: only the timer can commit
-        assert completed_row_ids(out, StorageConfig()) == {0, 1}
-        writer.add(_rows([2], {}))
-    writer.flush()
-    assert completed_row_ids(out, StorageConfig()) == {0, 1, 2}
-    assert writer.rows_written == 3
+def test_drop_error_rows_rewrites_the_parts_records(tmp_path):
+    """summary.json is made from the parts' footers: a rewritten part carries the record of what it now holds."""
+    out, storage = str(tmp_path / "out"), StorageConfig()
+    _write_parts(out, storage, ERRORS)
+    before = {name: r for name, r in part_records(out, storage)}
+    assert [before[n].errors_by_kind for n in sorted(before)] == [
+        {"DecodeError": 1, "ReadError": 1}, {}, {"ReadError": 2}]
+    assert before["part-x-00000.parquet"].first_errors[0]["row_id"] == 1
+    drop_error_rows(out, storage, ("ReadError",))
+    after = dict(part_records(out, storage))
+    assert sorted(after) == ["part-x-00000.parquet", "part-x-00001.parquet"]
+    assert after["part-x-00000.parquet"].rows == 3 and after["part-x-00000.parquet"].errors_by_kind == {
+        "DecodeError": 1}
 
 
-def test_a_batch_arriving_late_commits_the_rows_that_waited(tmp_path):
-    out = str(tmp_path / "out")
-    writer = PartWriter(out, SCHEMA, StorageConfig(), part_rows=10_000, commit_every_s=0.2)
-    writer.add(_rows([0], {}))
-    time.sleep(0.3)
-    writer.add(_rows([1], {}))  # the oldest row waited past commit_every_s: both go out now
-    assert completed_row_ids(out, StorageConfig()) == {0, 1}
+def test_a_part_of_an_older_release_is_read_for_its_record(tmp_path):
+    """Parts written before records have no footer record: their small columns give it instead."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out" / "parts"
+    out.mkdir(parents=True)
+    pq.write_table(conform(_rows([0, 1, 2], {1: "ReadError: gone"}), SCHEMA), out / "part-old-00000.parquet")
+    [(name, record)] = part_records(str(tmp_path / "out"), StorageConfig())
+    assert name == "part-old-00000.parquet"
+    assert (record.rows, record.ok, record.errors_by_kind) == (3, 2, {"ReadError": 1})
+    assert record.first_errors == [{"row_id": 1, "image_id": "img-1", "uri": None, "error": "ReadError: gone"}]
 
 
 def _refusing_output(tmp_path) -> str:
@@ -190,24 +190,6 @@ def _refusing_output(tmp_path) -> str:
     out.mkdir()
     (out / "parts").write_text("not a folder")
     return str(out)
-
-
-def test_a_refused_part_is_spilled_and_the_failure_sticks(tmp_path):
-    out = _refusing_output(tmp_path)
-    spill = Spill(tmp_path / "spill", out, {"manifest_fingerprint": "abc"})
-    writer = PartWriter(out, SCHEMA, StorageConfig(), part_rows=2, spill=spill)
-    with pytest.raises(OutputError, match="cannot write .*parts/part-.* 2 scored rows are kept in"):
-        writer.add(_rows([0, 1], {}))
-    assert [p.name for p in spill.parts()] == [f"part-{writer.run_id}-00000.parquet"]
-    with pytest.raises(OutputError):  # the job must stop: later batches are refused too, not dropped quietly
-        writer.add(_rows([2], {}))
-    with pytest.raises(OutputError):
-        writer.flush()
-
-    os.remove(f"{out}/parts")  # OUTPUT is writable again: the rerun commits the spilled rows first
-    assert spill.restore(lambda name, data: commit_part(out, name, data, StorageConfig())) == 1
-    assert completed_row_ids(out, StorageConfig()) == {0, 1}
-    assert spill.parts() == [] and not spill.folder.exists()
 
 
 def test_spilled_rows_of_another_job_are_left_alone(tmp_path):
@@ -225,34 +207,3 @@ def test_a_refused_record_is_an_output_error(tmp_path):
     (tmp_path / "out" / "_cxrage").write_text("not a folder")
     with pytest.raises(OutputError, match="cannot write .*_cxrage/job.json"):
         write_json(out, "job.json", {"a": 1}, StorageConfig())
-
-
-def test_the_first_commit_windows_are_short_and_grow_to_commit_every(tmp_path):
-    writer = PartWriter(str(tmp_path / "out"), SCHEMA, StorageConfig(), commit_every_s=30.0)
-    windows = []
-    for i in range(8):
-        windows.append(writer.commit_window_s)
-        writer.add(_rows([i], {}))
-        writer.flush()
-    assert windows == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
-
-
-def test_ctrl_c_during_a_write_keeps_the_rows_for_the_last_flush(tmp_path, monkeypatch):
-    import cxrage_ray.write.parts as sink
-
-    out = str(tmp_path / "out")
-    writer = PartWriter(out, SCHEMA, StorageConfig(), part_rows=2)
-    real_write, calls = sink.write_bytes, []
-
-    def interrupted_once(uri, data, storage):
-        calls.append(uri)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        real_write(uri, data, storage)
-
-    monkeypatch.setattr(sink, "write_bytes", interrupted_once)
-    with pytest.raises(KeyboardInterrupt):
-        writer.add(_rows([0, 1], {}))
-    writer.flush()  # what the pipeline's Ctrl-C handler does
-    assert completed_row_ids(out, StorageConfig()) == {0, 1}
-    assert calls[0] == calls[1]  # the same part name: whole, once
