@@ -604,11 +604,15 @@ def build_actor(tta: str, batch_size: int) -> Any:
     from cxrage_ray.pipeline.device_pictures import DevicePictures
     from cxrage_ray.predict.predictor import PredictorConfig
     from cxrage_ray.predict.scoring import ScoreActor
+    from cxrage_ray.preprocess.tensor_batch import DEFAULT_GROUP_BYTES
 
     labels = {"weights_sha256": "bench", "preprocess": "seed", "tta": tta, "decode": "exact"}
     config = PredictorConfig(device="cpu", batch_size=batch_size, fixed_shape=True, tta=tta)
     actor = ScoreActor([demo_state_dict(0)], config, labels, source=DevicePictures(orient=OrientConfig(mode="auto")))
     actor.source.decoder = emulated_gpu_decoder(actor.source.device)
+    # a GPU's group budget: on a CPU the chain keeps groups within 16 MB (CPU_GROUP_BYTES), which at full size is
+    # a film or two a group, so the tap loop would be counted as a CPU runs it, not as a GPU would
+    actor.source.chain.group_bytes = DEFAULT_GROUP_BYTES
     for value in vars(actor.predictor).values():  # the model's weights live on the device
         if isinstance(value, torch.nn.Module):
             for t in itertools.chain(value.parameters(), value.buffers()):

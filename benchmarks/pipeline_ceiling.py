@@ -10,7 +10,7 @@ Out: a table on stdout (and `--json PATH`):
        exit (start-up included), run alternately `--repeats` times; ours / loop per pair and over all pairs;
      - ceiling: the real `cxrage score` pipeline (embedded Ray Data, the real CPU tasks' fetch, the predictor
        actor's batch handling, the Parquet writer) with prepare reduced to reading bytes and the model to a
-       constant (`cxrage_ray.pipeline.stand_in.CeilingStandIn`, passed to `pipeline.score` by this script only: the CLI
+       constant (`cxrage_ray.pipeline.stand_in.CeilingStandIn`, put into the plan by this script only: the CLI
        cannot select it) on `--ceiling-films` rows, pinned with `taskset` to each of `--cores` cores
        (default 1, then 2); films/s once the first film is out (steady state) and from spawn (start-up included), and the
        process tree's and the driver's CPU seconds per film (start-up included; `--rows-per-task` overrides
@@ -99,15 +99,16 @@ def ceiling_worker(manifest: str, out: str, weights: str, batch_size: int, rows_
     `CeilingStandIn`; the summary JSON on stdout."""
     from cxrage_ray.config import RayConfig, ScoreConfig
     from cxrage_ray.config import OrientConfig
-    from cxrage_ray.pipeline.itinerary import score
+    from cxrage_ray.pipeline.itinerary import finish_job, open_job, run_job
+    from cxrage_ray.pipeline.stand_in import with_stand_in
     from cxrage_ray.predict.predictor import PredictorConfig
-    from cxrage_ray.pipeline.stand_in import CeilingStandIn
 
     cfg = ScoreConfig(input=manifest, output=out, weights=weights, weights_name="demo", preprocess="none",
                       predictor=PredictorConfig(device="cpu", tta="none", batch_size=batch_size),
                       orient=OrientConfig(mode="off"), progress=False, gpu_preprocess="off",
                       ray=RayConfig(num_cpus=num_cpus, **({"rows_per_task": rows_per_task} if rows_per_task else {})))
-    summary = score(cfg, Path(out) / "_weights", stand_in=CeilingStandIn())
+    job = open_job(cfg, Path(out) / "_weights")
+    summary = finish_job(job, run_job(job, Path(out) / "_weights", plan_hook=with_stand_in))
     print(json.dumps(summary, default=str))
 
 

@@ -78,7 +78,7 @@ def test_ceiling_stand_in_is_not_reachable_from_the_cli(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit):  # no abbreviation or spelling of it parses either
         cli.build_parser().parse_args(["score", "in", "out", "--stand-in"])
 
-    calls = []
+    calls, real_score = [], pipeline.score
 
     def fake_score(cfg, weights_home, manifest=None, **kwargs):
         calls.append(kwargs)
@@ -91,6 +91,10 @@ def test_ceiling_stand_in_is_not_reachable_from_the_cli(tmp_path, monkeypatch, c
              env={"CXRAGE_HOME": str(tmp_path / "home")})
     assert calls == [{}]  # the CLI passes cfg, weights home and manifest only: never `stand_in`
     assert "stand_in" not in (REPO / "cxrage_ray" / "cli.py").read_text()
+    # and `score` itself takes no stand-in or plan hook: only the benchmark composes open/run/finish with one
+    import inspect
+
+    assert list(inspect.signature(real_score).parameters) == ["cfg", "weights_home", "manifest"]
 
 
 def test_timeline_script_reports_each_process_title_and_cpu(tmp_path):

@@ -205,30 +205,37 @@ def _uid(*entropy: str) -> str:
     return f"2.25.{int.from_bytes(digest, 'big')}"
 
 
+#: The columns of OUTPUT write-back reads.
+WRITE_BACK_COLUMNS = ["row_id", "uri", "status", "cxr_age", "raw", "raw_sd", "saliency_uri", "orientation"]
+
+
 def write_back(output: str, config: WriteBackConfig, storage: StorageConfig, weights_sha256: str) -> WriteBackSummary:
     """Store a report for every ok DICOMweb row of OUTPUT not yet recorded under OUTPUT/_cxrage/sr (see module docstring).
 
     Failures (archive down, rejected report) are counted per kind, never raised, and never name patients.
     """
     import cxrage_ray
-    from cxrage_ray.write.parts import read_output
+    from cxrage_ray.write.parts import output_parts
 
     summary = WriteBackSummary()
     target_root = parse_query(config.target).root if config.target else None
-    table = read_output(output, storage).select(["row_id", "uri", "status", "cxr_age", "raw", "raw_sd",
-                                                 "saliency_uri", "orientation"]).to_pandas()
-    ok = table[table["status"] == "ok"]
-    dicomweb = ok["uri"].map(lambda u: is_instance_uri(str(u)))
-    summary.skipped_not_dicomweb = int((~dicomweb).sum())
     recorded = _recorded(output, storage)
-    todo = []
-    for row in ok[dicomweb].itertuples(index=False):
-        ref = parse_instance_uri(str(row.uri))
-        sr_uid = sr_instance_uid(ref.sop_instance_uid, weights_sha256)
-        if (sr_uid, target_root or ref.root) in recorded:
-            summary.already += 1
-        else:
-            todo.append((row, ref, sr_uid))
+
+    def todo_of(part: pa.Table) -> list[tuple[Any, InstanceRef, str]]:
+        """The part's ok DICOMweb rows with no report recorded yet (counting the others into the summary)."""
+        table = part.to_pandas()
+        ok = table[table["status"] == "ok"]
+        dicomweb = ok["uri"].map(lambda u: is_instance_uri(str(u)))
+        summary.skipped_not_dicomweb += int((~dicomweb).sum())
+        todo = []
+        for row in ok[dicomweb].itertuples(index=False):
+            ref = parse_instance_uri(str(row.uri))
+            sr_uid = sr_instance_uid(ref.sop_instance_uid, weights_sha256)
+            if (sr_uid, target_root or ref.root) in recorded:
+                summary.already += 1
+            else:
+                todo.append((row, ref, sr_uid))
+        return todo
 
     def store(item: tuple[Any, InstanceRef, str]) -> dict[str, Any] | BaseException:
         row, ref, sr_uid = item
@@ -251,23 +258,25 @@ def write_back(output: str, config: WriteBackConfig, storage: StorageConfig, wei
 
     run_id = uuid.uuid4().hex[:8]
     batch: list[dict[str, Any]] = []
+    # part by part: memory follows one part's rows, not OUTPUT's
     with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
-        for result in pool.map(store, todo):
-            if isinstance(result, BaseException):
-                summary.failed += 1
-                kind = type(result).__name__
-                summary.failures_by_kind[kind] = summary.failures_by_kind.get(kind, 0) + 1
-                continue
-            batch.append(result)
-            summary.stored += 1
-            if config.saliency:
-                if result["sc_sop_instance_uid"]:
-                    summary.saliency_stored += 1
-                else:
-                    summary.saliency_skipped += 1
-            if len(batch) >= RECORD_BATCH:
-                _write_records(output, storage, run_id, summary.stored, batch)
-                batch = []
+        for part in output_parts(output, storage, WRITE_BACK_COLUMNS):
+            for result in pool.map(store, todo_of(part)):
+                if isinstance(result, BaseException):
+                    summary.failed += 1
+                    kind = type(result).__name__
+                    summary.failures_by_kind[kind] = summary.failures_by_kind.get(kind, 0) + 1
+                    continue
+                batch.append(result)
+                summary.stored += 1
+                if config.saliency:
+                    if result["sc_sop_instance_uid"]:
+                        summary.saliency_stored += 1
+                    else:
+                        summary.saliency_skipped += 1
+                if len(batch) >= RECORD_BATCH:
+                    _write_records(output, storage, run_id, summary.stored, batch)
+                    batch = []
     _write_records(output, storage, run_id, summary.stored, batch)
     if summary.failed:
         log.warning("write-back: %d report(s) not stored (%s); rerun the same command to retry them",

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,95 +43,141 @@ from cxrage_ray.model.registry import weights_name as name_of_weights
 from cxrage_ray.model.weights_file import WeightsFile, actors_can_read, remember_loadable
 from cxrage_ray.pipeline.plan import Itinerary, Plan, check_gpu_request, resolve_plan, wants_decoder_probe
 from cxrage_ray.pipeline.manifest_reads import manifest_dataset
-from cxrage_ray.pipeline.resume import finished_rows, job_record
+from cxrage_ray.pipeline.resume import claim_output, drop_retried_errors, finished_row_ids, job_record, settle_earlier_runs
 from cxrage_ray.pipeline.summary import summarise
 from cxrage_ray.runtime.console import progress_bar
 from cxrage_ray.runtime.lifetime import Terminated
 from cxrage_ray.runtime.session import cluster_facts, ray_session
 from cxrage_ray.write.committer import PartCommitter, commit_on_ray, committing_on_time
-from cxrage_ray.write.parts import read_output, write_json, write_original_csv
+from cxrage_ray.write.original_csv import write_original_csv
+from cxrage_ray.write.parts import write_json
 from cxrage_ray.write.pending import BlockRecord, PendingWrite
 from cxrage_ray.write.spill import Spill
 
 log = logging.getLogger(__name__)
 
 
-def score(cfg: ScoreConfig, weights_home: Path, manifest: ManifestSource | None = None,
-          stand_in: Any = None) -> dict[str, Any]:
+def score(cfg: ScoreConfig, weights_home: Path, manifest: ManifestSource | None = None) -> dict[str, Any]:
     """Run a scoring job to completion (or resume one); returns the summary written to summary.json.
 
     `manifest`: INPUT opened when the caller did it already (the CLI does, before importing torch).
-    `stand_in`: benchmark-only (`cxrage_ray.pipeline.stand_in.CeilingStandIn`, `benchmarks/pipeline_ceiling.py`):
-    bytes instead of pictures, a constant instead of the model; the CLI never passes it.
     """
+    job = open_job(cfg, weights_home, manifest)
+    return finish_job(job, run_job(job, weights_home))
+
+
+@dataclass
+class OpenJob:
+    """A job ready to run: what is left to score of the manifest, and where its rows go (`open_job`)."""
+
+    cfg: ScoreConfig
+    manifest: ManifestSource
+    scan: ManifestScan
+    weights: ResolvedWeights
+    weights_name: str
+    done: np.ndarray  # row_ids OUTPUT holds already
+    committer: PartCommitter
+    write: PendingWrite
+    started: float
+    startup: dict[str, float] = field(default_factory=dict)  # seconds since the job was opened, by milestone
+
+    @property
+    def todo(self) -> int:
+        return self.scan.rows - len(self.done)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"weights_sha256": self.weights.sha256, "weights_name": self.weights_name,
+                "preprocess": self.cfg.preprocess, "tta": self.cfg.predictor.tta, "decode": self.cfg.decode.mode}
+
+    def mark(self, milestone: str) -> None:
+        self.startup.setdefault(milestone, time.perf_counter() - self.started)
+
+
+def open_job(cfg: ScoreConfig, weights_home: Path, manifest: ManifestSource | None = None) -> OpenJob:
+    """INPUT scanned, the weights resolved, OUTPUT claimed for this job and settled (see `pipeline.resume`), and
+    the row_ids it holds read; nothing started on Ray."""
     started = time.perf_counter()
     check_gpu_request(cfg)
     if manifest is None:
         manifest = open_manifest(cfg.input, cfg.storage, uri_column=cfg.uri_column)
     scan = scan_manifest(manifest)  # every row once, 8 bytes a row kept: fingerprint, duplicate ids
-    startup_scan_s = time.perf_counter() - started
+    scanned = time.perf_counter() - started
     weights = resolve_weights(cfg.weights, weights_home, cfg.allow_fetch)
     weights_name = name_of_weights(cfg.weights_name, weights)  # the rule `cxrage serve` follows too
-    job = job_record(scan, cfg, weights.sha256)
-    spill = Spill(cfg.spill_root, cfg.output, job) if cfg.spill_root is not None else None
-    done = finished_rows(scan.rows, {**job, "weights_name": weights_name}, cfg, spill,
-                         legacy_fingerprint=lambda: legacy_fingerprint(manifest))
-    todo = scan.rows - len(done)
+    record = job_record(scan, cfg, weights.sha256)
+    spill = Spill(cfg.spill_root, cfg.output, record) if cfg.spill_root is not None else None
+    claim_output({**record, "weights_name": weights_name}, cfg, legacy_fingerprint=lambda: legacy_fingerprint(manifest))
+    drop_retried_errors(cfg)
+    settle_earlier_runs(cfg, spill)
+    done = finished_row_ids(scan.rows, cfg)
     committer = PartCommitter(cfg.output, cfg.storage, commit_on_ray, part_rows=cfg.part_rows,
                               commit_every_s=cfg.commit_every_s, spill=spill)
     write = PendingWrite(cfg.output, output_schema(carried_schema(manifest, scan)), cfg.storage, committer.run)
-    labels = {"weights_sha256": weights.sha256, "weights_name": weights_name, "preprocess": cfg.preprocess,
-              "tta": cfg.predictor.tta, "decode": cfg.decode.mode}
+    job = OpenJob(cfg, manifest, scan, weights, weights_name, done, committer, write, started,
+                  {"manifest_scanned_s": scanned})
+    job.mark("before_ray_s")
+    return job
 
-    startup: dict[str, float] = {"manifest_scanned_s": startup_scan_s, "before_ray_s": time.perf_counter() - started}
-    itinerary = Itinerary("cpu", "nothing left to score")
-    if todo:
-        weights_for_actors = _weights_for_actors(weights, weights_home, cfg)
-        with ray_session(cfg.ray), progress_bar(todo, scan.rows, cfg.progress) as bar:
-            startup["ray_started_s"] = time.perf_counter() - started
-            plan = resolve_plan(cfg, labels, cluster_facts(cfg.ray, wants_decoder_probe(cfg)), stand_in)
-            itinerary = plan.itinerary
-            log.info("itinerary: %s (%s)", itinerary.path, itinerary.reason)
-            state = weights_for_actors if isinstance(weights_for_actors, WeightsFile) else weights_for_actors.result()
-            startup["weights_loaded_s"] = time.perf_counter() - started
-            with committing_on_time(committer):
-                try:
-                    dataset = _dataset((manifest, scan, done), plan, state, write, cfg)
-                    for block in arriving_blocks(dataset):
-                        startup.setdefault("first_film_s", time.perf_counter() - started)
-                        committer.add(block)
-                        bar.update(block.record.rows)
-                except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (lifetime.Terminated)
-                    committer.flush()  # whole rows already scored are worth keeping
-                    raise JobInterrupted(
-                        f"{committer.rows_written} rows scored this run were written to {cfg.output} "
-                        f"({scan.rows - todo + committer.rows_written} of {scan.rows} in all)",
-                        terminated=isinstance(exc, Terminated)) from exc
-                except _execution_timeout() as exc:
-                    committer.flush()  # keep what was scored: the rerun resumes from it
-                    raise StalledError(
-                        f"no image finished for {cfg.ray.no_progress_timeout_s:.0f}s, so the job stopped instead "
-                        f"of hanging; {committer.rows_written} rows of this run are saved and rerunning the same "
-                        "command resumes. "
-                        "Usual causes: the cluster has no room for the predictor (no free GPU, or every CPU held "
-                        "by actors), or a storage read that never returns. Ray said: " + str(exc).splitlines()[0]
-                    ) from exc
-                committer.flush()
-    summary = summarise(cfg, scan.rows, weights.sha256, committer.rows_received, time.perf_counter() - started,
-                        rows_unique=len(done) + committer.rows_written)
+
+def run_job(job: OpenJob, weights_home: Path, plan_hook: Callable[[Plan], Plan] | None = None) -> Itinerary:
+    """Score what is left of `job` on Ray and commit it; returns the itinerary taken. `plan_hook`: changes the
+    resolved plan before it runs (`benchmarks/pipeline_ceiling.py`'s stand-in; the CLI passes none)."""
+    cfg, committer = job.cfg, job.committer
+    if not job.todo:
+        return Itinerary("cpu", "nothing left to score")
+    weights_for_actors = _weights_for_actors(job.weights, weights_home, cfg)
+    with ray_session(cfg.ray), progress_bar(job.todo, job.scan.rows, cfg.progress) as bar:
+        job.mark("ray_started_s")
+        plan = resolve_plan(cfg, job.labels, cluster_facts(cfg.ray, wants_decoder_probe(cfg)))
+        plan = plan_hook(plan) if plan_hook is not None else plan
+        log.info("itinerary: %s (%s)", plan.itinerary.path, plan.itinerary.reason)
+        state = weights_for_actors if isinstance(weights_for_actors, WeightsFile) else weights_for_actors.result()
+        job.mark("weights_loaded_s")
+        with committing_on_time(committer):
+            try:
+                dataset = _dataset((job.manifest, job.scan, job.done), plan, state, job.write, cfg)
+                for block in arriving_blocks(dataset):
+                    job.mark("first_film_s")
+                    committer.add(block)
+                    bar.update(block.record.rows)
+            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (lifetime.Terminated)
+                committer.flush()  # whole rows already scored are worth keeping
+                raise JobInterrupted(
+                    f"{committer.rows_written} rows scored this run were written to {cfg.output} "
+                    f"({len(job.done) + committer.rows_written} of {job.scan.rows} in all)",
+                    terminated=isinstance(exc, Terminated)) from exc
+            except _execution_timeout() as exc:
+                committer.flush()  # keep what was scored: the rerun resumes from it
+                raise StalledError(
+                    f"no image finished for {cfg.ray.no_progress_timeout_s:.0f}s, so the job stopped instead "
+                    f"of hanging; {committer.rows_written} rows of this run are saved and rerunning the same "
+                    "command resumes. "
+                    "Usual causes: the cluster has no room for the predictor (no free GPU, or every CPU held "
+                    "by actors), or a storage read that never returns. Ray said: " + str(exc).splitlines()[0]
+                ) from exc
+            committer.flush()
+    return plan.itinerary
+
+
+def finish_job(job: OpenJob, itinerary: Itinerary) -> dict[str, Any]:
+    """summary.json (from the parts' footers and this run's records), write-back and --csv, part by part."""
+    cfg, committer = job.cfg, job.committer
+    summary = summarise(cfg, job.scan.rows, job.weights.sha256, committer.rows_received,
+                        time.perf_counter() - job.started, rows_unique=len(job.done) + committer.rows_written)
     summary["itinerary"] = {"path": itinerary.path, "reason": itinerary.reason}
     summary["retries"] = dict(sorted(committer.retries.items()))
     summary["precision_audit"] = committer.audit.summary()
     if cfg.write_back is not None:  # after scoring, over every ok row of OUTPUT (resumes included)
         from cxrage_ray.pacs.writeback import write_back
 
-        summary["write_back"] = write_back(cfg.output, cfg.write_back, cfg.storage, weights.sha256).as_dict()
-    summary["weights_name"] = weights_name
-    summary["startup"] = {k: round(v, 3) for k, v in startup.items()}  # seconds since score() began
+        summary["write_back"] = write_back(cfg.output, cfg.write_back, cfg.storage, job.weights.sha256).as_dict()
+    summary["weights_name"] = job.weights_name
+    summary["startup"] = {k: round(v, 3) for k, v in job.startup.items()}  # seconds since the job was opened
     log.info("start-up: %s", summary["startup"])
     write_json(cfg.output, "summary.json", summary, cfg.storage)
     if cfg.csv:
-        write_original_csv(read_output(cfg.output, cfg.storage), cfg.csv, cfg.storage, weights_name=weights_name)
+        write_original_csv(cfg.output, cfg.csv, cfg.storage, weights_name=job.weights_name)
     return summary
 
 

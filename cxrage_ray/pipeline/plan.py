@@ -125,7 +125,7 @@ class Plan:
         prepare_memory: the `memory` (bytes) a prepare task declares (0: none).
         actors: (min, max) scoring actors; actor_gpus / actor_cpus: what each reserves; actor_calls: batches one
             actor scores at once, on threads of its own (`cpu_predictor`).
-        stand_in: benchmark-only `CeilingStandIn`, or None.
+        stand_in: benchmark-only `CeilingStandIn` (set by `cxrage_ray.pipeline.stand_in.with_stand_in`), or None.
         saliency: the job's `SaliencySettings`, or None.
     """
 
@@ -152,10 +152,9 @@ class Plan:
                 "source": self.source, "saliency": self.saliency, "stand_in": self.stand_in, "write": write}
 
 
-def resolve_plan(cfg: ScoreConfig, labels: dict[str, str], cluster: ClusterFacts, stand_in: Any = None) -> Plan:
+def resolve_plan(cfg: ScoreConfig, labels: dict[str, str], cluster: ClusterFacts) -> Plan:
     """The plan for `cfg` on `cluster` (see the module docstring)."""
     from cxrage_ray.pipeline.prepare import prepare_batch
-    from cxrage_ray.pipeline.stand_in import read_bytes_batch
     from cxrage_ray.predict.scoring import PreparedPictures
 
     itinerary = choose_itinerary(cfg, cluster.gpus, cluster.gpu_decoders)
@@ -170,20 +169,18 @@ def resolve_plan(cfg: ScoreConfig, labels: dict[str, str], cluster: ClusterFacts
     common = dict(settings=PrepareSettings(storage=cfg.storage, decode=cfg.decode, preprocess=cfg.preprocess,
                                            orient=cfg.orient),
                   itinerary=itinerary, images_per_batch=images_per_batch, rows_per_task=per_task,
-                  first_block_rows=first_block_rows(per_task, images_per_batch), stand_in=stand_in, saliency=cfg.saliency,
+                  first_block_rows=first_block_rows(per_task, images_per_batch), saliency=cfg.saliency,
                   prepare_memory=prepare_memory_request(cfg.decode.max_pixels, cluster.largest_node_memory))
     if itinerary.path == "device":
         from cxrage_ray.pipeline.device_pictures import DevicePictures  # imports torch: only where it runs
         from cxrage_ray.pipeline.payloads import prepare_encoded_batch
 
-        if stand_in is not None:
-            raise ValueError("the benchmark stand-in runs on the CPU itinerary only (--gpu-preprocess off)")
         return Plan(prepare=prepare_encoded_batch, source=DevicePictures(orient=cfg.orient), predictor=predictor,
                     labels={**labels, "preprocess_engine": "tensor"}, actors=(1, max(1, gpus)), actor_gpus=1,
                     actor_cpus=1, **common)
     engine = "exact" if cfg.preprocess == "seed" else "none"
     cpu_labels = {**labels, "decode_device": "cpu", "preprocess_engine": engine}
-    prepare = prepare_batch if stand_in is None else read_bytes_batch
+    prepare = prepare_batch
     if gpus:
         return Plan(prepare=prepare, source=PreparedPictures(), predictor=predictor, labels=cpu_labels,
                     actors=(1, gpus), actor_gpus=1, actor_cpus=1.0, **common)

@@ -2,9 +2,11 @@
 
 In:  the manifest's scan (`cxrage_ray.manifest.stream.ManifestScan`: row count and fingerprint), the `ScoreConfig`,
      the weights' sha256, OUTPUT's job record and committed parts.
-Out: the job record written to OUTPUT/_cxrage/job.json (`job_record`), and the row_ids OUTPUT already holds as a
-     sorted int64 array (`finished_rows`, 8 bytes per finished row; the manifest stream leaves them out batch by
-     batch); a different job in OUTPUT is refused (or discarded with --overwrite).
+Out: the job record written to OUTPUT/_cxrage/job.json (`job_record`, `claim_output`: a different job in OUTPUT is
+     refused, or discarded with --overwrite), error rows dropped for --retry-errors (`drop_retried_errors`), what
+     earlier runs left settled (`settle_earlier_runs`: uncommitted blocks deleted, spilled parts committed), and
+     the row_ids OUTPUT already holds as a sorted int64 array (`finished_row_ids`, 8 bytes per finished row; the
+     manifest stream leaves them out batch by batch).
 
 The job's identity is explicit: the manifest's fingerprint and every setting that changes a score, the rotation
 list by its hash (`OrientConfig.job_key`), never the list itself. An OUTPUT whose record holds the fingerprint of
@@ -79,12 +81,10 @@ def differences(previous: dict[str, Any], job: dict[str, Any], orient: OrientCon
     return sorted(changed)
 
 
-def finished_rows(rows: int, job: dict[str, Any], cfg: ScoreConfig, spill: Spill | None = None,
-                  legacy_fingerprint: Callable[[], str] | None = None) -> np.ndarray:
-    """The row_ids (sorted int64, each below `rows`) OUTPUT already holds; records this job in OUTPUT first (see
-    the module docstring) and deletes the blocks an earlier run wrote but did not commit. Only the parts' row_id
-    column is read."""
-    move_legacy_records(cfg.output, cfg.storage)  # job.json/summary.json of older outputs -> OUTPUT/_cxrage/
+def claim_output(job: dict[str, Any], cfg: ScoreConfig, legacy_fingerprint: Callable[[], str] | None = None) -> None:
+    """Record `job` in OUTPUT/_cxrage/job.json. An OUTPUT holding a different job's rows is refused, or its parts
+    deleted with --overwrite; the records of an older layout are moved into `_cxrage/` first."""
+    move_legacy_records(cfg.output, cfg.storage)
     previous = read_json(cfg.output, "job.json", cfg.storage)
     changed = differences(previous, job, cfg.orient, legacy_fingerprint) if previous is not None else []
     if changed and committed_parts(cfg.output, cfg.storage):  # a record without rows binds nothing
@@ -97,15 +97,31 @@ def finished_rows(rows: int, job: dict[str, Any], cfg: ScoreConfig, spill: Spill
         if fs.exists(path):
             fs.rm(path, recursive=True)
     write_json(cfg.output, "job.json", job, cfg.storage)
-    if cfg.retry_errors is not None:
-        dropped = drop_error_rows(cfg.output, cfg.storage, cfg.retry_errors)
-        log.warning("--retry-errors: %d error rows%s will be scored again", dropped,
-                    f" ({', '.join(cfg.retry_errors)})" if cfg.retry_errors else "")
-    cleared = clear_pending(cfg.output, cfg.storage)  # blocks an earlier run wrote but never committed
+
+
+def drop_retried_errors(cfg: ScoreConfig) -> int:
+    """--retry-errors / --retry-kinds: rewrite the parts without those error rows, so they are scored again."""
+    if cfg.retry_errors is None:
+        return 0
+    dropped = drop_error_rows(cfg.output, cfg.storage, cfg.retry_errors)
+    log.warning("--retry-errors: %d error rows%s will be scored again", dropped,
+                f" ({', '.join(cfg.retry_errors)})" if cfg.retry_errors else "")
+    return dropped
+
+
+def settle_earlier_runs(cfg: ScoreConfig, spill: Spill | None) -> None:
+    """Delete the blocks an earlier run wrote but never committed (their films are scored again), and commit the
+    parts an earlier run kept in the local spill because OUTPUT refused them."""
+    cleared = clear_pending(cfg.output, cfg.storage)
     if cleared:
         log.info("%d uncommitted block(s) of an earlier run deleted; their films are scored again", cleared)
     if spill is not None and spill.restore(lambda name, data: commit_part(cfg.output, name, data, cfg.storage)):
         log.warning("rows an earlier run could not write to OUTPUT were committed from %s", spill.folder)
+
+
+def finished_row_ids(rows: int, cfg: ScoreConfig) -> np.ndarray:
+    """The row_ids (sorted int64, each below `rows`) OUTPUT's committed parts hold; only their row_id column is
+    read."""
     done = completed_row_id_array(cfg.output, cfg.storage)
     done = done[done < rows]
     if len(done):

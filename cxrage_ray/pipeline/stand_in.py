@@ -4,9 +4,10 @@ In:  manifest rows (`read_bytes_batch`) / prepared rows (`StandInPredictor`).
 Out: rows with the prepared-row columns whose `pixels` are the file's bytes, unread; a constant score per film.
 
 Everything else is the real `cxrage score` pipeline (Ray Data, the concurrent fetch in `prepare_rows`, the
-scoring actor's batch handling, the Parquet writer), so films/s measures what the pipeline itself can carry. Only
-`cxrage_ray.pipeline.itinerary.score(..., stand_in=...)` accepts one; the CLI never builds it and no flag, config
-file or environment variable selects it (tests/test_benchmarks.py checks).
+scoring actor's batch handling, the Parquet writer), so films/s measures what the pipeline itself can carry. It is
+put into a plan by `with_stand_in`, which the benchmark passes to `itinerary.run_job` as its plan hook; `score`
+never takes one, the CLI never builds it and no flag, config file or environment variable selects it
+(tests/test_benchmarks.py checks).
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ class CeilingStandIn:
 
     def predictor(self) -> StandInPredictor:
         return StandInPredictor(self)
+
+
+def with_stand_in(plan: Any) -> Any:
+    """The plan (`cxrage_ray.pipeline.plan.Plan`) with `CeilingStandIn` in place of the prepare stage and the model:
+    the plan hook `benchmarks/pipeline_ceiling.py` passes to `itinerary.run_job`."""
+    from dataclasses import replace
+
+    if plan.itinerary.path != "cpu":
+        raise ValueError("the benchmark stand-in runs on the CPU itinerary only (--gpu-preprocess off)")
+    return replace(plan, prepare=read_bytes_batch, stand_in=CeilingStandIn())
 
 
 def read_bytes_batch(batch: pd.DataFrame, settings: PrepareSettings) -> pd.DataFrame:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -158,6 +159,21 @@ def _part_record(uri: str, storage: StorageConfig) -> PartRecord:
     return record
 
 
+def output_parts(output: str, storage: StorageConfig, columns: list[str]) -> Iterator[pa.Table]:
+    """Each committed part's `columns` (nulls for a column an older part lacks), one part at a time: memory follows
+    the largest part, not OUTPUT (write-back walks a job's rows this way)."""
+    for uri in committed_parts(output, storage):
+        fs, path = filesystem_for(uri, storage)
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            present = [c for c in columns if c in parquet.schema_arrow.names]
+            table = parquet.read(columns=present).replace_schema_metadata(None)
+        for name in columns:
+            if name not in present:
+                table = table.append_column(name, pa.nulls(len(table)))
+        yield table.select(columns)
+
+
 def read_output(output: str, storage: StorageConfig) -> pa.Table:
     """All committed rows of an OUTPUT folder, sorted by row_id."""
     tables = [pq.read_table(io.BytesIO(read_bytes(uri, storage))) for uri in committed_parts(output, storage)]
@@ -195,18 +211,3 @@ def move_legacy_records(output: str, storage: StorageConfig) -> list[str]:
         fs.rm(path)
         moved.append(name)
     return moved
-
-
-def write_original_csv(table: pa.Table, path: str, storage: StorageConfig, weights_name: str | None = None) -> None:
-    """The original tool's CSV: unnamed index, File, SD_Prediction, CXR_Age (ok rows only, in row order).
-
-    With demo weights a fourth column `Weights` = `demo` says so on every line: those ages are meaningless.
-    """
-    df = table.select(["image_id", "raw_sd", "cxr_age", "status"]).to_pandas()
-    df = df[df["status"] == "ok"].reset_index(drop=True)
-    csv = df.rename(columns={"image_id": "File", "raw_sd": "SD_Prediction", "cxr_age": "CXR_Age"})[
-        ["File", "SD_Prediction", "CXR_Age"]
-    ]
-    if weights_name == "demo":
-        csv = csv.assign(Weights="demo")
-    write_bytes(path, csv.to_csv(index=True).encode(), storage)

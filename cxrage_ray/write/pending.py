@@ -122,9 +122,9 @@ def write_pending(scored: Any, settings: PendingWrite) -> BlockRecord:
     from cxrage_ray.pipeline.prepare import retry_counts
     from cxrage_ray.predict.precision_audit import audited_films
 
+    deltas, precisions = audited_films(scored)  # read from the batch as it came: no conversion for them
+    retries = dict(sorted(retry_counts(scored).items()))
     table = scored if isinstance(scored, pa.Table) else pa.Table.from_pandas(scored, preserve_index=False)
-    deltas, precisions = audited_films(table)
-    retries = dict(sorted(retry_counts(table).items()))
     rows = conform(table, settings.schema)
     record = part_record(rows)
     data = parquet_bytes(with_record(rows, record))
