@@ -50,11 +50,13 @@ def test_blocks_become_parts_of_part_rows_and_the_totals_add_up(tmp_path):
 
 def test_rows_are_committed_on_time_even_when_no_block_arrives(tmp_path):
     out = str(tmp_path / "out")
-    committer, write = _committer(out, part_rows=10_000, commit_every_s=0.3)
+    committer, write = _committer(out, part_rows=10_000, commit_every_s=1.0)
     with committing_on_time(committer, tick_s=0.05):
+        added = time.monotonic()
         committer.add(_block(write, [0, 1]))
-        assert completed_row_ids(out, LOCAL) == set()  # the first window (0.3 s) is not over
-        deadline = time.monotonic() + 5
+        if time.monotonic() - added < 0.9:  # a busy machine may take the whole window before this look
+            assert completed_row_ids(out, LOCAL) == set()  # the first window (1 s) is not over
+        deadline = time.monotonic() + 10
         while not completed_row_ids(out, LOCAL) and time.monotonic() < deadline:
             time.sleep(0.05)  # no add() now: only the timer can commit
         assert completed_row_ids(out, LOCAL) == {0, 1}
