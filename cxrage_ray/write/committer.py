@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 from cxrage_ray.config import StorageConfig
@@ -109,12 +109,9 @@ class PartCommitter:
         with self._lock:
             self._raise_failure()
             self._commit()
-            in_flight, self._in_flight = self._in_flight, []
-        for future, _, _ in in_flight:
-            with contextlib.suppress(Exception):
-                future.result()
+            running = [future for future, _, _ in self._in_flight]
+        wait(running)  # outside the lock, so the timer thread is not held up meanwhile
         with self._lock:
-            self._in_flight = in_flight + self._in_flight
             self._harvest()
             self._raise_failure()
 

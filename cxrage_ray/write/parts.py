@@ -38,7 +38,7 @@ from cxrage_ray.errors import InputError, OutputError, error_kind
 from cxrage_ray.storage.files import exists, filesystem_for, list_files, read_bytes, write_bytes
 from cxrage_ray.storage.retries import error_reason
 from cxrage_ray.write.pending import conform, parquet_bytes
-from cxrage_ray.write.records import RECORD_COLUMNS, PartRecord, part_record, with_record
+from cxrage_ray.write.records import PartRecord, part_record, read_part_record, with_record
 
 PARTS_DIR = "parts"
 #: Job records, summary and report: `_`-prefixed so dataset readers skip them.
@@ -144,19 +144,8 @@ def part_records(output: str, storage: StorageConfig) -> list[tuple[str, PartRec
     if not parts:
         return []
     with ThreadPoolExecutor(max_workers=min(8, len(parts)), thread_name_prefix="cxrage-records") as pool:
-        records = list(pool.map(lambda uri: _part_record(uri, storage), parts))
+        records = list(pool.map(lambda uri: read_part_record(uri, storage), parts))
     return [(uri.rsplit("/", 1)[-1], record) for uri, record in zip(parts, records)]
-
-
-def _part_record(uri: str, storage: StorageConfig) -> PartRecord:
-    fs, path = filesystem_for(uri, storage)
-    with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
-        record = PartRecord.from_metadata(parquet.schema_arrow.metadata)
-        if record is None:  # written before records
-            present = [c for c in RECORD_COLUMNS if c in parquet.schema_arrow.names]
-            record = part_record(parquet.read(columns=present))
-    return record
 
 
 def output_parts(output: str, storage: StorageConfig, columns: list[str]) -> Iterator[pa.Table]:

@@ -31,7 +31,7 @@ from cxrage_ray.config import StorageConfig
 from cxrage_ray.errors import OutputError, ReadError
 from cxrage_ray.storage.files import exists, filesystem_for, list_files, read_bytes, write_bytes
 from cxrage_ray.storage.retries import error_reason
-from cxrage_ray.write.records import PartRecord, part_record, with_record
+from cxrage_ray.write.records import PartRecord, part_record, read_part_record, with_record
 
 PENDING_DIR = "_cxrage/pending"
 
@@ -145,7 +145,7 @@ def commit_pending(pending: list[str], part_uri: str, storage: StorageConfig) ->
     is then not the same folder on every node."""
     if exists(part_uri, storage):  # a retry of a commit whose part was written: only the clean-up was left
         _delete(pending, storage)
-        return {"record": _record_of_part(part_uri, storage).to_json()}
+        return {"record": read_part_record(part_uri, storage).to_json()}
     tables = []
     for uri in pending:
         try:
@@ -174,12 +174,6 @@ def clear_pending(output: str, storage: StorageConfig) -> int:
     files = list_files(f"{output.rstrip('/')}/{PENDING_DIR}", storage)
     _delete(files, storage)
     return len(files)
-
-
-def _record_of_part(uri: str, storage: StorageConfig) -> PartRecord:
-    fs, path = filesystem_for(uri, storage)
-    with fs.open(path, "rb") as handle:
-        return PartRecord.from_metadata(pq.read_schema(handle).metadata) or PartRecord()
 
 
 def _delete(uris: list[str], storage: StorageConfig) -> None:

@@ -1,7 +1,7 @@
 """What a part holds, in a few hundred bytes: the record a writer hands the driver instead of the rows.
 
-In:  a table of scored rows in the output contract (`part_record`), or a committed part's Parquet footer
-     (`PartRecord.from_metadata`; a part of an older release, which has none, is read from its small columns).
+In:  a table of scored rows in the output contract (`part_record`), or a part's Parquet file (`read_part_record`:
+     its footer; a part of an older release, which has none, is read from its small columns).
 Out: `PartRecord`: rows, ok/error counts, errors by kind, QC flag counts, the first error rows by row_id. It is
      stored in the part's own footer (`RECORD_KEY`), so summary.json is made from the parts' footers, not rows.
 
@@ -17,9 +17,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from cxrage_ray.config import StorageConfig
 from cxrage_ray.errors import error_kind
 from cxrage_ray.runtime.console import ERRORS_NAMED
+from cxrage_ray.storage.files import filesystem_for
 
 #: The Parquet key-value metadata key of a part's record.
 RECORD_KEY = b"cxrage.part_record"
@@ -84,6 +87,19 @@ def part_record(table: pa.Table) -> PartRecord:
     ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
     return PartRecord(rows=len(table), ok=ok, errors_by_kind=dict(sorted(kinds.items())),
                       qc_flags=dict(sorted(flags.items())), first_errors=first)
+
+
+def read_part_record(uri: str, storage: StorageConfig) -> PartRecord:
+    """The record of the Parquet file at `uri`: its footer's, or (a part written before records) made from its
+    `RECORD_COLUMNS`."""
+    fs, path = filesystem_for(uri, storage)
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        record = PartRecord.from_metadata(parquet.schema_arrow.metadata)
+        if record is None:
+            present = [c for c in RECORD_COLUMNS if c in parquet.schema_arrow.names]
+            record = part_record(parquet.read(columns=present))
+    return record
 
 
 def with_record(table: pa.Table, record: PartRecord) -> pa.Table:
