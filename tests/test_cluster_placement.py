@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent(
     from cxrage_ray.predict.predictor import PredictorConfig
 
     from dataclasses import replace
-    from cxrage_ray.decode.gpu import load_nvimgcodec
+    from cxrage_ray.decode.nvimgcodec import load_nvimgcodec
     assert load_nvimgcodec() is None
     films, weights, out, out_device, mixed, out_auto = sys.argv[1:7]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from cxrage_ray.decode.dicom import EncodedFrame, decode_codestream_cpu
-from cxrage_ray.decode.nvimgcodec import load_nvimgcodec  # noqa: F401  (its home before; tests import it here)
+from cxrage_ray.decode.nvimgcodec import load_nvimgcodec
 
 log = logging.getLogger(__name__)
 

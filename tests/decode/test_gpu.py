@@ -16,7 +16,8 @@ import torch
 
 from cxrage_ray.config import DecodeOptions
 from cxrage_ray.decode.dicom import decode_stored_frame, encoded_first_frame
-from cxrage_ray.decode.gpu import FrameDecoder, load_nvimgcodec
+from cxrage_ray.decode.gpu import FrameDecoder
+from cxrage_ray.decode.nvimgcodec import load_nvimgcodec
 from cxrage_ray.errors import DecodeError
 
 ANY = DecodeOptions(allow_any_modality=True)
